@@ -1,0 +1,69 @@
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+TRACE_LEVELS = ("off", "request", "step", "debug")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. `LLM(model, **kwargs)` takes every field as a keyword."""
+
+    model: str
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384
+    max_model_len: int = 4096
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or max_num_seqs (CPU)
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    device: str | None = None              # None: cuda when available, else cpu
+    dtype: str | None = None               # None: the checkpoint's dtype on CUDA, float32 on CPU
+    attention_backend: str = "auto"        # auto | torch | triton | flash_attn
+    trace_level: str | None = None         # None: OTVLLM_TRACE_LEVEL, else "step"
+    cudagraph_max_batch_size: int = 512
+    seed: int = 0
+    hf_config: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.trace_level is None:
+            self.trace_level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
+        if self.trace_level not in TRACE_LEVELS:
+            raise ValueError(f"invalid trace level {self.trace_level!r} (from trace_level= or "
+                             f"OTVLLM_TRACE_LEVEL): choose one of {', '.join(TRACE_LEVELS)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks must be a positive integer, got {self.num_kvcache_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: use 1")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton", "flash_attn"):
+            raise ValueError(f"attention_backend must be auto, torch, triton or flash_attn, "
+                             f"got {self.attention_backend!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)} - {"model", "hf_config"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

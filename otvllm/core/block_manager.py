@@ -1,0 +1,147 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+A full block is identified by an xxhash of its token ids chained with the hash of the
+block before it, so equal hashes mean equal prefixes. Freed blocks keep their hash
+until they are reused, so a later request with the same prefix can still hit them.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from otvllm.core.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int = -1
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Allocation:
+    """What one `allocate` did, for the scheduler's accounting and the trace."""
+
+    seq_id: int
+    new_blocks: int
+    cached_blocks: int
+    cached_tokens: int
+
+
+def block_hash(token_ids: list[int], prefix_hash: int) -> int:
+    h = xxhash.xxh64()
+    if prefix_hash != -1:
+        h.update(prefix_hash.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block: dict[int, int] = {}
+        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered set, oldest first
+        self.num_cache_queries = 0   # full blocks looked up in the prefix cache
+        self.num_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def _take_free_block(self) -> Block:
+        block_id = next(iter(self.free_block_ids))
+        del self.free_block_ids[block_id]
+        block = self.blocks[block_id]
+        if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids, block.ref_count = -1, (), 1
+        return block
+
+    def _lookup(self, h: int, token_ids: list[int]) -> int | None:
+        block_id = self.hash_to_block.get(h)
+        if block_id is None or self.blocks[block_id].token_ids != tuple(token_ids):
+            return None
+        return block_id
+
+    def _register(self, block: Block, h: int, token_ids: list[int]) -> None:
+        block.hash, block.token_ids = h, tuple(token_ids)
+        self.hash_to_block[h] = block.block_id
+
+    def num_blocks_needed(self, seq: Sequence) -> int:
+        """Blocks `allocate` would take from the free list (an upper bound: cache hits need fewer)."""
+        return seq.num_blocks
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_free_blocks >= self.num_blocks_needed(seq)
+
+    def allocate(self, seq: Sequence) -> Allocation:
+        """Give `seq` its blocks, reusing cached full blocks of its prefix.
+
+        At most len(seq) - 1 tokens come from the cache: the last token is always
+        computed, since its logits pick the next token.
+        """
+        assert not seq.block_table
+        h = -1
+        cache_miss = False
+        cacheable = (len(seq) - 1) // self.block_size
+        new_blocks = cached_blocks = 0
+        for i in range(seq.num_blocks):
+            token_ids = seq.block(i)
+            full = len(token_ids) == self.block_size
+            h = block_hash(token_ids, h) if full else -1
+            block_id = None
+            if full and i < cacheable and not cache_miss:
+                self.num_cache_queries += 1
+                block_id = self._lookup(h, token_ids)
+                cache_miss = block_id is None
+            if block_id is None:
+                block = self._take_free_block()
+                new_blocks += 1
+            else:
+                self.num_cache_hits += 1
+                cached_blocks += 1
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    del self.free_block_ids[block_id]
+                block.ref_count += 1
+            if full:
+                self._register(block, h, token_ids)
+            seq.block_table.append(block.block_id)
+        seq.num_cached_tokens = cached_blocks * self.block_size
+        seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
+        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens)
+
+    def deallocate(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table.clear()
+        seq.num_cached_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the token appended last step has a slot (a new block starts at offset 0)."""
+        needs_block = len(seq) > len(seq.block_table) * self.block_size
+        return self.num_free_blocks >= int(needs_block)
+
+    def may_append(self, seq: Sequence) -> int:
+        """Make room for the last token of `seq`; returns the number of new blocks (0 or 1)."""
+        if len(seq) > len(seq.block_table) * self.block_size:
+            seq.block_table.append(self._take_free_block().block_id)
+            return 1
+        if len(seq) % self.block_size == 0:
+            # The last block just filled up: hash it so later prompts can reuse it.
+            last = self.blocks[seq.block_table[-1]]
+            prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else -1
+            token_ids = seq.block(seq.num_blocks - 1)
+            self._register(last, block_hash(token_ids, prev), token_ids)
+        return 0

@@ -1,0 +1,145 @@
+"""The engine loop: each step schedules, prepares inputs, runs the model, samples and
+postprocesses, each phase a method of its own so that tracing can wrap it."""
+
+import time
+
+from otvllm.config import EngineConfig
+from otvllm.core.block_manager import BlockManager
+from otvllm.core.model_runner import ModelInputs, ModelRunner
+from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
+from otvllm.core.sequence import Sequence
+from otvllm.layers.sampler import SampleResult
+from otvllm.models.spec import model_spec, read_config
+from otvllm.sampling_params import SamplingParams
+from otvllm.tokenizer import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        arch, config.hf_config = read_config(config.model)
+        self.spec = model_spec(arch, config.hf_config)
+        self._fit_max_model_len()
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = self._eos_token_ids()
+        self.runner = ModelRunner(config, self.spec)
+        self.step_index = 0
+
+    # Start-up is split so that tracing can wrap each part (model.load, kv_cache.allocate).
+    def load_model(self) -> None:
+        self.runner.load_model()
+
+    def allocate_kv_cache(self) -> None:
+        cfg = self.config
+        num_blocks = self.runner.plan_num_kvcache_blocks()
+        needed = -(-cfg.max_model_len // cfg.kvcache_block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache has room for {num_blocks} blocks of {cfg.kvcache_block_size} tokens, but one "
+                f"sequence of max_model_len={cfg.max_model_len} needs {needed}: raise num_kvcache_blocks or "
+                f"gpu_memory_utilization, or lower max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, cfg.kvcache_block_size)
+        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
+                                   self.block_manager, self.eos_token_ids)
+
+    def _fit_max_model_len(self) -> None:
+        cfg, spec = self.config, self.spec
+        limits = [cfg.max_model_len, spec.max_position_embeddings]
+        if spec.sliding_window:
+            limits.append(spec.sliding_window)   # within the window, full attention is sliding attention
+        cfg.max_model_len = min(limits)
+        if cfg.max_num_batched_tokens < cfg.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={cfg.max_num_batched_tokens} is below max_model_len={cfg.max_model_len}: "
+                f"a prompt must fit in one prefill batch; raise max_num_batched_tokens or lower max_model_len")
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        try:
+            from transformers import GenerationConfig
+            eos = GenerationConfig.from_pretrained(self.config.model).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        """A request checked against the engine's limits; raises ValueError naming the problem."""
+        cfg = self.config
+        if not prompt_token_ids:
+            raise ValueError("empty prompt: a prompt needs at least one token")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.spec.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.spec.vocab_size})")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > cfg.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens plus max_tokens={params.max_tokens} is "
+                             f"{total} tokens, more than max_model_len={cfg.max_model_len}")
+        return Sequence(prompt_token_ids, params, cfg.kvcache_block_size)
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_ns = time.time_ns()
+        self.scheduler.add(seq)
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    # ---- one step: schedule, prepare, forward, sample, postprocess ------------------------
+
+    def step(self) -> list[Finished]:
+        batch = self.schedule()
+        if not batch.seqs:   # everything was preempted; the next step re-admits it
+            return []
+        inputs = self.prepare_inputs(batch)
+        logits = self.forward(inputs)
+        result = self.sample(logits, inputs)
+        return self.postprocess(batch, result)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self.scheduler.schedule()
+        now = time.time_ns()
+        for seq in batch.seqs:
+            if not seq.first_scheduled_ns:
+                seq.first_scheduled_ns = now
+        return batch
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
+        return self.runner.prepare(batch)
+
+    def forward(self, inputs: ModelInputs):
+        return self.runner.forward(inputs)
+
+    def sample(self, logits, inputs: ModelInputs) -> SampleResult:
+        return self.runner.sample(logits, inputs)
+
+    def postprocess(self, batch: ScheduledBatch, result: SampleResult) -> list[Finished]:
+        token_ids = result.token_ids.tolist()
+        if result.sampled_logprobs is not None:
+            self._record_logprobs(batch.seqs, token_ids, result)
+        now = time.time_ns()
+        for seq in batch.seqs:
+            if not seq.first_token_ns:
+                seq.first_token_ns = now
+        finished = self.scheduler.postprocess(batch.seqs, token_ids)
+        for f in finished:
+            f.seq.finished_ns = now
+        self.step_index += 1
+        return finished
+
+    @staticmethod
+    def _record_logprobs(seqs: list[Sequence], token_ids: list[int], result: SampleResult) -> None:
+        sampled = result.sampled_logprobs.tolist()
+        top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+        for row, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
+            entry[token_ids[row]] = sampled[row]
+            seq.logprobs.append(entry)

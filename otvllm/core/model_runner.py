@@ -1,0 +1,195 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples."""
+
+from dataclasses import dataclass
+
+import torch
+
+from otvllm.config import DTYPES, EngineConfig
+from otvllm.core.scheduler import ScheduledBatch
+from otvllm.core.sequence import Sequence
+from otvllm.layers.attention import ForwardContext
+from otvllm.layers.sampler import SampleResult, Sampler, SamplingBatch
+from otvllm.models.loader import build_model
+from otvllm.models.spec import ModelSpec
+from otvllm.ops.backend import AttentionBackend, choose_backend
+from otvllm.sampling_params import SamplingParams
+
+CPU_KV_CACHE_BUDGET = 4 << 30  # bytes: the default CPU cache never grows past this
+_WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    ctx: ForwardContext
+    logits_indices: torch.Tensor | None  # prefill: the last token of each sequence
+    sampling: SamplingBatch
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, spec: ModelSpec):
+        self.config = config
+        self.spec = spec
+        self.device = config.torch_device
+        self.block_size = config.kvcache_block_size
+        self.dtype = self._choose_dtype()
+        self.backend = AttentionBackend(choose_backend(config.attention_backend, self.device))
+        self.sampler = Sampler()
+        self.model = None
+        self.kv_cache: torch.Tensor | None = None
+        self.num_kvcache_blocks = 0
+        self.checkpoint_bytes = 0
+
+    def _choose_dtype(self) -> torch.dtype:
+        if self.config.dtype is not None:
+            return DTYPES[self.config.dtype]
+        if self.device.type == "cpu":
+            return torch.float32
+        return self.spec.torch_dtype if self.spec.torch_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        self.model, self.checkpoint_bytes = build_model(self.spec, self.config.model, self.dtype, self.device,
+                                                        max_positions=self.config.max_model_len)
+        for layer in self.model.attention_layers():
+            layer.backend = self.backend
+
+    @property
+    def parameter_bytes(self) -> int:
+        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(seen.values())
+
+    @property
+    def block_bytes(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        s = self.spec
+        return (2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
+
+    def plan_num_kvcache_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks is not None:
+            return cfg.num_kvcache_blocks
+        if self.device.type == "cuda":
+            return self._blocks_that_fit_gpu()
+        per_seq = -(-cfg.max_model_len // self.block_size)
+        return max(per_seq, min(cfg.max_num_seqs * per_seq, CPU_KV_CACHE_BUDGET // self.block_bytes))
+
+    def _blocks_that_fit_gpu(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device after a warm-up forward at
+        the largest prefill measured the activations' peak."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.warmup()
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        used_by_others = total - free - stats["reserved_bytes.all.current"]
+        peak = stats["allocated_bytes.all.peak"]
+        available = total * self.config.gpu_memory_utilization - used_by_others - peak
+        return max(0, int(available // self.block_bytes))
+
+    def warmup(self) -> None:
+        """One prefill of max_num_batched_tokens tokens without a cache, to measure peak activations."""
+        cfg = self.config
+        num_seqs = min(cfg.max_num_seqs, max(1, cfg.max_num_batched_tokens // cfg.max_model_len))
+        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens // num_seqs)
+        seqs = [Sequence([0] * seq_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
+        for seq in seqs:
+            seq.block_table = [-1] * seq.num_blocks   # slot -1: nothing is written to the (absent) cache
+        self._allocate_dummy_cache()
+        self.run(ScheduledBatch(seqs, is_prefill=True))
+        self.kv_cache = None
+        torch.cuda.synchronize(self.device)
+
+    def _allocate_dummy_cache(self) -> None:
+        # One block per layer so that the attention reads have a tensor to index.
+        self.bind_kv_cache(torch.zeros(self.kv_cache_shape(1), dtype=self.dtype, device=self.device))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_kvcache_blocks = num_blocks
+        # Zeroed: rows of a partly filled block are read by some kernels and must be finite.
+        self.bind_kv_cache(torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device))
+
+    def bind_kv_cache(self, cache: torch.Tensor) -> None:
+        self.kv_cache = cache
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
+        inputs = self._prepare_prefill(batch.seqs) if batch.is_prefill else self._prepare_decode(batch.seqs)
+        inputs.sampling = SamplingBatch.from_seqs(batch.seqs, self.spec.vocab_size, self.device)
+        return inputs
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        return self._to_device(rows, torch.int32)
+
+    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    def _prepare_prefill(self, seqs: list[Sequence]) -> ModelInputs:
+        bs = self.block_size
+        input_ids, positions, slots = [], [], []
+        cu_q, cu_k, last = [0], [0], []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, len(seq)
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, end))
+            cu_q.append(cu_q[-1] + end - start)
+            cu_k.append(cu_k[-1] + end)
+            last.append(cu_q[-1] - 1)
+            for i in range(start // bs, seq.num_blocks):
+                lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
+                base = seq.block_table[i] * bs - i * bs
+                slots.extend(range(base + lo, base + hi) if seq.block_table[i] >= 0 else [-1] * (hi - lo))
+        ctx = ForwardContext(
+            is_prefill=True,
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._block_tables(seqs),
+            cu_seqlens_q=self._to_device(cu_q, torch.int32),
+            cu_seqlens_k=self._to_device(cu_k, torch.int32),
+            max_seqlen_q=max(cu_q[i + 1] - cu_q[i] for i in range(len(seqs))),
+        )
+        return ModelInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                           ctx, self._to_device(last, torch.int64), sampling=None)
+
+    def _prepare_decode(self, seqs: list[Sequence]) -> ModelInputs:
+        bs = self.block_size
+        context_lens = [len(s) for s in seqs]
+        slots = [s.block_table[-1] * bs + s.last_block_num_tokens - 1 for s in seqs]
+        ctx = ForwardContext(
+            is_prefill=False,
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._to_device(context_lens, torch.int32),
+            max_context_len=max(context_lens),
+        )
+        return ModelInputs(self._to_device([s.last_token for s in seqs], torch.int64),
+                           self._to_device([c - 1 for c in context_lens], torch.int64),
+                           ctx, None, sampling=None)
+
+    @torch.inference_mode()
+    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """Logits of the token each sequence samples next: [num_seqs, vocab_size]."""
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        if inputs.logits_indices is not None:
+            hidden = hidden[inputs.logits_indices]
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
+        return self.sampler(logits, inputs.sampling)
+
+    def run(self, batch: ScheduledBatch) -> SampleResult:
+        inputs = self.prepare(batch)
+        return self.sample(self.forward(inputs), inputs)
+

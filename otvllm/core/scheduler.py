@@ -1,0 +1,116 @@
+"""Continuous batching: admit waiting prompts when blocks and the token budget allow,
+otherwise decode every running sequence, preempting the newest when blocks run out."""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from otvllm.core.block_manager import Allocation, BlockManager
+from otvllm.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work and why the scheduler chose it."""
+
+    seqs: list[Sequence]
+    is_prefill: bool
+    num_batched_tokens: int = 0       # tokens the forward computes (cached prefix tokens excluded)
+    allocations: list[Allocation] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    new_decode_blocks: int = 0
+
+    @property
+    def phase(self) -> str:
+        return "prefill" if self.is_prefill else "decode"
+
+
+@dataclass
+class Finished:
+    seq: Sequence
+    reason: str
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 block_manager: BlockManager, eos_token_ids: set[int]):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self._schedule_prefill()
+        return batch if batch.seqs else self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], is_prefill=True)
+        budget = self.max_num_batched_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if batch.num_batched_tokens + len(seq) > budget or not self.block_manager.can_allocate(seq):
+                break
+            batch.allocations.append(self.block_manager.allocate(seq))
+            batch.num_batched_tokens += len(seq) - seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.seqs.append(seq)
+        return batch
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], is_prefill=False)
+        while self.running and len(batch.seqs) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                victim = self.running.pop() if self.running else seq
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.new_decode_blocks += self.block_manager.may_append(seq)
+                batch.seqs.append(seq)
+        self.running.extendleft(reversed(batch.seqs))
+        batch.num_batched_tokens = len(batch.seqs)
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.block_manager.deallocate(seq)
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Finished]:
+        """Append each sampled token; finish and free the sequences that are done."""
+        finished = []
+        for seq, token_id in zip(seqs, token_ids):
+            seq.append_token(token_id)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = reason
+                self.block_manager.deallocate(seq)
+                self.running.remove(seq)
+                finished.append(Finished(seq, reason))
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,73 @@
+from enum import Enum, auto
+from itertools import count
+
+from otvllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One request: its tokens, its KV blocks and its progress through the engine."""
+
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int):
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.last_token = self.token_ids[-1]
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last admission
+        self.block_table: list[int] = []
+        self.block_size = block_size
+        self.params = params
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] = []
+        self.num_preemptions = 0
+        self.arrival_ns = 0
+        self.first_scheduled_ns = 0
+        self.first_token_ns = 0
+        self.finished_ns = 0
+        self.max_cached_tokens = 0   # the most tokens served from the prefix cache in one admission
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def last_block_num_tokens(self) -> int:
+        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
+
+    def block(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.last_token = token_id
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def metrics(self) -> dict:
+        ms = 1e-6
+        return {
+            "queue_time_ms": (self.first_scheduled_ns - self.arrival_ns) * ms,
+            "time_to_first_token_ms": (self.first_token_ns - self.arrival_ns) * ms,
+            "e2e_ms": (self.finished_ns - self.arrival_ns) * ms,
+        }

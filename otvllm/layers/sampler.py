@@ -1,0 +1,95 @@
+"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds,
+and the top-N log-probabilities of each chosen token."""
+
+from dataclasses import dataclass
+
+import torch
+
+from otvllm.core.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling settings of one step's rows, as tensors on the logits' device."""
+
+    temperatures: torch.Tensor       # [B] float32, 0 for greedy rows
+    top_ks: torch.Tensor | None      # [B] int64 (vocab size when disabled), None when no row uses top-k
+    top_ps: torch.Tensor | None      # [B] float32, None when no row uses top-p
+    all_greedy: bool
+    seeded_rows: list[tuple[int, int]]  # (row, seed for this row at this position)
+    num_logprobs: int                # the largest `logprobs` asked for in the batch, 0 for none
+    logprob_rows: list[tuple[int, int]]  # (row, N) for the rows that asked
+
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
+        params = [s.params for s in seqs]
+        temps = [p.temperature for p in params]
+        use_top_k = any(p.top_k != -1 for p in params)
+        use_top_p = any(p.top_p < 1.0 for p in params)
+        logprob_rows = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
+            top_ks=torch.tensor([p.top_k if p.top_k != -1 else vocab_size for p in params]).to(device)
+            if use_top_k else None,
+            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
+            all_greedy=all(t == 0 for t in temps),
+            seeded_rows=[(i, _position_seed(s.params.seed, len(s)))
+                         for i, s in enumerate(seqs) if s.params.seed is not None and s.params.temperature > 0],
+            num_logprobs=max((n for _, n in logprob_rows), default=0),
+            logprob_rows=logprob_rows,
+        )
+
+
+def _position_seed(seed: int, position: int) -> int:
+    # A pure function of (seed, position): a preempted and recomputed request draws the same samples.
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+@dataclass
+class SampleResult:
+    token_ids: torch.Tensor                  # [B] int64
+    sampled_logprobs: torch.Tensor | None    # [B] float32
+    top_logprobs: torch.Tensor | None        # [B, N] float32
+    top_token_ids: torch.Tensor | None       # [B, N] int64
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+        logits = logits.float()
+        greedy_tokens = logits.argmax(dim=-1)
+        tokens = greedy_tokens if batch.all_greedy else self._sample(logits, batch, greedy_tokens)
+        if not batch.logprob_rows:
+            return SampleResult(tokens, None, None, None)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = logprobs.topk(batch.num_logprobs, dim=-1) if batch.num_logprobs else None
+        return SampleResult(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1),
+                            top.values if top is not None else None, top.indices if top is not None else None)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: torch.Tensor) -> torch.Tensor:
+        temps = batch.temperatures
+        scaled = logits / torch.where(temps > 0, temps, 1.0)[:, None]
+        if batch.top_ks is not None or batch.top_ps is not None:
+            scaled = _filter_top_k_top_p(scaled, batch.top_ks, batch.top_ps)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for row, seed in batch.seeded_rows:
+            gen = torch.Generator(device=probs.device).manual_seed(seed)
+            noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
+        # probs / Exp(1) noise picks token i with probability probs[i] (the exponential race).
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(temps > 0, sampled, greedy_tokens)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,
+                        top_ps: torch.Tensor | None) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_ks is not None:
+        drop |= rank >= top_ks[:, None]
+    if top_ps is not None:
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

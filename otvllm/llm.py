@@ -1,0 +1,111 @@
+"""The public entry point: `LLM(model, **config).generate(prompts, sampling_params)`."""
+
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+
+from otvllm.config import EngineConfig
+from otvllm.core.engine import LLMEngine
+from otvllm.core.sequence import Sequence
+from otvllm.outputs import RequestOutput
+from otvllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An inference engine over one model directory.
+
+    Every keyword is an `EngineConfig` field (max_num_seqs, max_num_batched_tokens,
+    max_model_len, kvcache_block_size, num_kvcache_blocks, gpu_memory_utilization,
+    enforce_eager, tensor_parallel_size, device, dtype, trace_level, ...).
+    """
+
+    def __init__(self, model: str, **kwargs):
+        self.config = EngineConfig.from_kwargs(model, **kwargs)
+        self.engine = LLMEngine(self.config)
+        self.engine.load_model()
+        self.engine.allocate_kv_cache()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; returns one output per prompt, in input order.
+
+        The whole call is checked before any work starts: one invalid prompt or parameter
+        raises ValueError (naming the request) and no request is run.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        seqs = [self._make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        engine = self.engine
+        for seq in seqs:
+            engine.add(seq)
+        with tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while not engine.is_finished():
+                finished = engine.step()
+                if finished:
+                    bar.update(len(finished))
+        return [self._output(i, p, seq) for i, (p, seq) in enumerate(zip(prompts, seqs))]
+
+    @staticmethod
+    def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: pass one, or one per prompt")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params[{i}] is a {type(p).__name__}, not a SamplingParams")
+        return params
+
+    def _make_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+        try:
+            return self.engine.make_sequence(self._tokenize(prompt), params)
+        except ValueError as e:
+            raise ValueError(f"request {index}: {e}") from None
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("empty prompt: a prompt needs at least one token")
+            if self.tokenizer is None:
+                raise ValueError("the model directory has no tokenizer: pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _output(self, index: int, prompt: Prompt, seq: Sequence) -> RequestOutput:
+        ids = seq.completion_token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return RequestOutput(
+            request_id=index,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=ids,
+            text=text,
+            finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            num_cached_tokens=seq.max_cached_tokens,
+            num_preemptions=seq.num_preemptions,
+            metrics=seq.metrics(),
+        )
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, SequenceABC) or not prompts:
+        raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+    if all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) and not (isinstance(p, SequenceABC) and all(isinstance(t, int) for t in p)):
+            raise ValueError(f"request {i}: a prompt must be a string or a list of token ids, got {type(p).__name__}")
+    return list(prompts)

@@ -1,0 +1,183 @@
+"""Triton flash-attention prefill over the paged KV cache.
+
+Same signature and semantics as :func:`otvllm.ops.attention_torch.prefill_attention`:
+causal variable-length attention of the new tokens ``q [num_tokens, H, D]`` of each
+sequence over its whole context (prefix-cached tokens plus the new ones, already written
+into the cache), reading K/V through ``block_tables``. Query ``i`` of sequence ``b`` sits
+at position ``ctx_len_b - q_len_b + i``.
+
+Kernel layout: one program per (tile of query tokens, sequence, kv head). The tile packs
+all ``G = H // KVH`` query heads of the kv head's group (rows ``token * G + head``), so
+each K/V tile loaded from the cache serves the whole group. Online softmax in float32
+with ``exp2``; the key loop is split into the fully visible part (no mask) and the causal
+diagonal (masked).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_offsets(bt_row_ptr, start, n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                n_mask, stride_b, stride_s, USE_MASK: tl.constexpr):
+    """Row offsets (elements) of keys ``n = start + arange(BLOCK_N)`` in a paged cache."""
+    if PAGE >= BLOCK_N:
+        # the tile lies in one page (start is a multiple of BLOCK_N, PAGE a multiple of it)
+        blk = tl.load(bt_row_ptr + start // PAGE).to(tl.int64)
+        return blk * stride_b + (n % PAGE) * stride_s
+    else:
+        if USE_MASK:
+            blk = tl.load(bt_row_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row_ptr + n // PAGE).to(tl.int64)
+        return blk * stride_b + (n % PAGE) * stride_s
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, O, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+    # heaviest (last) query tiles first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    tok0 = pid_m * TOK_M
+    if tok0 >= q_len:
+        return
+    kv_len = tl.load(cu_k_ptr + seq + 1) - tl.load(cu_k_ptr + seq)
+    past = kv_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = (rows < TOK_M * GROUP) & (tok < q_len)
+    pos = past + tok
+    d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(K.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    # keys [0, past + tok0] are visible to every row of the tile
+    full_end = ((past + tok0 + 1) // BLOCK_N) * BLOCK_N
+    last_tok = tl.minimum(tok0 + TOK_M, q_len) - 1
+    hi = past + last_tok + 1
+
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, full_end, BLOCK_N):
+        n = start + offs_n
+        k_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n < hi, stride_kb, stride_ks, False)
+        v_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n < hi, stride_vb, stride_vs, False)
+        k = tl.load(k_base + k_off[:, None] + d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_off[:, None] + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    for start in range(full_end, hi, BLOCK_N):
+        n = start + offs_n
+        n_ok = n < hi
+        k_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n_ok, stride_kb, stride_ks, True)
+        v_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n_ok, stride_vb, stride_vs, True)
+        k = tl.load(k_base + k_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + v_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes and launch settings (override through ``prefill_attention(config=...)``)."""
+    if _interpreting(device):
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float, *,
+                      max_seqlen_q: int | None = None, out: torch.Tensor | None = None,
+                      config: dict | None = None) -> torch.Tensor:
+    """Causal varlen attention of new tokens q [num_tokens, H, D] over each sequence's paged
+    context. ``max_seqlen_q`` (the longest new-token count) avoids a device sync when
+    given; it must be >= the true maximum. ``out`` may be a preallocated [num_tokens, H, D]
+    tensor. ``config`` overrides the tile sizes (see :func:`prefill_config`)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, page, num_kv_heads, head_dim_k = k_cache.shape
+    assert head_dim_k == head_dim and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, (
+        f"triton prefill_attention needs a power-of-two head_dim >= 16, got {head_dim}")
+    assert page & (page - 1) == 0, f"block size must be a power of two, got {page}"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads not a multiple of {num_kv_heads} kv heads"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    cfg = dict(prefill_config(head_dim, q.dtype, q.device))
+    if config:
+        cfg.update(config)
+    block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
+    block_n = cfg["BLOCK_N"]
+    tok_m = block_m // group
+    grid = (triton.cdiv(max_seqlen_q, tok_m), num_seqs, num_kv_heads)
+    dot_prec = "ieee" if q.dtype == torch.float32 or k_cache.dtype == torch.float32 else "tf32"
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, PAGE=page,
+        BLOCK_M=block_m, BLOCK_N=block_n, TOK_M=tok_m, DOT_PREC=dot_prec,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out

@@ -1,0 +1,34 @@
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each new token of one request (vLLM's names and meanings)."""
+
+    temperature: float = 1.0   # 0 is greedy
+    top_p: float = 1.0         # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = -1            # keep the k most likely tokens; -1 keeps all
+    max_tokens: int = 64
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None    # makes this request's samples reproducible, whatever the batch
+    logprobs: int | None = None  # return the top-N log-probabilities of each generated token
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
+            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
