@@ -2,9 +2,20 @@
 
 __version__ = "0.1.0"
 
-from otvllm.config import EngineConfig  # noqa: E402
-from otvllm.llm import LLM  # noqa: E402
-from otvllm.outputs import RequestOutput  # noqa: E402
-from otvllm.sampling_params import SamplingParams  # noqa: E402
-
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "__version__"]
+
+_EXPORTS = {
+    "LLM": "otvllm.llm",
+    "SamplingParams": "otvllm.sampling_params",
+    "EngineConfig": "otvllm.config",
+    "RequestOutput": "otvllm.outputs",
+}
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that light modules (the trace export process, the CLI's
+    # argument parsing) do not pay for torch.
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'otvllm' has no attribute {name!r}")

@@ -24,8 +24,6 @@ class LLM:
     def __init__(self, model: str, **kwargs):
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.engine = LLMEngine(self.config)
-        self.engine.load_model()
-        self.engine.allocate_kv_cache()
 
     @property
     def tokenizer(self):
@@ -45,7 +43,8 @@ class LLM:
         engine = self.engine
         for seq in seqs:
             engine.add(seq)
-        with tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+        with engine.tracer.generate(seqs, prompts), \
+                tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
             while not engine.is_finished():
                 finished = engine.step()
                 if finished:

@@ -5,6 +5,7 @@ block before it, so equal hashes mean equal prefixes. Freed blocks keep their ha
 until they are reused, so a later request with the same prefix can still hit them.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ class Allocation:
     new_blocks: int
     cached_blocks: int
     cached_tokens: int
+    start_ns: int
+    end_ns: int
 
 
 def block_hash(token_ids: list[int], prefix_hash: int) -> int:
@@ -89,6 +92,7 @@ class BlockManager:
         computed, since its logits pick the next token.
         """
         assert not seq.block_table
+        start_ns = time.time_ns()
         h = -1
         cache_miss = False
         cacheable = (len(seq) - 1) // self.block_size
@@ -117,7 +121,7 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = cached_blocks * self.block_size
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
-        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens)
+        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns())
 
     def deallocate(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):

@@ -12,22 +12,28 @@ from otvllm.layers.sampler import SampleResult
 from otvllm.models.spec import model_spec, read_config
 from otvllm.sampling_params import SamplingParams
 from otvllm.tokenizer import load_tokenizer
+from otvllm.tracing import schema as S
+from otvllm.tracing.engine_tracer import make_tracer
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        arch, config.hf_config = read_config(config.model)
-        self.spec = model_spec(arch, config.hf_config)
-        self._fit_max_model_len()
-        self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_ids = self._eos_token_ids()
-        self.runner = ModelRunner(config, self.spec)
+        if config.trace_level == "debug":
+            config.enforce_eager = True   # per-layer spans need the eager forward
         self.step_index = 0
-
-    # Start-up is split so that tracing can wrap each part (model.load, kv_cache.allocate).
-    def load_model(self) -> None:
-        self.runner.load_model()
+        self.tracer = make_tracer(config.trace_level, self)
+        with self.tracer.init(config):
+            arch, config.hf_config = read_config(config.model)
+            self.spec = model_spec(arch, config.hf_config)
+            self._fit_max_model_len()
+            self.tokenizer = load_tokenizer(config.model)
+            self.eos_token_ids = self._eos_token_ids()
+            self.runner = ModelRunner(config, self.spec)
+            self.tracer.phase(S.MODEL_LOAD, self.runner.load_model)
+            self.tracer.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache)
+            if self.runner.uses_cuda_graphs:
+                self.tracer.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs)
 
     def allocate_kv_cache(self) -> None:
         cfg = self.config
@@ -39,6 +45,7 @@ class LLMEngine:
                 f"sequence of max_model_len={cfg.max_model_len} needs {needed}: raise num_kvcache_blocks or "
                 f"gpu_memory_utilization, or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        cfg.num_kvcache_blocks = num_blocks
         self.block_manager = BlockManager(num_blocks, cfg.kvcache_block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                                    self.block_manager, self.eos_token_ids)
@@ -92,13 +99,15 @@ class LLMEngine:
     # ---- one step: schedule, prepare, forward, sample, postprocess ------------------------
 
     def step(self) -> list[Finished]:
-        batch = self.schedule()
-        if not batch.seqs:   # everything was preempted; the next step re-admits it
-            return []
-        inputs = self.prepare_inputs(batch)
-        logits = self.forward(inputs)
-        result = self.sample(logits, inputs)
-        return self.postprocess(batch, result)
+        trace = self.tracer
+        with trace.step():
+            batch = trace.phase(S.SCHEDULE, self.schedule)
+            if not batch.seqs:   # everything was preempted; the next step re-admits it
+                return []
+            inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch)
+            logits = trace.phase(S.FORWARD, self.forward, inputs)
+            result = trace.phase(S.SAMPLE, self.sample, logits, inputs)
+            return trace.phase(S.POSTPROCESS, self.postprocess, batch, result)
 
     def schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()

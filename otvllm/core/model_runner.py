@@ -14,7 +14,7 @@ from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend, choose_backend
 from otvllm.sampling_params import SamplingParams
 
-CPU_KV_CACHE_BUDGET = 4 << 30  # bytes: the default CPU cache never grows past this
+CPU_KV_CACHE_BUDGET = 512 << 20  # bytes: the default CPU cache never grows past this
 _WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
@@ -37,6 +37,8 @@ class ModelRunner:
         self.backend = AttentionBackend(choose_backend(config.attention_backend, self.device))
         self.sampler = Sampler()
         self.model = None
+        self.last_forward_used_graph = False
+        self.graph_batch_sizes: list[int] = []
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
         self.checkpoint_bytes = 0
@@ -55,6 +57,13 @@ class ModelRunner:
                                                         max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager
+
+    def capture_cuda_graphs(self) -> None:
+        raise NotImplementedError
 
     @property
     def parameter_bytes(self) -> int:
@@ -111,8 +120,10 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_kvcache_blocks = num_blocks
-        # Zeroed: rows of a partly filled block are read by some kernels and must be finite.
-        self.bind_kv_cache(torch.zeros(self.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device))
+        # Zeroed on the GPU: some kernels read the unused rows of a partly filled block, which must
+        # be finite. The CPU reference reads only valid rows, so its pages are touched lazily.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.bind_kv_cache(alloc(self.kv_cache_shape(num_blocks), dtype=self.dtype, device=self.device))
 
     def bind_kv_cache(self, cache: torch.Tensor) -> None:
         self.kv_cache = cache

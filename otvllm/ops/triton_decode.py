@@ -67,26 +67,30 @@ def _decode_stage1(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
+    k_tile = offs_n[:, None] * stride_ks + d[None, :]
+    v_tile = offs_n[:, None] * stride_vs + d[None, :]
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
         if PAGE >= BLOCK_N:
+            # the tile lies in one page (start is a multiple of BLOCK_N)
             blk = tl.load(bt_row + start // PAGE).to(tl.int64)
-            k_off = blk * stride_kb + (n % PAGE) * stride_ks
-            v_off = blk * stride_vb + (n % PAGE) * stride_vs
+            k_ptrs = k_base + (blk * stride_kb + (start % PAGE) * stride_ks) + k_tile
+            v_ptrs = v_base + (blk * stride_vb + (start % PAGE) * stride_vs) + v_tile
         else:
             blk = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-            k_off = blk * stride_kb + (n % PAGE) * stride_ks
-            v_off = blk * stride_vb + (n % PAGE) * stride_vs
-        k = tl.load(k_base + k_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + v_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            k_ptrs = k_base + (blk * stride_kb + (n % PAGE) * stride_ks)[:, None] + d[None, :]
+            v_ptrs = v_base + (blk * stride_vb + (n % PAGE) * stride_vs)[:, None] + d[None, :]
+        k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
     has = l_i > 0
@@ -168,7 +172,7 @@ def decode_config(head_dim: int, page: int, dtype: torch.dtype, device: torch.de
         return dict(BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128 if head_dim <= 128 else 64, num_warps=4, num_stages=2)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

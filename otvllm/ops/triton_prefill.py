@@ -19,34 +19,54 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: pointer loads only
+    TensorDescriptor = None
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kv_offsets(bt_row_ptr, start, n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                n_mask, stride_b, stride_s, USE_MASK: tl.constexpr):
-    """Row offsets (elements) of keys ``n = start + arange(BLOCK_N)`` in a paged cache."""
-    if PAGE >= BLOCK_N:
-        # the tile lies in one page (start is a multiple of BLOCK_N, PAGE a multiple of it)
-        blk = tl.load(bt_row_ptr + start // PAGE).to(tl.int64)
-        return blk * stride_b + (n % PAGE) * stride_s
+def _load_kv_tile(base, desc, kvh, bt_row, start, offs_n, tile_offs, d, n_ok, stride_b, stride_s,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """K or V rows ``start + offs_n`` of one kv head from the paged cache: [BLOCK_N, D].
+    ``tile_offs`` is the loop-invariant ``offs_n[:, None] * stride_s + d[None, :]``.
+    With USE_TMA (needs PAGE >= BLOCK_N) ``desc`` is a tensor descriptor over the cache seen
+    as [num_blocks * PAGE, KVH * D]; rows past the context are not masked (the caller masks
+    the scores and zeroes V's rows)."""
+    if USE_TMA:
+        blk = tl.load(bt_row + start // PAGE)
+        tile = desc.load([blk * PAGE + start % PAGE, kvh * HEAD_DIM])
     else:
-        if USE_MASK:
-            blk = tl.load(bt_row_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        if PAGE >= BLOCK_N:
+            # the tile lies in one page (start is a multiple of BLOCK_N, PAGE a multiple of it)
+            blk = tl.load(bt_row + start // PAGE).to(tl.int64)
+            ptrs = base + (blk * stride_b + (start % PAGE) * stride_s) + tile_offs
         else:
-            blk = tl.load(bt_row_ptr + n // PAGE).to(tl.int64)
-        return blk * stride_b + (n % PAGE) * stride_s
+            n = start + offs_n
+            if MASKED:
+                blk = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            else:
+                blk = tl.load(bt_row + n // PAGE).to(tl.int64)
+            ptrs = base + (blk * stride_b + (n % PAGE) * stride_s)[:, None] + d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
+    Q, K, V, O, K_desc, V_desc, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOK_M: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -77,41 +97,46 @@ def _prefill_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
+    offs_n = tl.arange(0, BLOCK_N)
+    k_tile = offs_n[:, None] * stride_ks + d[None, :]
+    v_tile = offs_n[:, None] * stride_vs + d[None, :]
     # keys [0, past + tok0] are visible to every row of the tile
     full_end = ((past + tok0 + 1) // BLOCK_N) * BLOCK_N
     last_tok = tl.minimum(tok0 + TOK_M, q_len) - 1
     hi = past + last_tok + 1
 
-    offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, full_end, BLOCK_N):
-        n = start + offs_n
-        k_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n < hi, stride_kb, stride_ks, False)
-        v_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n < hi, stride_vb, stride_vs, False)
-        k = tl.load(k_base + k_off[:, None] + d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        k = _load_kv_tile(k_base, K_desc, kvh, bt_row, start, offs_n, k_tile, d, offs_n, stride_kb,
+                          stride_ks, PAGE, BLOCK_N, HEAD_DIM, False, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off[:, None] + d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PREC)
+        v = _load_kv_tile(v_base, V_desc, kvh, bt_row, start, offs_n, v_tile, d, offs_n, stride_vb,
+                          stride_vs, PAGE, BLOCK_N, HEAD_DIM, False, USE_TMA)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
     for start in range(full_end, hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < hi
-        k_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n_ok, stride_kb, stride_ks, True)
-        v_off = _kv_offsets(bt_row, start, n, PAGE, BLOCK_N, n_ok, stride_vb, stride_vs, True)
-        k = tl.load(k_base + k_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        k = _load_kv_tile(k_base, K_desc, kvh, bt_row, start, offs_n, k_tile, d, n_ok, stride_kb,
+                          stride_ks, PAGE, BLOCK_N, HEAD_DIM, True, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PREC)
+        v = _load_kv_tile(v_base, V_desc, kvh, bt_row, start, offs_n, v_tile, d, n_ok, stride_vb,
+                          stride_vs, PAGE, BLOCK_N, HEAD_DIM, True, USE_TMA)
+        if USE_TMA:
+            v = tl.where(n_ok[:, None], v, 0.0)  # stale slots past the context may hold NaN
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(V.dtype.element_ty), v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -127,14 +152,23 @@ def _interpreting(device: torch.device) -> bool:
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch settings (override through ``prefill_attention(config=...)``)."""
     if _interpreting(device):
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, tma=False)
+    tma = TensorDescriptor is not None and torch.cuda.get_device_capability(device)[0] >= 9
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=tma)
     if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=tma)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
+
+
+def _tma_ok(cache: torch.Tensor, page: int, block_n: int) -> bool:
+    """The cache can be seen as [num_blocks * page, KVH * D] rows for a tensor descriptor."""
+    nb, bs, kvh, d = cache.shape
+    return (TensorDescriptor is not None and page >= block_n and cache.stride(3) == 1
+            and cache.stride(2) == d and cache.stride(1) == kvh * d and cache.stride(0) == bs * kvh * d
+            and cache.data_ptr() % 16 == 0 and (kvh * d * cache.element_size()) % 16 == 0)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -170,14 +204,24 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     tok_m = block_m // group
     grid = (triton.cdiv(max_seqlen_q, tok_m), num_seqs, num_kv_heads)
     dot_prec = "ieee" if q.dtype == torch.float32 or k_cache.dtype == torch.float32 else "tf32"
+    use_tma = bool(cfg.get("tma", False)) and _tma_ok(k_cache, page, block_n) and _tma_ok(v_cache, page, block_n)
+    if use_tma:
+        rows = num_blocks * page
+        k_desc = TensorDescriptor(k_cache, [rows, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1],
+                                  [block_n, head_dim])
+        v_desc = TensorDescriptor(v_cache, [rows, num_kv_heads * head_dim], [num_kv_heads * head_dim, 1],
+                                  [block_n, head_dim])
+    else:
+        k_desc, v_desc = k_cache, v_cache  # unused
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, cu_seqlens_k, block_tables, scale * _LOG2E,
+        q, k_cache, v_cache, out, k_desc, v_desc, cu_seqlens_q, cu_seqlens_k, block_tables,
+        scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n, TOK_M=tok_m, DOT_PREC=dot_prec,
+        BLOCK_M=block_m, BLOCK_N=block_n, TOK_M=tok_m, DOT_PREC=dot_prec, USE_TMA=use_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

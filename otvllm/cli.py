@@ -1,0 +1,148 @@
+"""`otvllm generate ...` and `otvllm trace summary FILE`."""
+
+import argparse
+import os
+import random
+import sys
+import time
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text and trace the run",
+                              description="Generate for the given prompts. With no --model, a built-in "
+                                          "synthetic model (tiny random Qwen3, output is noise) is used.")
+    gen.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    gen.add_argument("--num-prompts", type=_positive_int, default=0,
+                     help="add N random prompts (lengths 16-128 tokens), e.g. to exercise batching")
+    gen.add_argument("--max-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    gen.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384)
+    gen.add_argument("--max-model-len", type=_positive_int, default=4096)
+    gen.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size")
+    gen.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
+    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    gen.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    gen.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto")
+    gen.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    gen.add_argument("--trace-level", choices=("off", "request", "step", "debug"), default=None,
+                     help="default: OTVLLM_TRACE_LEVEL, else step")
+    gen.add_argument("--otlp-endpoint", default=None,
+                     help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
+    gen.add_argument("--trace-file", default=None, help="write the trace as Jaeger JSON to this file")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    trace = commands.add_parser("trace", help="work with trace files")
+    trace_commands = trace.add_subparsers(dest="trace_command", required=True)
+    summary = trace_commands.add_parser("summary", help="print a breakdown of a trace file")
+    summary.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "trace":
+            return _trace_summary(args)
+        return _generate(args)
+    except ValueError as e:
+        print(f"otvllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _trace_summary(args) -> int:
+    from otvllm.tracing.summary import summarize_file
+    if not os.path.isfile(args.file):
+        raise ValueError(f"trace file {args.file!r} does not exist")
+    print(summarize_file(args.file))
+    return 0
+
+
+def _random_prompts(n: int, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(min(vocab_size, 256)) for _ in range(rng.randint(16, 128))] for _ in range(n)]
+
+
+def _generate(args) -> int:
+    from otvllm.tracing import configure
+    from otvllm.tracing.setup import default_trace_file
+
+    if not args.prompt and not args.num_prompts:
+        raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
+    if args.trace_level is not None:
+        os.environ["OTVLLM_TRACE_LEVEL"] = args.trace_level
+    level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
+    session = None
+    if level != "off":
+        endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        trace_file = args.trace_file or (None if endpoint else default_trace_file())
+        session = configure(endpoint=endpoint, trace_file=trace_file)
+    try:
+        return _run(args, session)
+    finally:
+        if session is not None:
+            session.shutdown()
+            if session.trace_file:
+                print(f"trace written to {session.trace_file} (open it in Jaeger UI: Search > Upload; "
+                      f"or run: otvllm trace summary {session.trace_file})", file=sys.stderr)
+            if session.endpoint:
+                print(f"spans exported to {session.endpoint}", file=sys.stderr)
+
+
+def _run(args, session) -> int:
+    from otvllm import LLM, SamplingParams
+    from otvllm.synthetic import synthetic_model_dir
+
+    model = args.model
+    if model is None:
+        model = synthetic_model_dir()
+        print(f"using the built-in synthetic model at {model} (random weights: its output is noise)",
+              file=sys.stderr)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
+    llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
+              num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+              device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+              enforce_eager=args.enforce_eager, trace_level=args.trace_level)
+    prompts = list(args.prompt) + _random_prompts(args.num_prompts, llm.engine.spec.vocab_size)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress and len(prompts) > 1)
+    seconds = time.perf_counter() - start
+    for out in outputs:
+        if out.prompt is not None:
+            print(f"--- prompt {out.request_id}: {out.prompt!r}")
+            print(f"{out.text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
+        else:
+            print(f"--- prompt {out.request_id}: {len(out.prompt_token_ids)} token ids -> "
+                  f"{len(out.token_ids)} tokens [{out.finish_reason}]")
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    output_tokens = sum(len(o.token_ids) for o in outputs)
+    print(f"{len(outputs)} requests, {prompt_tokens} prompt tokens, {output_tokens} output tokens in "
+          f"{seconds:.2f} s: {output_tokens / seconds:.1f} output tok/s "
+          f"({(prompt_tokens + output_tokens) / seconds:.1f} tok/s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

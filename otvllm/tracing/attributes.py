@@ -1,0 +1,145 @@
+"""Span attributes from the engine's objects. Only called for the steps a trace keeps."""
+
+import os
+
+import torch
+
+from otvllm.tracing import schema as S
+
+
+def trace_content_enabled() -> bool:
+    return os.environ.get("OTVLLM_TRACE_CONTENT", "").strip().lower() in ("1", "true", "yes")
+
+
+def shape(t: torch.Tensor | None) -> list[int]:
+    return list(t.shape) if t is not None else []
+
+
+def config_attrs(config) -> dict:
+    keys = ("model", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
+            "num_kvcache_blocks", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
+            "device", "dtype", "attention_backend", "trace_level")
+    return {S.CONFIG_PREFIX + k: getattr(config, k) for k in keys if getattr(config, k) is not None}
+
+
+def model_attrs(runner) -> dict:
+    spec = runner.spec
+    return {
+        S.MODEL_ARCHITECTURE: spec.architecture, S.MODEL_LAYERS: spec.num_layers,
+        S.MODEL_HIDDEN_SIZE: spec.hidden_size, S.MODEL_HEADS: spec.num_heads,
+        S.MODEL_KV_HEADS: spec.num_kv_heads, S.MODEL_HEAD_DIM: spec.head_dim,
+        S.MODEL_VOCAB_SIZE: spec.vocab_size, S.MODEL_DTYPE: str(runner.dtype).removeprefix("torch."),
+        S.MODEL_PARAMETER_BYTES: runner.parameter_bytes, S.ATTENTION_BACKEND: runner.backend.name,
+    }
+
+
+def kv_cache_attrs(runner) -> dict:
+    cache = runner.kv_cache
+    return {
+        S.BLOCKS_TOTAL: runner.num_kvcache_blocks, S.BLOCK_SIZE: runner.block_size,
+        S.KV_CACHE_SHAPE: shape(cache), S.KV_CACHE_BYTES: cache.numel() * cache.element_size(),
+        S.KV_CACHE_BLOCK_BYTES: runner.block_bytes,
+    }
+
+
+def batch_attrs(batch) -> dict:
+    return {S.PHASE: batch.phase, S.NUM_SEQS: len(batch.seqs), S.NUM_BATCHED_TOKENS: batch.num_batched_tokens}
+
+
+def schedule_attrs(batch, scheduler) -> dict:
+    manager = scheduler.block_manager
+    attrs = batch_attrs(batch)
+    attrs.update({
+        S.NUM_CACHED_TOKENS: sum(a.cached_tokens for a in batch.allocations),
+        S.NUM_WAITING: len(scheduler.waiting), S.NUM_RUNNING: len(scheduler.running),
+        S.NUM_PREEMPTED: len(batch.preempted), S.TOTAL_PREEMPTIONS: scheduler.num_preemptions,
+        S.BLOCKS_FREE: manager.num_free_blocks, S.BLOCKS_USED: manager.num_blocks - manager.num_free_blocks,
+    })
+    if batch.preempted:
+        attrs[S.PREEMPTED_SEQ_IDS] = [s.seq_id for s in batch.preempted]
+    return attrs
+
+
+def block_allocate_attrs(batch, manager) -> dict:
+    """The block manager's work in one schedule, summed over its sequences."""
+    return {
+        S.PHASE: batch.phase,
+        S.BLOCKS_SEQUENCES: len(batch.allocations) if batch.is_prefill else len(batch.seqs),
+        S.BLOCKS_NEW: sum(a.new_blocks for a in batch.allocations) + batch.new_decode_blocks,
+        S.BLOCKS_CACHE_HITS: sum(a.cached_blocks for a in batch.allocations),
+        S.BLOCKS_FREE: manager.num_free_blocks, S.BLOCKS_USED: manager.num_blocks - manager.num_free_blocks,
+    }
+
+
+def sequence_allocate_attrs(allocation) -> dict:
+    return {S.SEQ_ID: allocation.seq_id, S.BLOCKS_NEW: allocation.new_blocks,
+            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
+
+
+def forward_attrs(inputs, logits, cuda_graph: bool) -> dict:
+    ctx = inputs.ctx
+    attrs = {
+        S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.SHAPE_PREFIX + "input_ids": shape(inputs.input_ids),
+        S.SHAPE_PREFIX + "positions": shape(inputs.positions),
+        S.SHAPE_PREFIX + "slot_mapping": shape(ctx.slot_mapping),
+        S.SHAPE_PREFIX + "block_tables": shape(ctx.block_tables),
+        S.SHAPE_PREFIX + "logits": shape(logits),
+        S.CUDA_GRAPH: cuda_graph,
+    }
+    if ctx.is_prefill:
+        attrs[S.SHAPE_PREFIX + "cu_seqlens_q"] = shape(ctx.cu_seqlens_q)
+        attrs[S.SHAPE_PREFIX + "cu_seqlens_k"] = shape(ctx.cu_seqlens_k)
+    else:
+        attrs[S.SHAPE_PREFIX + "context_lens"] = shape(ctx.context_lens)
+    return attrs
+
+
+def sample_attrs(logits, seqs) -> dict:
+    params = [s.params for s in seqs]
+    temps = [p.temperature for p in params]
+    return {
+        S.SHAPE_PREFIX + "logits": shape(logits),
+        S.SAMPLE_GREEDY: sum(t == 0 for t in temps),
+        S.SAMPLE_TEMPERATURE_MIN: float(min(temps)), S.SAMPLE_TEMPERATURE_MAX: float(max(temps)),
+        S.SAMPLE_TOP_K: any(p.top_k != -1 for p in params), S.SAMPLE_TOP_P: any(p.top_p < 1 for p in params),
+        S.SAMPLE_SEEDED: sum(p.seed is not None for p in params),
+        S.SAMPLE_LOGPROBS: sum(p.logprobs is not None for p in params),
+    }
+
+
+def postprocess_attrs(batch, finished) -> dict:
+    attrs = {S.TOKENS_APPENDED: len(batch.seqs), S.FINISHED_SEQS: len(finished)}
+    if finished:
+        attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
+        attrs[S.FINISH_REASONS] = [f.reason for f in finished]
+    return attrs
+
+
+def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None) -> dict:
+    p = seq.params
+    metrics = seq.metrics()
+    attrs = {
+        S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_SYSTEM: "otvllm",
+        S.GEN_AI_REQUEST_MODEL: model_name, S.GEN_AI_REQUEST_MAX_TOKENS: p.max_tokens,
+        S.GEN_AI_REQUEST_TEMPERATURE: float(p.temperature), S.GEN_AI_REQUEST_TOP_P: float(p.top_p),
+        S.GEN_AI_USAGE_INPUT_TOKENS: seq.num_prompt_tokens,
+        S.GEN_AI_USAGE_OUTPUT_TOKENS: seq.num_completion_tokens,
+        S.GEN_AI_RESPONSE_FINISH_REASONS: [seq.finish_reason or "error"],
+        S.GEN_AI_RESPONSE_ID: str(seq.seq_id), S.SEQ_ID: seq.seq_id,
+        S.REQUEST_CACHED_TOKENS: seq.max_cached_tokens, S.REQUEST_PREEMPTIONS: seq.num_preemptions,
+    }
+    if p.top_k != -1:
+        attrs[S.GEN_AI_REQUEST_TOP_K] = p.top_k
+    if p.seed is not None:
+        attrs[S.GEN_AI_REQUEST_SEED] = p.seed
+    if seq.first_scheduled_ns:
+        attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
+    if seq.first_token_ns:
+        attrs[S.REQUEST_TTFT_MS] = metrics["time_to_first_token_ms"]
+    if trace_content_enabled():
+        if prompt_text is not None:
+            attrs[S.GEN_AI_PROMPT] = prompt_text
+        if completion_text is not None:
+            attrs[S.GEN_AI_COMPLETION] = completion_text
+    return attrs

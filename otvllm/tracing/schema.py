@@ -1,0 +1,146 @@
+"""The trace schema: every span name and attribute key otvllm emits. This is a public
+interface (users search Jaeger with these names, tests assert on them); change it with care.
+
+Shapes are integer arrays, memory is in bytes, durations in milliseconds (`*_ms`)."""
+
+# ---- span names ------------------------------------------------------------------------
+ENGINE_INIT = "engine.init"
+MODEL_LOAD = "model.load"
+KV_CACHE_ALLOCATE = "kv_cache.allocate"
+CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
+GENERATE = "llm.generate"
+REQUEST = "request"
+STEP = "engine.step"
+SCHEDULE = "scheduler.schedule"
+BLOCK_ALLOCATE = "block_manager.allocate"
+PREPARE_INPUTS = "model.prepare_inputs"
+FORWARD = "model.forward"
+SAMPLE = "sampler.sample"
+POSTPROCESS = "scheduler.postprocess"
+ATTENTION = "attention.layer"          # debug level: one per layer and forward
+
+STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
+
+# ---- request events --------------------------------------------------------------------
+EVENT_SCHEDULED = "scheduled"
+EVENT_PREEMPTED = "preempted"
+EVENT_FIRST_TOKEN = "first_token"
+EVENT_FINISHED = "finished"
+
+# ---- OpenTelemetry GenAI semantic conventions (request and llm.generate spans) ------------
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_SYSTEM = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
+GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
+GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
+
+# ---- otvllm attributes -------------------------------------------------------------------
+PHASE = "otvllm.phase"                           # prefill | decode
+STEP_INDEX = "otvllm.step.index"
+NUM_SEQS = "otvllm.batch.num_seqs"
+NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
+NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
+SEQ_IDS = "otvllm.batch.seq_ids"
+
+# scheduler.schedule
+NUM_WAITING = "otvllm.scheduler.waiting"
+NUM_RUNNING = "otvllm.scheduler.running"
+NUM_PREEMPTED = "otvllm.scheduler.preempted"
+PREEMPTED_SEQ_IDS = "otvllm.scheduler.preempted_seq_ids"
+TOTAL_PREEMPTIONS = "otvllm.scheduler.total_preemptions"
+
+# block_manager.allocate and kv_cache.allocate
+BLOCKS_SEQUENCES = "otvllm.blocks.sequences"
+BLOCKS_NEW = "otvllm.blocks.new"
+BLOCKS_CACHE_HITS = "otvllm.blocks.prefix_cache_hits"
+BLOCKS_FREE = "otvllm.blocks.free"
+BLOCKS_USED = "otvllm.blocks.used"
+BLOCKS_TOTAL = "otvllm.blocks.total"
+BLOCK_SIZE = "otvllm.blocks.block_size"
+SEQ_ID = "otvllm.seq.id"
+KV_CACHE_SHAPE = "otvllm.kv_cache.shape"
+KV_CACHE_BYTES = "otvllm.kv_cache.bytes"
+KV_CACHE_BLOCK_BYTES = "otvllm.kv_cache.block_bytes"
+
+# model.forward (shapes are attribute keys "otvllm.shape.<tensor>")
+SHAPE_PREFIX = "otvllm.shape."
+CUDA_GRAPH = "otvllm.forward.cuda_graph"
+GPU_TIME_MS = "otvllm.forward.gpu_time_ms"
+ATTENTION_BACKEND = "otvllm.attention.backend"
+LAYER_INDEX = "otvllm.layer.index"
+
+# CUDA memory (one stats read per traced step)
+MEM_ALLOCATED = "otvllm.cuda.memory.allocated_bytes"
+MEM_RESERVED = "otvllm.cuda.memory.reserved_bytes"
+MEM_PEAK = "otvllm.cuda.memory.peak_bytes"
+MEM_FREE = "otvllm.cuda.memory.free_bytes"
+MEM_TOTAL = "otvllm.cuda.memory.total_bytes"
+
+# sampler.sample
+SAMPLE_GREEDY = "otvllm.sampling.greedy_seqs"
+SAMPLE_TEMPERATURE_MIN = "otvllm.sampling.temperature_min"
+SAMPLE_TEMPERATURE_MAX = "otvllm.sampling.temperature_max"
+SAMPLE_TOP_K = "otvllm.sampling.uses_top_k"
+SAMPLE_TOP_P = "otvllm.sampling.uses_top_p"
+SAMPLE_SEEDED = "otvllm.sampling.seeded_seqs"
+SAMPLE_LOGPROBS = "otvllm.sampling.logprobs_seqs"
+
+# scheduler.postprocess
+TOKENS_APPENDED = "otvllm.postprocess.tokens_appended"
+FINISHED_SEQS = "otvllm.postprocess.finished"
+FINISHED_SEQ_IDS = "otvllm.postprocess.finished_seq_ids"
+FINISH_REASONS = "otvllm.postprocess.finish_reasons"
+
+# request
+REQUEST_QUEUE_TIME_MS = "otvllm.request.queue_time_ms"
+REQUEST_TTFT_MS = "otvllm.request.time_to_first_token_ms"
+REQUEST_CACHED_TOKENS = "otvllm.request.cached_tokens"
+REQUEST_PREEMPTIONS = "otvllm.request.preemptions"
+EVENT_STEP = "otvllm.step.index"
+EVENT_REASON = "otvllm.finish_reason"
+
+# llm.generate
+GEN_NUM_REQUESTS = "otvllm.generate.requests"
+GEN_PROMPT_TOKENS = "otvllm.generate.prompt_tokens"
+GEN_OUTPUT_TOKENS = "otvllm.generate.output_tokens"
+GEN_STEPS = "otvllm.generate.steps"
+GEN_PREFILL_STEPS = "otvllm.generate.prefill_steps"
+GEN_DECODE_STEPS = "otvllm.generate.decode_steps"
+GEN_PREFILL_TIME_MS = "otvllm.generate.prefill_time_ms"
+GEN_DECODE_TIME_MS = "otvllm.generate.decode_time_ms"
+GEN_THROUGHPUT = "otvllm.generate.output_tokens_per_s"
+GEN_PREEMPTIONS = "otvllm.generate.preemptions"
+GEN_PREFIX_HIT_RATE = "otvllm.generate.prefix_cache_hit_rate"
+GEN_MEM_START = "otvllm.generate.cuda_memory_start_bytes"
+GEN_MEM_END = "otvllm.generate.cuda_memory_end_bytes"
+GEN_MEM_PEAK = "otvllm.generate.cuda_memory_peak_bytes"
+TRACE_STEPS_DETAILED = "otvllm.trace.steps_detailed"
+TRACE_STEPS_SAMPLED_AWAY = "otvllm.trace.steps_sampled_away"
+TRACE_SPANS_DROPPED = "otvllm.trace.spans_dropped"
+TRACE_POLICY = "otvllm.trace.sampling_policy"
+TRACE_LEVEL = "otvllm.trace.level"
+
+# engine.init / model.load
+CONFIG_PREFIX = "otvllm.config."
+MODEL_ARCHITECTURE = "otvllm.model.architecture"
+MODEL_LAYERS = "otvllm.model.layers"
+MODEL_HIDDEN_SIZE = "otvllm.model.hidden_size"
+MODEL_HEADS = "otvllm.model.heads"
+MODEL_KV_HEADS = "otvllm.model.kv_heads"
+MODEL_HEAD_DIM = "otvllm.model.head_dim"
+MODEL_VOCAB_SIZE = "otvllm.model.vocab_size"
+MODEL_DTYPE = "otvllm.model.dtype"
+MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
+CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
+
+# errors
+ERROR_ADVICE = "otvllm.error.advice"

@@ -1,0 +1,304 @@
+"""A terminal breakdown of a Jaeger JSON trace file (jaeger_json.py): what nano-vllm prints after a
+run, and where the step time went, from the spans alone.
+
+The `llm.generate` span's totals (`otvllm.generate.*`) count every step; the step spans may be a
+sample of them (see `otvllm.trace.steps_sampled_away`), so per-step figures are over traced steps."""
+
+import json
+from collections import defaultdict
+
+from otvllm.tracing import schema as S
+from otvllm.tracing.jaeger_json import load_jaeger_json
+
+
+class _Span:
+    __slots__ = ("id", "parent", "name", "start_us", "duration_us", "attrs", "children")
+
+    def __init__(self, raw: dict):
+        self.id = raw["spanID"]
+        self.parent = next((r["spanID"] for r in raw.get("references") or [] if r.get("refType") == "CHILD_OF"), None)
+        self.name = raw.get("operationName", "")
+        self.start_us = raw.get("startTime", 0)
+        self.duration_us = raw.get("duration", 0)
+        self.attrs = {t["key"]: t.get("value") for t in raw.get("tags") or []}
+        self.children: list[_Span] = []
+
+    @property
+    def ms(self) -> float:
+        return self.duration_us / 1000
+
+    def get(self, key, default=None):
+        return self.attrs.get(key, default)
+
+    def descendants(self):
+        stack = list(self.children)
+        while stack:
+            span = stack.pop()
+            yield span
+            stack.extend(span.children)
+
+
+def _tree(trace: dict) -> list[_Span]:
+    spans = [_Span(raw) for raw in trace.get("spans") or []]
+    by_id = {s.id: s for s in spans}
+    for span in spans:
+        if span.parent in by_id:
+            by_id[span.parent].children.append(span)
+    for span in spans:
+        span.children.sort(key=lambda s: s.start_us)
+    return sorted(spans, key=lambda s: s.start_us)
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+def human_bytes(n) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1000:.2f} s" if ms >= 10_000 else f"{ms:.2f} ms"
+
+
+def _num(x) -> str:
+    if isinstance(x, float):
+        return f"{x:,.1f}"
+    return f"{x:,}"
+
+
+def _json_list(value):
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+# ---- llm.generate ------------------------------------------------------------------------------
+
+def _phase_of(span: _Span) -> str:
+    return str(span.get(S.PHASE, "unknown"))
+
+
+def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
+    """`gen` is the llm.generate span (None: a trace with step spans but no generate span)."""
+    attrs = gen.attrs if gen is not None else {}
+    steps = [s for s in spans if s.name == S.STEP]
+    requests = [s for s in spans if s.name == S.REQUEST]
+    by_phase: dict[str, list[_Span]] = defaultdict(list)
+    for step in steps:
+        by_phase[_phase_of(step)].append(step)
+    phases = sorted(by_phase, key=lambda p: ({"prefill": 0, "decode": 1}.get(p, 2), p))
+
+    def total(key, request_key=None, default=None):
+        if key in attrs:
+            return attrs[key]
+        if request_key and requests:
+            return sum(r.get(request_key, 0) for r in requests)
+        return default
+
+    n_requests = total(S.GEN_NUM_REQUESTS, default=len(requests))
+    prompt_tokens = total(S.GEN_PROMPT_TOKENS, S.GEN_AI_USAGE_INPUT_TOKENS)
+    output_tokens = total(S.GEN_OUTPUT_TOKENS, S.GEN_AI_USAGE_OUTPUT_TOKENS)
+    n_steps = attrs.get(S.GEN_STEPS, len(steps))
+    prefill_steps = attrs.get(S.GEN_PREFILL_STEPS, len(by_phase.get("prefill", ())))
+    decode_steps = attrs.get(S.GEN_DECODE_STEPS, len(by_phase.get("decode", ())))
+    prefill_ms = attrs.get(S.GEN_PREFILL_TIME_MS, sum(s.ms for s in by_phase.get("prefill", ())))
+    decode_ms = attrs.get(S.GEN_DECODE_TIME_MS, sum(s.ms for s in by_phase.get("decode", ())))
+    wall_ms = gen.ms if gen is not None else sum(s.ms for s in steps)
+    throughput = attrs.get(S.GEN_THROUGHPUT)
+    if throughput is None and output_tokens and wall_ms:
+        throughput = output_tokens / (wall_ms / 1000)
+
+    lines = [f"  Generation complete: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
+             f"requests={n_requests}, prompt_tokens={_num(prompt_tokens) if prompt_tokens is not None else 'n/a'}, "
+             f"total_output_tokens={_num(output_tokens) if output_tokens is not None else 'n/a'}",
+             f"  prefill_time={_ms(prefill_ms)}, decode_time={_ms(decode_ms)}, wall={_ms(wall_ms)}, "
+             f"throughput={f'{throughput:,.1f} tok/s' if throughput is not None else 'n/a'}"]
+
+    if steps:
+        traced = "" if len(steps) == n_steps else f" ({len(steps)} of {n_steps} steps traced)"
+        lines.append(f"  steps by phase{traced}:")
+        for phase in phases:
+            group = by_phase[phase]
+            durations = [s.ms for s in group]
+            seqs = [s.get(S.NUM_SEQS) for s in group if s.get(S.NUM_SEQS) is not None]
+            tokens = [s.get(S.NUM_BATCHED_TOKENS) for s in group if s.get(S.NUM_BATCHED_TOKENS) is not None]
+            line = (f"    {phase:<8} {len(group):>6} steps  total {_ms(sum(durations)):>11}  "
+                    f"mean {_ms(sum(durations) / len(group)):>10}")
+            if seqs:
+                line += f"  batch seqs min/mean/max {min(seqs)}/{sum(seqs) / len(seqs):.1f}/{max(seqs)}"
+            if tokens:
+                line += f"  tokens/step {sum(tokens) / len(tokens):.1f}"
+            lines.append(line)
+
+        step_ms = sum(s.ms for s in steps)
+        phase_ms: dict[str, float] = defaultdict(float)
+        gpu_ms = 0.0
+        for step in steps:
+            for child in step.descendants():
+                if child.name in S.STEP_PHASE_SPANS:
+                    phase_ms[child.name] += child.ms
+                if child.name == S.FORWARD:
+                    gpu_ms += child.get(S.GPU_TIME_MS, 0.0)
+        if phase_ms:
+            lines.append(f"  time per step phase (of {_ms(step_ms)} in traced steps):")
+            for name in S.STEP_PHASE_SPANS:
+                if name in phase_ms:
+                    share = 100 * phase_ms[name] / step_ms if step_ms else 0.0
+                    lines.append(f"    {name:<22} {_ms(phase_ms[name]):>11}  {share:5.1f}%")
+            if gpu_ms:
+                lines.append(f"    (model.forward GPU time from CUDA events: {_ms(gpu_ms)})")
+        slowest = max(steps, key=lambda s: s.duration_us)
+        lines.append(f"  slowest step: #{slowest.get(S.STEP_INDEX, '?')} ({_phase_of(slowest)}, "
+                     f"{slowest.get(S.NUM_SEQS, '?')} seqs, {slowest.get(S.NUM_BATCHED_TOKENS, '?')} tokens) "
+                     f"{_ms(slowest.ms)}")
+
+    lines.append(f"  prefix cache hit rate: {_hit_rate(attrs, spans)}")
+    lines.append(f"  CUDA memory: {_memory(attrs, spans)}")
+    lines.append(f"  preemptions: {_preemptions(attrs, spans, requests)}")
+
+    ttft = [r.get(S.REQUEST_TTFT_MS) for r in requests if r.get(S.REQUEST_TTFT_MS) is not None]
+    if ttft:
+        lines.append(f"  time to first token: mean {_ms(sum(ttft) / len(ttft))}, max {_ms(max(ttft))} "
+                     f"({len(ttft)} requests)")
+    queue = [r.get(S.REQUEST_QUEUE_TIME_MS) for r in requests if r.get(S.REQUEST_QUEUE_TIME_MS) is not None]
+    if queue:
+        lines.append(f"  queue time: mean {_ms(sum(queue) / len(queue))}, max {_ms(max(queue))}")
+
+    if S.TRACE_STEPS_SAMPLED_AWAY in attrs or S.TRACE_SPANS_DROPPED in attrs:
+        line = (f"  trace: {attrs.get(S.TRACE_STEPS_DETAILED, len(steps))} steps detailed, "
+                f"{attrs.get(S.TRACE_STEPS_SAMPLED_AWAY, 0)} sampled away, "
+                f"{attrs.get(S.TRACE_SPANS_DROPPED, 0)} left out for the span budget")
+        if attrs.get(S.TRACE_POLICY):
+            line += f" (policy: {attrs[S.TRACE_POLICY]})"
+        lines.append(line)
+    return lines
+
+
+def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
+    rate = attrs.get(S.GEN_PREFIX_HIT_RATE)
+    if rate is not None:
+        return f"{100 * rate:.1f}% of blocks"
+    blocks = [s for s in spans if s.name == S.BLOCK_ALLOCATE]
+    ids = {s.id for s in blocks}
+    blocks = [s for s in blocks if s.parent not in ids]   # debug level nests one per sequence
+    hits = sum(s.get(S.BLOCKS_CACHE_HITS, 0) for s in blocks)
+    new = sum(s.get(S.BLOCKS_NEW, 0) for s in blocks)
+    if not hits + new:
+        return "n/a"
+    return f"{100 * hits / (hits + new):.1f}% of blocks (in traced steps)"
+
+
+def _memory(attrs: dict, spans: list[_Span]) -> str:
+    peaks = [s.get(S.MEM_PEAK) for s in spans if s.get(S.MEM_PEAK) is not None]
+    if S.GEN_MEM_PEAK in attrs:
+        peaks.append(attrs[S.GEN_MEM_PEAK])
+    if not peaks:
+        return "n/a (CPU)"
+    text = f"peak {human_bytes(max(peaks))}"
+    start, end = attrs.get(S.GEN_MEM_START), attrs.get(S.GEN_MEM_END)
+    if start is not None and end is not None:
+        growth = end - start
+        text += f", allocated at start {human_bytes(start)}, at end {human_bytes(end)}"
+        if growth:
+            text += f" ({'+' if growth > 0 else '-'}{human_bytes(abs(growth))})"
+    return text
+
+
+def _preemptions(attrs: dict, spans: list[_Span], requests: list[_Span]):
+    if S.GEN_PREEMPTIONS in attrs:
+        return attrs[S.GEN_PREEMPTIONS]
+    if any(S.REQUEST_PREEMPTIONS in r.attrs for r in requests):
+        return sum(r.get(S.REQUEST_PREEMPTIONS, 0) for r in requests)
+    counted = [s.get(S.NUM_PREEMPTED) for s in spans if s.name == S.SCHEDULE and s.get(S.NUM_PREEMPTED) is not None]
+    return f"{sum(counted)} (in traced steps)" if counted else "n/a"
+
+
+# ---- engine.init -------------------------------------------------------------------------------
+
+def _init_lines(init: _Span) -> list[str]:
+    found = {}
+    for span in init.descendants():
+        found.setdefault(span.name, span)
+    lines = [f"  init {_ms(init.ms)}"]
+    load = found.get(S.MODEL_LOAD)
+    if load is not None:
+        a = load.attrs
+        parts = [f"{a[key]} {label}" for key, label in (
+            (S.MODEL_LAYERS, "layers"), (S.MODEL_HIDDEN_SIZE, "hidden"), (S.MODEL_HEADS, "heads"),
+            (S.MODEL_KV_HEADS, "kv heads"), (S.MODEL_HEAD_DIM, "head_dim"), (S.MODEL_VOCAB_SIZE, "vocab"))
+            if key in a]
+        if S.MODEL_DTYPE in a:
+            parts.append(str(a[S.MODEL_DTYPE]))
+        if S.MODEL_PARAMETER_BYTES in a:
+            parts.append(f"{human_bytes(a[S.MODEL_PARAMETER_BYTES])} of parameters")
+        lines.append(f"  model: {a.get(S.MODEL_ARCHITECTURE, '?')}: {', '.join(parts)}")
+        lines.append(f"  model.load {_ms(load.ms)}")
+    kv = found.get(S.KV_CACHE_ALLOCATE)
+    if kv is not None:
+        a = kv.attrs
+        line = f"  KV cache: {a.get(S.BLOCKS_TOTAL, '?')} blocks of {a.get(S.BLOCK_SIZE, '?')} tokens"
+        if S.KV_CACHE_BYTES in a:
+            line += f", {human_bytes(a[S.KV_CACHE_BYTES])}"
+        lines.append(line + f" (allocated in {_ms(kv.ms)})")
+    graphs = found.get(S.CUDA_GRAPH_CAPTURE)
+    if graphs is not None:
+        sizes = _json_list(graphs.get(S.CUDA_GRAPH_BATCH_SIZES, []))
+        count = len(sizes) if isinstance(sizes, list) else "?"
+        lines.append(f"  CUDA graphs: {count} batch sizes captured in {_ms(graphs.ms)}")
+    peaks = [s.get(S.MEM_PEAK) for s in [init, *init.descendants()] if s.get(S.MEM_PEAK) is not None]
+    lines.append(f"  CUDA memory: {f'peak {human_bytes(max(peaks))}' if peaks else 'n/a (CPU)'}")
+    return lines
+
+
+# ---- whole traces ------------------------------------------------------------------------------
+
+def _trace_header(trace: dict, root: _Span | None, n_spans: int) -> str:
+    services = sorted({p.get("serviceName", "?") for p in (trace.get("processes") or {}).values()})
+    name = root.name if root is not None else "?"
+    return f"{name}  trace {trace.get('traceID', '?')}  service {', '.join(services) or '?'}  ({n_spans} spans)"
+
+
+def _summarize_trace(trace: dict) -> list[str]:
+    spans = _tree(trace)
+    if not spans:
+        return [f"trace {trace.get('traceID', '?')}: no spans"]
+    roots = [s for s in spans if s.parent is None or all(s.parent != o.id for o in spans)]
+    lines = [_trace_header(trace, roots[0] if roots else spans[0], len(spans))]
+    gens = [s for s in spans if s.name == S.GENERATE]
+    inits = [s for s in spans if s.name == S.ENGINE_INIT]
+    for init in inits:
+        if len(inits) > 1:
+            lines.append(f" {S.ENGINE_INIT}:")
+        lines.extend(_init_lines(init))
+    for gen in gens:
+        if len(gens) > 1 or inits:
+            lines.append(f" {S.GENERATE} ({_ms(gen.ms)}):")
+        lines.extend(_generate_lines(gen, list(gen.descendants())))
+    if not gens and any(s.name == S.STEP for s in spans):
+        lines.append("  (no llm.generate span in this trace; figures from the step spans)")
+        lines.extend(_generate_lines(None, spans))
+    if not gens and not inits and not any(s.name == S.STEP for s in spans):
+        counts: dict[str, int] = defaultdict(int)
+        for s in spans:
+            counts[s.name] += 1
+        top = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+        lines.append(f"  no otvllm spans; duration {_ms(max(r.ms for r in roots or spans))}; spans: {top}")
+    return lines
+
+
+def summarize(traces: list[dict]) -> str:
+    if not traces:
+        return "no traces"
+    blocks = ["\n".join(_summarize_trace(t)) for t in traces]
+    return "\n\n".join(blocks)
+
+
+def summarize_file(path: str) -> str:
+    traces = load_jaeger_json(path)
+    return f"{path}: {len(traces)} trace(s)\n\n" + summarize(traces)

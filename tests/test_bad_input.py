@@ -1,0 +1,111 @@
+"""Bad input is refused up front with a ValueError naming the problem, and loses no other work."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from otvllm import LLM, SamplingParams
+from tests.reference import hf_greedy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    return LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "nowhere"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, qwen3_dir):
+    shutil.copytree(qwen3_dir, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel.*Qwen3ForCausalLM.*LlamaForCausalLM"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_missing_weights_are_named(tmp_path, qwen3_dir):
+    shutil.copytree(qwen3_dir, tmp_path / "m")
+    for name in os.listdir(tmp_path / "m"):
+        if name.endswith(".safetensors"):
+            os.remove(tmp_path / "m" / name)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(tmp_path / "m"), device="cpu")
+
+
+@pytest.mark.parametrize("prompt", ["", []])
+def test_empty_prompt(llm, prompt):
+    with pytest.raises(ValueError, match="request 1: empty prompt"):
+        llm.generate([[1, 2], prompt], GREEDY, use_tqdm=False)
+
+
+def test_prompt_plus_max_tokens_over_max_model_len(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    with pytest.raises(ValueError, match="request 0: prompt of 100 tokens plus max_tokens=30 is 130 tokens, "
+                                         "more than max_model_len=128"):
+        llm.generate([[1] * 100], params, use_tqdm=False)
+
+
+def test_token_ids_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 100000]], GREEDY, use_tqdm=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+    (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
+    (dict(top_k=0), "top_k must be -1"),
+    (dict(top_k=-2), "top_k must be -1"),
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(logprobs=-1), "logprobs must be"),
+])
+def test_invalid_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_kv_cache_too_small_for_one_sequence(qwen3_dir):
+    with pytest.raises(ValueError, match="room for 3 blocks of 16 tokens.*max_model_len=128 needs 8"):
+        LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=3, device="cpu")
+
+
+def test_unknown_engine_option(qwen3_dir):
+    with pytest.raises(ValueError, match="unknown engine option\\(s\\) max_num_seq\\b"):
+        LLM(qwen3_dir, max_num_seq=4)
+
+
+def test_invalid_trace_level_lists_valid_ones(qwen3_dir, monkeypatch):
+    monkeypatch.setenv("OTVLLM_TRACE_LEVEL", "verbose")
+    with pytest.raises(ValueError, match="invalid trace level 'verbose'.*off, request, step, debug"):
+        LLM(qwen3_dir, device="cpu")
+
+
+def test_wrong_number_of_sampling_params(llm):
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate([[1], [2]], [GREEDY], use_tqdm=False)
+
+
+def test_one_bad_request_runs_nothing_and_engine_stays_usable(llm, qwen3_dir):
+    good = [[5, 6, 7], [8, 9]]
+    engine = llm.engine
+    steps_before = engine.step_index
+    with pytest.raises(ValueError, match="request 2"):
+        llm.generate(good + [[]], GREEDY, use_tqdm=False)
+    assert engine.is_finished() and engine.step_index == steps_before
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    outs = llm.generate(good, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(qwen3_dir, p, 8) for p in good]

@@ -1,0 +1,188 @@
+"""otvllm's outputs against transformers' own generate and forward, in float32 on CPU."""
+
+import random
+
+import pytest
+import torch
+
+from otvllm import LLM, SamplingParams
+from tests.conftest import MODEL_VARIANTS
+from tests.reference import hf_greedy, hf_logprobs
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def random_prompts(lengths, vocab=256, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def small_llm(model_dir, **kwargs):
+    settings = dict(kvcache_block_size=16, max_model_len=256, max_num_batched_tokens=512, device="cpu")
+    settings.update(kwargs)
+    return LLM(model_dir, **settings)
+
+
+@pytest.mark.parametrize("variant", sorted(MODEL_VARIANTS))
+def test_greedy_matches_transformers(model_dirs, variant):
+    model_dir = model_dirs(variant)
+    prompts = random_prompts([1, 7, 16, 33, 50])
+    # max_num_seqs=3: later prompts are admitted while earlier ones decode (mixed batches).
+    outputs = small_llm(model_dir, max_num_seqs=3).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == prompts
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
+        assert out.finish_reason == "length"
+
+
+def test_string_prompts_are_tokenized_and_decoded(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    out = llm.generate(["hello world", "otvllm"], GREEDY, use_tqdm=False)
+    tok = llm.tokenizer
+    assert out[0].prompt_token_ids == tok.encode("hello world")
+    assert out[1].prompt == "otvllm"
+    assert out[0].token_ids == hf_greedy(qwen3_dir, tok.encode("hello world"), GREEDY.max_tokens)
+    assert out[0].text == tok.decode(out[0].token_ids, skip_special_tokens=True)
+
+
+def test_logprobs_match_transformers_log_softmax(qwen3_dir):
+    prompts = random_prompts([5, 21], seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=4)
+    for prompt, out in zip(prompts, small_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)):
+        ref = hf_logprobs(qwen3_dir, prompt + out.token_ids)
+        assert len(out.logprobs) == len(out.token_ids)
+        for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = ref[len(prompt) - 1 + step]
+            top = row.topk(4)
+            assert set(entry) == set(top.indices.tolist()) | {token}
+            for token_id, value in entry.items():
+                assert abs(value - row[token_id].item()) < 1e-4
+
+
+def test_no_logprobs_unless_asked(qwen3_dir):
+    out = small_llm(qwen3_dir).generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
+    assert out.logprobs is None
+
+
+def test_prefix_cache_hits_keep_outputs(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    shared = random_prompts([48], seed=2)[0]                       # three full blocks of 16
+    prompts = [shared + tail for tail in random_prompts([5, 9, 17, 3], seed=3)]
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    manager = llm.engine.block_manager
+    hits_before = manager.num_cache_hits
+    rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert [o.num_cached_tokens for o in rest] == [48, 48, 48]
+    assert manager.num_cache_hits - hits_before == 9
+    for prompt, out in zip(prompts, [first] + rest):
+        assert out.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+    # Every block is free again once all requests have finished.
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_whole_prompt_cached_still_computes_last_token(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    prompt = random_prompts([32], seed=4)[0]                       # exactly two blocks
+    a = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    b = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert b.num_cached_tokens == 16        # the block holding the last prompt token is recomputed
+    assert a.token_ids == b.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+
+
+def test_preemption_gives_unconstrained_outputs(qwen3_dir):
+    prompts = random_prompts([20, 24, 28, 30, 18, 26], seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    roomy = small_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    tight = small_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=6)
+    constrained = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert sum(o.num_preemptions for o in constrained) == tight.engine.scheduler.num_preemptions
+    assert [o.token_ids for o in constrained] == [o.token_ids for o in roomy]
+    assert constrained[0].token_ids == hf_greedy(qwen3_dir, prompts[0], params.max_tokens)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    prompt = random_prompts([10], seed=6)[0]
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=1234)
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids
+    others = random_prompts([3, 30], seed=7)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    in_batch = llm.generate(others + [prompt], [unseeded, unseeded, seeded], use_tqdm=False)[2].token_ids
+    assert alone == in_batch
+    other_seed = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4321)
+    assert llm.generate([prompt], other_seed, use_tqdm=False)[0].token_ids != alone
+
+
+def test_seeded_sampling_survives_preemption(qwen3_dir):
+    prompts = random_prompts([20, 24, 28, 30], seed=8)
+    params = [SamplingParams(temperature=0.8, max_tokens=30, ignore_eos=True, seed=i) for i in range(4)]
+    roomy = small_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    tight = small_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=5)
+    constrained = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in constrained] == [o.token_ids for o in roomy]
+
+
+def test_sampling_differs_from_greedy(qwen3_dir):
+    prompt = random_prompts([10], seed=9)[0]
+    llm = small_llm(qwen3_dir)
+    greedy = llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
+    hot = SamplingParams(temperature=5.0, max_tokens=12, ignore_eos=True, seed=0)
+    assert llm.generate([prompt], hot, use_tqdm=False)[0].token_ids != greedy
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(qwen3_dir):
+    prompts = random_prompts([4, 13], seed=10)
+    llm = small_llm(qwen3_dir)
+    greedy = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    top_k = SamplingParams(temperature=1.0, top_k=1, max_tokens=12, ignore_eos=True)
+    top_p = SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, top_k, use_tqdm=False)] == greedy
+    assert [o.token_ids for o in llm.generate(prompts, top_p, use_tqdm=False)] == greedy
+
+
+def test_top_k_samples_only_among_the_k_most_likely(qwen3_dir):
+    prompt = random_prompts([8], seed=11)[0]
+    params = SamplingParams(temperature=3.0, top_k=3, max_tokens=20, ignore_eos=True, logprobs=3, seed=5)
+    out = small_llm(qwen3_dir).generate([prompt], params, use_tqdm=False)[0]
+    # `logprobs` holds the 3 most likely tokens plus the chosen one: it never adds a 4th.
+    assert all(len(entry) == 3 for entry in out.logprobs)
+    ref = hf_logprobs(qwen3_dir, prompt + out.token_ids)
+    for step, token in enumerate(out.token_ids):
+        assert token in ref[len(prompt) - 1 + step].topk(3).indices.tolist()
+
+
+def test_eos_and_stop_tokens_finish_with_stop(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    prompt = random_prompts([6], seed=12)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
+    stop_at = free[4]
+    first = free.index(stop_at)
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at])
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free[:first + 1]
+    llm.engine.scheduler.eos_token_ids = {stop_at}                # as if it were the model's EOS
+    eos = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    assert eos.finish_reason == "stop" and eos.token_ids == free[:first + 1]
+    ignored = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert ignored.token_ids == free and ignored.finish_reason == "length"
+
+
+def test_outputs_keep_input_order_with_different_lengths(qwen3_dir):
+    prompts = random_prompts([30, 2, 15], seed=13)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 1)]
+    outs = small_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [3, 9, 1]
+    assert [o.request_id for o in outs] == [0, 1, 2]
+    assert all(o.metrics["time_to_first_token_ms"] >= 0 for o in outs)
+
+
+def test_float16_cpu_is_close_to_float32(qwen3_dir):
+    # Half precision runs through the same paths; its first tokens agree with float32.
+    prompt = random_prompts([12], seed=14)[0]
+    out16 = small_llm(qwen3_dir, dtype="bfloat16").generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out16.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
+    assert torch.get_default_dtype() == torch.float32
