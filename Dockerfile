@@ -13,6 +13,7 @@
 # listed in pyproject.toml, then the otvllm sources. Editing otvllm/ rebuilds only the
 # last two small layers.
 
+# Python 3.11 or newer (the dependency step reads pyproject.toml with tomllib).
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
@@ -67,10 +68,11 @@ RUN touch README.md \
 # 4. An unprivileged user whose cache (the synthetic demo model, Hugging Face files,
 #    Triton's compiled kernels) lives in its home directory.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin otvllm \
-    && mkdir -p /home/otvllm/.cache/otvllm /home/otvllm/.cache/huggingface \
+    && mkdir -p /home/otvllm/.cache/otvllm /home/otvllm/.cache/huggingface /home/otvllm/.cache/triton \
     && chown -R otvllm:otvllm /home/otvllm/.cache
 ENV OTVLLM_CACHE_DIR=/home/otvllm/.cache/otvllm \
     HF_HOME=/home/otvllm/.cache/huggingface \
+    TRITON_CACHE_DIR=/home/otvllm/.cache/triton \
     OTEL_SERVICE_NAME=otvllm
 USER otvllm
 WORKDIR /home/otvllm
