@@ -41,14 +41,18 @@ class LLM:
         params = self._params_per_prompt(sampling_params, len(prompts))
         seqs = [self._make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         engine = self.engine
-        for seq in seqs:
-            engine.add(seq)
         with engine.tracer.generate(seqs, prompts), \
                 tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while not engine.is_finished():
-                finished = engine.step()
-                if finished:
-                    bar.update(len(finished))
+            try:
+                for seq in seqs:
+                    engine.add(seq)
+                while not engine.is_finished():
+                    finished = engine.step()
+                    if finished:
+                        bar.update(len(finished))
+            except BaseException:
+                engine.scheduler.abort(seqs)   # leave the engine usable for the next call
+                raise
         return [self._output(i, p, seq) for i, (p, seq) in enumerate(zip(prompts, seqs))]
 
     @staticmethod

@@ -84,6 +84,18 @@ class Scheduler:
         batch.num_batched_tokens = len(batch.seqs)
         return batch
 
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop unfinished sequences (their generate call failed) and free their blocks."""
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            if seq in self.running:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            self.block_manager.deallocate(seq)
+            seq.status = SequenceStatus.FINISHED
+
     def _preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -3,6 +3,12 @@
 Library code only uses the OpenTelemetry API; `configure()` is for programs that let otvllm
 own the SDK (the CLI, the benchmark)."""
 
-from otvllm.tracing.setup import TracingSession, configure
-
 __all__ = ["configure", "TracingSession"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m otvllm.tracing.export_process` does not import itself twice.
+    if name in __all__:
+        from otvllm.tracing import setup
+        return getattr(setup, name)
+    raise AttributeError(f"module 'otvllm.tracing' has no attribute {name!r}")

@@ -190,7 +190,7 @@ class EngineTracer:
         if self.level in ("step", "debug"):
             attrs.update({
                 S.TRACE_STEPS_DETAILED: gen.detailed, S.TRACE_STEPS_SAMPLED_AWAY: gen.steps - gen.detailed,
-                S.TRACE_SPANS_DROPPED: gen.dropped,
+                S.TRACE_STEPS_OVER_BUDGET: gen.dropped,
                 S.TRACE_POLICY: (f"every step" if self.level == "debug" else
                                  f"first {FIRST_DETAILED_STEPS} steps, prefills, preemptions, "
                                  f"every {self.stride}th decode step") + f"; at most {self.max_spans} spans",

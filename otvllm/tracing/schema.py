@@ -125,7 +125,7 @@ GEN_MEM_END = "otvllm.generate.cuda_memory_end_bytes"
 GEN_MEM_PEAK = "otvllm.generate.cuda_memory_peak_bytes"
 TRACE_STEPS_DETAILED = "otvllm.trace.steps_detailed"
 TRACE_STEPS_SAMPLED_AWAY = "otvllm.trace.steps_sampled_away"
-TRACE_SPANS_DROPPED = "otvllm.trace.spans_dropped"
+TRACE_STEPS_OVER_BUDGET = "otvllm.trace.steps_over_budget"
 TRACE_POLICY = "otvllm.trace.sampling_policy"
 TRACE_LEVEL = "otvllm.trace.level"
 

@@ -1,0 +1,139 @@
+"""Library mode: the application owns the TracerProvider; otvllm's spans join its traces."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from otvllm import LLM, SamplingParams
+from otvllm.tracing import schema as S
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    """The application's provider, installed once (OpenTelemetry allows one global provider)."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    trace.set_tracer_provider(provider)
+    if trace.get_tracer_provider() is not provider:
+        pytest.skip("another test installed a global TracerProvider first")
+    return memory
+
+
+def make_llm(model_dir, **kwargs):
+    return LLM(model_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu",
+               **kwargs)
+
+
+def test_importing_otvllm_installs_no_provider():
+    code = ("import otvllm, otvllm.tracing, otvllm.cli\n"
+            "from otvllm import LLM, SamplingParams\n"
+            "from opentelemetry import trace\n"
+            "assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider), trace.get_tracer_provider()\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spans_nest_under_the_callers_span(exporter, qwen3_dir):
+    exporter.clear()
+    app = trace.get_tracer("my.app")
+    with app.start_as_current_span("handle_batch") as parent:
+        llm = make_llm(qwen3_dir)
+        outputs = llm.generate([[1, 2, 3], [4, 5]], PARAMS, use_tqdm=False)
+    # Every span of the call was ended and handed over by the time generate returned.
+    spans = exporter.get_finished_spans()
+    ours = [s for s in spans if s.instrumentation_scope.name == "otvllm"]
+    by_id = {s.context.span_id: s for s in spans}
+    init = [s for s in ours if s.name == S.ENGINE_INIT][0]
+    generate = [s for s in ours if s.name == S.GENERATE][0]
+    for root in (init, generate):
+        assert root.parent.span_id == parent.get_span_context().span_id
+        assert root.context.trace_id == parent.get_span_context().trace_id
+    assert all(s.context.trace_id == parent.get_span_context().trace_id for s in ours)
+    requests = [s for s in ours if s.name == S.REQUEST]
+    assert [r.attributes[S.GEN_AI_USAGE_OUTPUT_TOKENS] for r in requests] == [len(o.token_ids) for o in outputs]
+    assert all(by_id[r.parent.span_id].name == S.GENERATE for r in requests)
+    steps = [s for s in ours if s.name == S.STEP]
+    assert len(steps) == PARAMS.max_tokens
+    assert all(by_id[s.parent.span_id] is generate for s in steps)
+
+
+def test_flush_after_generate_exports_everything(exporter, qwen3_dir):
+    llm = make_llm(qwen3_dir)
+    exporter.clear()
+    llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)
+    trace.get_tracer_provider().force_flush()
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count(S.GENERATE) == 1 and names.count(S.STEP) == PARAMS.max_tokens
+
+
+def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter, qwen3_dir, monkeypatch):
+    llm = make_llm(qwen3_dir)
+    real_forward = llm.engine.runner.forward
+    calls = []
+
+    def broken_forward(inputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("kernel exploded")
+        return real_forward(inputs)
+
+    monkeypatch.setattr(llm.engine.runner, "forward", broken_forward)
+    exporter.clear()
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        llm.generate([[1, 2, 3], [4, 5, 6, 7]], PARAMS, use_tqdm=False)
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR}
+    assert {S.FORWARD, S.STEP, S.GENERATE} <= set(spans)
+    forward = spans[S.FORWARD]
+    assert "kernel exploded" in forward.status.description
+    assert forward.events[0].name == "exception"
+    assert forward.events[0].attributes["exception.type"] == "RuntimeError"
+    requests = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST]
+    assert len(requests) == 2 and all(r.status.status_code == StatusCode.ERROR for r in requests)
+    # The failed call's requests were dropped and their blocks freed: the engine still works.
+    manager = llm.engine.block_manager
+    assert llm.engine.is_finished() and manager.num_free_blocks == manager.num_blocks
+    monkeypatch.setattr(llm.engine.runner, "forward", real_forward)
+    assert len(llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)[0].token_ids) == PARAMS.max_tokens
+
+
+def test_cuda_out_of_memory_at_start_up_says_what_to_change(exporter, qwen3_dir, monkeypatch):
+    from otvllm.core.model_runner import ModelRunner
+
+    def out_of_memory(self, num_blocks):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache", out_of_memory)
+    exporter.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="gpu_memory_utilization.*max_num_seqs.*max_model_len"):
+        make_llm(qwen3_dir)
+    failed = {s.name: s for s in exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR}
+    assert {S.KV_CACHE_ALLOCATE, S.ENGINE_INIT} <= set(failed)
+    assert "max_model_len" in failed[S.KV_CACHE_ALLOCATE].attributes[S.ERROR_ADVICE]
+
+
+def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch):
+    llm = make_llm(qwen3_dir)
+    exporter.clear()
+    llm.generate(["secret prompt"], PARAMS, use_tqdm=False)
+    assert not any("secret" in str(v) for s in exporter.get_finished_spans() for v in s.attributes.values())
+    monkeypatch.setenv("OTVLLM_TRACE_CONTENT", "1")
+    exporter.clear()
+    out = llm.generate(["secret prompt"], PARAMS, use_tqdm=False)[0]
+    request = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST][0]
+    assert request.attributes[S.GEN_AI_PROMPT] == "secret prompt"
+    assert request.attributes[S.GEN_AI_COMPLETION] == llm.tokenizer.decode(out.token_ids)
+
+
+def test_level_off_emits_nothing_to_the_callers_provider(exporter, qwen3_dir):
+    exporter.clear()
+    make_llm(qwen3_dir, trace_level="off").generate([[1, 2]], PARAMS, use_tqdm=False)
+    assert exporter.get_finished_spans() == ()

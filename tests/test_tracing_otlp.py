@@ -1,0 +1,309 @@
+"""What arrives over the wire at a real OTLP/gRPC receiver when otvllm configures tracing itself."""
+
+import io
+import time
+from contextlib import redirect_stderr
+
+import pytest
+
+from otvllm import LLM, SamplingParams
+from otvllm.tracing import configure
+from otvllm.tracing import schema as S
+from tests.otlp_receiver import HangingReceiver, OtlpReceiver, closed_port
+
+BLOCK = 16
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[7] * 20, [9] * 35, [11] * 3]
+
+
+def make_llm(model_dir, level="step", **kwargs):
+    settings = dict(kvcache_block_size=BLOCK, max_model_len=128, max_num_batched_tokens=256, device="cpu",
+                    trace_level=level)
+    settings.update(kwargs)
+    return LLM(model_dir, **settings)
+
+
+def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs):
+    """Generate with tracing exported to a fresh receiver; returns (spans, outputs, llm)."""
+    with OtlpReceiver() as receiver:
+        session = configure(endpoint=receiver.endpoint, service_name="otvllm-test")
+        try:
+            llm = make_llm(model_dir, level, **kwargs)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            stats = session.shutdown()
+        assert stats is not None and stats["exporters"][0]["failed"] == 0
+        return receiver.spans(), outputs, llm
+
+
+@pytest.fixture(scope="module")
+def step_run(qwen3_dir):
+    return traced_run(qwen3_dir)
+
+
+def by_name(spans, name):
+    return [s for s in spans if s["name"] == name]
+
+
+def test_every_schema_span_arrives_with_the_service_name(step_run):
+    spans, _, _ = step_run
+    names = {s["name"] for s in spans}
+    expected = {S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE, S.REQUEST, S.STEP, S.SCHEDULE,
+                S.BLOCK_ALLOCATE, S.PREPARE_INPUTS, S.FORWARD, S.SAMPLE, S.POSTPROCESS}
+    assert expected <= names
+    assert {s["resource"]["service.name"] for s in spans} == {"otvllm-test"}
+    assert {s["scope_name"] for s in spans} == {"otvllm"}
+
+
+def test_parent_child_structure(step_run):
+    spans, _, _ = step_run
+    by_id = {s["span_id"]: s for s in spans}
+
+    def parent_name(span):
+        return by_id[span["parent_span_id"]]["name"] if span["parent_span_id"] else None
+
+    expected_parent = {
+        S.ENGINE_INIT: None, S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
+        S.GENERATE: None, S.REQUEST: S.GENERATE, S.STEP: S.GENERATE, S.SCHEDULE: S.STEP,
+        S.BLOCK_ALLOCATE: S.SCHEDULE, S.PREPARE_INPUTS: S.STEP, S.FORWARD: S.STEP, S.SAMPLE: S.STEP,
+        S.POSTPROCESS: S.STEP,
+    }
+    for span in spans:
+        assert parent_name(span) == expected_parent[span["name"]], span["name"]
+    generate = by_name(spans, S.GENERATE)[0]
+    assert all(s["trace_id"] == generate["trace_id"] for s in spans if s["name"] not in
+               (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
+    for span in spans:   # children lie within their parents
+        if span["parent_span_id"]:
+            parent = by_id[span["parent_span_id"]]
+            assert parent["start_ns"] <= span["start_ns"] <= span["end_ns"] <= parent["end_ns"], span["name"]
+
+
+def test_forward_spans_carry_the_batch_shapes(step_run):
+    spans, _, llm = step_run
+    vocab = llm.engine.spec.vocab_size
+    forwards = by_name(spans, S.FORWARD)
+    prefill = [f for f in forwards if f["attributes"][S.PHASE] == "prefill"]
+    decode = [f for f in forwards if f["attributes"][S.PHASE] == "decode"]
+    assert len(prefill) == 1 and len(decode) == PARAMS.max_tokens - 1
+    a = prefill[0]["attributes"]
+    total = sum(len(p) for p in PROMPTS)
+    assert a[S.SHAPE_PREFIX + "input_ids"] == [total]
+    assert a[S.SHAPE_PREFIX + "positions"] == [total]
+    assert a[S.SHAPE_PREFIX + "slot_mapping"] == [total]
+    assert a[S.SHAPE_PREFIX + "cu_seqlens_q"] == [len(PROMPTS) + 1]
+    assert a[S.SHAPE_PREFIX + "block_tables"] == [len(PROMPTS), 3]     # 35 tokens: 3 blocks of 16
+    assert a[S.SHAPE_PREFIX + "logits"] == [len(PROMPTS), vocab]
+    assert a[S.CUDA_GRAPH] is False
+    d = decode[0]["attributes"]
+    assert d[S.SHAPE_PREFIX + "input_ids"] == [len(PROMPTS)]
+    assert d[S.SHAPE_PREFIX + "context_lens"] == [len(PROMPTS)]
+    assert d[S.SHAPE_PREFIX + "logits"] == [len(PROMPTS), vocab]
+
+
+def test_step_spans_describe_each_step(step_run):
+    spans, _, _ = step_run
+    steps = sorted(by_name(spans, S.STEP), key=lambda s: s["attributes"][S.STEP_INDEX])
+    assert [s["attributes"][S.STEP_INDEX] for s in steps] == list(range(PARAMS.max_tokens))
+    assert [s["attributes"][S.PHASE] for s in steps] == ["prefill"] + ["decode"] * (PARAMS.max_tokens - 1)
+    assert steps[0]["attributes"][S.NUM_BATCHED_TOKENS] == sum(len(p) for p in PROMPTS)
+    assert all(s["attributes"][S.NUM_SEQS] == len(PROMPTS) for s in steps)
+    schedule = [s for s in by_name(spans, S.SCHEDULE) if s["attributes"][S.PHASE] == "prefill"][0]
+    assert schedule["attributes"][S.NUM_WAITING] == 0
+    assert schedule["attributes"][S.NUM_RUNNING] == len(PROMPTS)
+    last = by_name(spans, S.POSTPROCESS)
+    finished = [p for p in last if p["attributes"][S.FINISHED_SEQS]]
+    assert len(finished) == 1 and finished[0]["attributes"][S.FINISH_REASONS] == ["length"] * len(PROMPTS)
+
+
+def test_block_allocation_spans_agree_with_the_engine(step_run):
+    spans, _, llm = step_run
+    prefill = [s for s in by_name(spans, S.BLOCK_ALLOCATE) if s["attributes"][S.PHASE] == "prefill"]
+    assert len(prefill) == 1
+    a = prefill[0]["attributes"]
+    assert a[S.BLOCKS_NEW] == sum(-(-len(p) // BLOCK) for p in PROMPTS)
+    assert a[S.BLOCKS_SEQUENCES] == len(PROMPTS)
+    assert a[S.BLOCKS_CACHE_HITS] == 0
+    assert a[S.BLOCKS_FREE] + a[S.BLOCKS_USED] == llm.engine.block_manager.num_blocks
+    decode = [s for s in by_name(spans, S.BLOCK_ALLOCATE) if s["attributes"][S.PHASE] == "decode"]
+    # 3 + 6 tokens crosses no block boundary; 20 + 6 neither; 35 + 6 neither: 1 new block would show here.
+    assert sum(s["attributes"][S.BLOCKS_NEW] for s in decode) == sum(
+        -(-(len(p) + PARAMS.max_tokens - 1) // BLOCK) - (-(-len(p) // BLOCK)) for p in PROMPTS)
+
+
+def test_request_spans_have_gen_ai_usage_and_events(step_run):
+    spans, outputs, _ = step_run
+    requests = sorted(by_name(spans, S.REQUEST), key=lambda s: s["attributes"][S.SEQ_ID])
+    assert len(requests) == len(PROMPTS)
+    for span, prompt, out in zip(requests, PROMPTS, outputs):
+        a = span["attributes"]
+        assert a[S.GEN_AI_USAGE_INPUT_TOKENS] == len(prompt)
+        assert a[S.GEN_AI_USAGE_OUTPUT_TOKENS] == len(out.token_ids) == PARAMS.max_tokens
+        assert a[S.GEN_AI_RESPONSE_FINISH_REASONS] == ["length"]
+        assert a[S.GEN_AI_REQUEST_MAX_TOKENS] == PARAMS.max_tokens
+        assert a[S.GEN_AI_REQUEST_TEMPERATURE] == 0.0 and a[S.GEN_AI_REQUEST_TOP_P] == 1.0
+        assert a[S.GEN_AI_OPERATION] == "text_completion"
+        assert a[S.REQUEST_TTFT_MS] >= a[S.REQUEST_QUEUE_TIME_MS] >= 0
+        events = {e["name"]: e["attributes"] for e in span["events"]}
+        assert events[S.EVENT_SCHEDULED][S.EVENT_STEP] == 0
+        assert events[S.EVENT_FIRST_TOKEN][S.EVENT_STEP] == 0
+        assert events[S.EVENT_FINISHED][S.EVENT_STEP] == PARAMS.max_tokens - 1
+        assert events[S.EVENT_FINISHED][S.EVENT_REASON] == "length"
+        assert S.GEN_AI_PROMPT not in a and S.GEN_AI_COMPLETION not in a   # content is opt-in
+
+
+def test_generate_span_totals(step_run):
+    spans, _, _ = step_run
+    a = by_name(spans, S.GENERATE)[0]["attributes"]
+    assert a[S.GEN_NUM_REQUESTS] == len(PROMPTS)
+    assert a[S.GEN_PROMPT_TOKENS] == sum(len(p) for p in PROMPTS)
+    assert a[S.GEN_OUTPUT_TOKENS] == len(PROMPTS) * PARAMS.max_tokens
+    assert a[S.GEN_STEPS] == PARAMS.max_tokens
+    assert a[S.GEN_PREFILL_STEPS] == 1 and a[S.GEN_DECODE_STEPS] == PARAMS.max_tokens - 1
+    assert a[S.GEN_PREEMPTIONS] == 0
+    assert a[S.TRACE_STEPS_SAMPLED_AWAY] == 0 and a[S.TRACE_STEPS_DETAILED] == PARAMS.max_tokens
+    assert a[S.GEN_AI_REQUEST_MODEL] == "qwen3"
+
+
+def test_model_load_and_kv_cache_spans(step_run):
+    spans, _, llm = step_run
+    load = by_name(spans, S.MODEL_LOAD)[0]["attributes"]
+    spec = llm.engine.spec
+    assert load[S.MODEL_ARCHITECTURE] == "Qwen3ForCausalLM"
+    assert (load[S.MODEL_LAYERS], load[S.MODEL_HEADS], load[S.MODEL_KV_HEADS], load[S.MODEL_HEAD_DIM]) == (
+        spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    assert load[S.MODEL_PARAMETER_BYTES] == sum(p.numel() * 4 for p in llm.engine.runner.model.parameters())
+    kv = by_name(spans, S.KV_CACHE_ALLOCATE)[0]["attributes"]
+    blocks = llm.engine.block_manager.num_blocks
+    assert kv[S.BLOCKS_TOTAL] == blocks and kv[S.BLOCK_SIZE] == BLOCK
+    assert kv[S.KV_CACHE_SHAPE] == [2, spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim]
+    assert kv[S.KV_CACHE_BYTES] == 2 * spec.num_layers * blocks * BLOCK * spec.num_kv_heads * spec.head_dim * 4
+
+
+def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
+    shared = [5] * 32
+    prompts = [shared + [1, 2], shared + [3, 4, 5]]
+    with OtlpReceiver() as receiver:
+        session = configure(endpoint=receiver.endpoint)
+        try:
+            llm = make_llm(qwen3_dir)
+            llm.generate(prompts[:1], PARAMS, use_tqdm=False)
+            hits_before = llm.engine.block_manager.num_cache_hits
+            llm.generate(prompts[1:], PARAMS, use_tqdm=False)
+            hits = llm.engine.block_manager.num_cache_hits - hits_before
+        finally:
+            session.shutdown()
+        spans = receiver.spans()
+    assert hits == 2
+    generates = sorted(by_name(spans, S.GENERATE), key=lambda s: s["start_ns"])
+    second = generates[1]
+    block_spans = [s for s in by_name(spans, S.BLOCK_ALLOCATE)
+                   if s["trace_id"] == second["trace_id"] and s["attributes"][S.PHASE] == "prefill"]
+    assert block_spans[0]["attributes"][S.BLOCKS_CACHE_HITS] == hits
+    assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 1.0
+    request = [s for s in by_name(spans, S.REQUEST) if s["trace_id"] == second["trace_id"]][0]
+    assert request["attributes"][S.REQUEST_CACHED_TOKENS] == 32
+
+
+def test_level_off_sends_nothing(qwen3_dir):
+    spans, outputs, _ = traced_run(qwen3_dir, level="off")
+    assert spans == []
+    assert len(outputs[0].token_ids) == PARAMS.max_tokens
+
+
+def test_level_request_sends_request_spans_only(qwen3_dir):
+    spans, _, _ = traced_run(qwen3_dir, level="request")
+    names = {s["name"] for s in spans}
+    assert {S.GENERATE, S.REQUEST, S.ENGINE_INIT} <= names
+    assert not names & {S.STEP, *S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
+    request = by_name(spans, S.REQUEST)[0]
+    assert {e["name"] for e in request["events"]} == {S.EVENT_SCHEDULED, S.EVENT_FIRST_TOKEN, S.EVENT_FINISHED}
+
+
+def test_level_debug_adds_per_sequence_blocks_and_attention_layers(qwen3_dir):
+    spans, _, llm = traced_run(qwen3_dir, level="debug")
+    spec = llm.engine.spec
+    prefill_block = [s for s in by_name(spans, S.BLOCK_ALLOCATE) if S.SEQ_ID in s["attributes"]]
+    assert len(prefill_block) == len(PROMPTS)
+    assert sorted(s["attributes"][S.BLOCKS_NEW] for s in prefill_block) == sorted(
+        -(-len(p) // BLOCK) for p in PROMPTS)
+    layers = by_name(spans, S.ATTENTION)
+    assert len(layers) == spec.num_layers * PARAMS.max_tokens
+    prefill_layer = [s for s in layers if s["attributes"][S.PHASE] == "prefill"][0]["attributes"]
+    total = sum(len(p) for p in PROMPTS)
+    assert prefill_layer[S.SHAPE_PREFIX + "q"] == [total, spec.num_heads, spec.head_dim]
+    assert prefill_layer[S.SHAPE_PREFIX + "k"] == [total, spec.num_kv_heads, spec.head_dim]
+    assert prefill_layer[S.SHAPE_PREFIX + "k_cache"] == [llm.engine.block_manager.num_blocks, BLOCK,
+                                                          spec.num_kv_heads, spec.head_dim]
+
+
+LONG = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+
+
+def long_run(model_dir, monkeypatch, max_spans):
+    monkeypatch.setenv("OTVLLM_TRACE_MAX_SPANS", str(max_spans))
+    monkeypatch.setenv("OTVLLM_TRACE_STEP_STRIDE", "8")
+    spans, _, _ = traced_run(model_dir, prompts=[[1] * 5, [2] * 9], params=LONG, max_model_len=128)
+    generate = by_name(spans, S.GENERATE)[0]
+    trace = [s for s in spans if s["trace_id"] == generate["trace_id"]]
+    a = generate["attributes"]
+    steps = by_name(trace, S.STEP)
+    assert a[S.GEN_STEPS] == 100
+    assert a[S.TRACE_STEPS_DETAILED] == len(steps)
+    assert a[S.TRACE_STEPS_DETAILED] + a[S.TRACE_STEPS_SAMPLED_AWAY] == 100
+    assert len(by_name(trace, S.REQUEST)) == 2                # requests are always kept
+    assert len(trace) <= max_spans
+    return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps)
+
+
+def test_long_generations_keep_first_steps_then_every_nth(qwen3_dir, monkeypatch):
+    a, kept = long_run(qwen3_dir, monkeypatch, max_spans=2000)
+    assert kept == list(range(32)) + list(range(32, 100, 8))
+    assert a[S.TRACE_STEPS_OVER_BUDGET] == 0
+    assert "every 8th decode step" in a[S.TRACE_POLICY]
+
+
+def test_span_budget_caps_a_trace_and_counts_what_it_dropped(qwen3_dir, monkeypatch):
+    a, kept = long_run(qwen3_dir, monkeypatch, max_spans=120)
+    assert a[S.TRACE_STEPS_OVER_BUDGET] > 0
+    assert kept == list(range(len(kept)))                      # the earliest steps are the ones kept
+
+
+def _timed_generate(model_dir, endpoint, timeout_s):
+    llm = make_llm(model_dir, level="off")
+    start = time.perf_counter()
+    llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    untraced = time.perf_counter() - start
+    stderr = io.StringIO()
+    session = configure(endpoint=endpoint, timeout_s=timeout_s)
+    try:
+        llm = make_llm(model_dir, level="step")
+        start = time.perf_counter()
+        outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        traced = time.perf_counter() - start
+    finally:
+        start = time.perf_counter()
+        with redirect_stderr(stderr):
+            stats = session.shutdown()
+        shutdown = time.perf_counter() - start
+    return untraced, traced, shutdown, stats, stderr.getvalue(), outputs
+
+
+def test_collector_down_does_not_stall_generation(qwen3_dir):
+    untraced, traced, shutdown, stats, warning, outputs = _timed_generate(
+        qwen3_dir, f"http://127.0.0.1:{closed_port()}", timeout_s=1.0)
+    assert all(len(o.token_ids) == PARAMS.max_tokens for o in outputs)
+    assert traced < untraced + 2.0
+    assert shutdown < 6.0
+    assert warning.count("otvllm: tracing:") == 1 and "could not be sent" in warning or "dropped" in warning
+    assert stats is None or stats["exporters"][0]["failed"] > 0
+
+
+def test_hanging_collector_does_not_stall_generation(qwen3_dir):
+    with HangingReceiver() as receiver:
+        untraced, traced, shutdown, stats, warning, outputs = _timed_generate(
+            qwen3_dir, receiver.endpoint, timeout_s=1.0)
+    assert all(len(o.token_ids) == PARAMS.max_tokens for o in outputs)
+    assert traced < untraced + 2.0
+    assert shutdown < 6.0
+    assert warning.count("otvllm: tracing:") == 1
