@@ -147,12 +147,14 @@ def _add_all(builders: dict[str, _TraceBuilder], spans: Sequence[ReadableSpan]) 
 
 def _document(builders: dict[str, _TraceBuilder]) -> dict:
     traces = [b.to_json() for b in builders.values()]
-    traces.sort(key=lambda t: min((s["startTime"] for s in t["spans"]), default=0))
+    # Newest first, the order of Jaeger UI's search results ("Most Recent"), so the file's first
+    # trace is the one the UI lists first.
+    traces.sort(key=lambda t: min((s["startTime"] for s in t["spans"]), default=0), reverse=True)
     return {"data": traces, "total": 0, "limit": 0, "offset": 0, "errors": None}
 
 
 def spans_to_jaeger(spans: Sequence[ReadableSpan]) -> dict:
-    """`{"data": [trace, ...]}` with one trace per trace id, oldest first."""
+    """`{"data": [trace, ...]}` with one trace per trace id, newest first."""
     builders: dict[str, _TraceBuilder] = {}
     _add_all(builders, spans)
     return _document(builders)
@@ -166,6 +168,7 @@ class JaegerJsonFileExporter(SpanExporter):
         self.path = os.path.abspath(path)
         self._builders: dict[str, _TraceBuilder] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()   # an older snapshot must not replace a newer one
         self._shutdown = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -176,9 +179,10 @@ class JaegerJsonFileExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        with self._lock:
-            doc = _document(self._builders)
-        self._write(doc)
+        with self._write_lock:
+            with self._lock:
+                doc = _document(self._builders)
+            self._write(doc)   # export() may go on meanwhile
         return True
 
     def shutdown(self) -> None:

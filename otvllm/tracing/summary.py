@@ -170,10 +170,10 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if queue:
         lines.append(f"  queue time: mean {_ms(sum(queue) / len(queue))}, max {_ms(max(queue))}")
 
-    if S.TRACE_STEPS_SAMPLED_AWAY in attrs or S.TRACE_SPANS_DROPPED in attrs:
+    if S.TRACE_STEPS_SAMPLED_AWAY in attrs or S.TRACE_STEPS_OVER_BUDGET in attrs:
         line = (f"  trace: {attrs.get(S.TRACE_STEPS_DETAILED, len(steps))} steps detailed, "
                 f"{attrs.get(S.TRACE_STEPS_SAMPLED_AWAY, 0)} sampled away, "
-                f"{attrs.get(S.TRACE_SPANS_DROPPED, 0)} left out for the span budget")
+                f"{attrs.get(S.TRACE_STEPS_OVER_BUDGET, 0)} left out for the span budget")
         if attrs.get(S.TRACE_POLICY):
             line += f" (policy: {attrs[S.TRACE_POLICY]})"
         lines.append(line)
@@ -295,7 +295,10 @@ def _summarize_trace(trace: dict) -> list[str]:
 def summarize(traces: list[dict]) -> str:
     if not traces:
         return "no traces"
-    blocks = ["\n".join(_summarize_trace(t)) for t in traces]
+    def start(trace):
+        return min((s.get("startTime", 0) for s in trace.get("spans") or []), default=0)
+
+    blocks = ["\n".join(_summarize_trace(t)) for t in sorted(traces, key=start)]   # oldest first
     return "\n\n".join(blocks)
 
 
