@@ -25,6 +25,10 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.engine = LLMEngine(self.config)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache of finished requests (e.g. between benchmark runs)."""
+        self.engine.block_manager.reset_prefix_cache()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -186,3 +186,14 @@ def test_float16_cpu_is_close_to_float32(qwen3_dir):
     out16 = small_llm(qwen3_dir, dtype="bfloat16").generate([prompt], GREEDY, use_tqdm=False)[0]
     assert out16.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_reset_prefix_cache_forgets_finished_prompts(qwen3_dir):
+    llm = small_llm(qwen3_dir)
+    prompt = random_prompts([40], seed=15)[0]
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 32
+    llm.reset_prefix_cache()
+    again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0
+    assert again.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)

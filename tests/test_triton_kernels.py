@@ -19,6 +19,28 @@ if not HAS_CUDA:
 
 triton = pytest.importorskip("triton")
 
+
+def _fix_interpreter_index():
+    """triton 3.6's interpreter turns a scalar into an int with ``int(array)``, which NumPy
+    >= 2.4 refuses for its 1-element scalars: loops with run-time bounds
+    (``range(lo, hi, BLOCK)``) then fail. Patch ``__index__`` to read the element."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_otvllm_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._otvllm_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if not HAS_CUDA:
+    _fix_interpreter_index()
+
 _MODULES = ("otvllm.ops.triton_kvcache", "otvllm.ops.triton_prefill", "otvllm.ops.triton_decode")
 
 
@@ -164,6 +186,28 @@ def test_prefill_page_smaller_than_key_tile():
     # key tile (32) spans two 16-token pages: per-row block lookup
     _prefill_case([19, 41], [51, 41], 4, 2, 32, 16, torch.float16,
                   config=dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prefill_tensor_descriptor_loads(block_size):
+    # the TMA path (used on Hopper); stale NaNs in unused slots must not leak into the output
+    gen = torch.Generator().manual_seed(9)
+    q_lens, ctx_lens = [5, 1, 23], [37, 1, 23]
+    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 2
+    k_cache, v_cache = _make_cache(num_blocks, block_size, 2, 32, torch.float16, gen)
+    bt = _block_tables(ctx_lens, block_size, num_blocks, gen)
+    for i, c in enumerate(ctx_lens):  # poison the slots after each context
+        for pos in range(c, bt.shape[1] * block_size):
+            blk = int(bt[i, pos // block_size])
+            if blk >= 0:
+                k_cache[blk, pos % block_size] = float("nan")
+                v_cache[blk, pos % block_size] = float("nan")
+    q = torch.randn(sum(q_lens), 4, 32, generator=gen).to(torch.float16).to(DEVICE)
+    cu_q, cu_k = _cu(q_lens), _cu(ctx_lens)
+    want = ref.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, 0.2)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2, tma=True)
+    got = triton_prefill.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, 0.2, config=cfg)
+    torch.testing.assert_close(got, want, **_tol(torch.float16))
 
 
 def test_prefill_non_power_of_two_group():

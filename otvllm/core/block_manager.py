@@ -78,6 +78,14 @@ class BlockManager:
         block.hash, block.token_ids = h, tuple(token_ids)
         self.hash_to_block[h] = block.block_id
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the hashes of free blocks: later prompts cannot hit what earlier calls computed."""
+        for block_id in self.free_block_ids:
+            block = self.blocks[block_id]
+            if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = -1, ()
+
     def num_blocks_needed(self, seq: Sequence) -> int:
         """Blocks `allocate` would take from the free list (an upper bound: cache hits need fewer)."""
         return seq.num_blocks

@@ -3,7 +3,7 @@ postprocesses, each phase a method of its own so that tracing can wrap it."""
 
 import time
 
-from otvllm.config import EngineConfig
+from otvllm.config import TRACE_LEVELS, EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
@@ -34,6 +34,14 @@ class LLMEngine:
             self.tracer.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache)
             if self.runner.uses_cuda_graphs:
                 self.tracer.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs)
+
+    def set_trace_level(self, level: str) -> None:
+        """Change the detail of later generate calls (debug needs an engine built at debug)."""
+        if level not in TRACE_LEVELS or (level == "debug") != (self.config.trace_level == "debug"):
+            raise ValueError(f"cannot switch trace level from {self.config.trace_level!r} to {level!r}: "
+                             f"choose one of off, request, step (debug only for an engine built at debug)")
+        self.config.trace_level = level
+        self.tracer = make_tracer(level, self)
 
     def allocate_kv_cache(self) -> None:
         cfg = self.config

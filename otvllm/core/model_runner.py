@@ -5,9 +5,11 @@ from dataclasses import dataclass
 import torch
 
 from otvllm.config import DTYPES, EngineConfig
+from otvllm.core.cuda_graphs import DecodeGraphs
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
+from otvllm.layers.basic import use_compiled_kernels
 from otvllm.layers.sampler import SampleResult, Sampler, SamplingBatch
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
@@ -38,6 +40,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model = None
         self.last_forward_used_graph = False
+        self.graphs: DecodeGraphs | None = None
         self.graph_batch_sizes: list[int] = []
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
@@ -53,6 +56,8 @@ class ModelRunner:
     # ---- start-up -------------------------------------------------------------------------
 
     def load_model(self) -> None:
+        if self.device.type == "cuda":
+            use_compiled_kernels(True)
         self.model, self.checkpoint_bytes = build_model(self.spec, self.config.model, self.dtype, self.device,
                                                         max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
@@ -60,10 +65,16 @@ class ModelRunner:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.config.enforce_eager
+        # The torch reference syncs with the host (.tolist()), which a graph cannot capture.
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name != "torch"
 
     def capture_cuda_graphs(self) -> None:
-        raise NotImplementedError
+        cfg = self.config
+        self.graphs = DecodeGraphs(self.model, min(cfg.max_num_seqs, cfg.cudagraph_max_batch_size),
+                                   -(-cfg.max_model_len // self.block_size), cfg.max_model_len,
+                                   self.spec.hidden_size, self.dtype, self.device)
+        self.graphs.capture()
+        self.graph_batch_sizes = self.graphs.sizes
 
     @property
     def parameter_bytes(self) -> int:
@@ -89,16 +100,19 @@ class ModelRunner:
         return max(per_seq, min(cfg.max_num_seqs * per_seq, CPU_KV_CACHE_BUDGET // self.block_bytes))
 
     def _blocks_that_fit_gpu(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of the device after a warm-up forward at
-        the largest prefill measured the activations' peak."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        """Blocks that fit in this engine's share of the device (gpu_memory_utilization of its
+        total) next to the weights and the activations' peak, measured by a warm-up forward at
+        the largest prefill; never more than the device has free."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         self.warmup()
-        free, total = torch.cuda.mem_get_info(self.device)
-        stats = torch.cuda.memory_stats(self.device)
-        used_by_others = total - free - stats["reserved_bytes.all.current"]
-        peak = stats["allocated_bytes.all.peak"]
-        available = total * self.config.gpu_memory_utilization - used_by_others - peak
+        activations = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * self.config.gpu_memory_utilization - self.parameter_bytes
+        available = min(budget, free) - activations
         return max(0, int(available // self.block_bytes))
 
     def warmup(self) -> None:
@@ -108,7 +122,7 @@ class ModelRunner:
         seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens // num_seqs)
         seqs = [Sequence([0] * seq_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
         for seq in seqs:
-            seq.block_table = [-1] * seq.num_blocks   # slot -1: nothing is written to the (absent) cache
+            seq.block_table = [0] * seq.num_blocks   # all in the one dummy block, freed afterwards
         self._allocate_dummy_cache()
         self.run(ScheduledBatch(seqs, is_prefill=True))
         self.kv_cache = None
@@ -161,7 +175,7 @@ class ModelRunner:
             for i in range(start // bs, seq.num_blocks):
                 lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
                 base = seq.block_table[i] * bs - i * bs
-                slots.extend(range(base + lo, base + hi) if seq.block_table[i] >= 0 else [-1] * (hi - lo))
+                slots.extend(range(base + lo, base + hi))
         ctx = ForwardContext(
             is_prefill=True,
             slot_mapping=self._to_device(slots, torch.int64),
@@ -175,23 +189,38 @@ class ModelRunner:
 
     def _prepare_decode(self, seqs: list[Sequence]) -> ModelInputs:
         bs = self.block_size
+        n = len(seqs)
+        width = max(len(s.block_table) for s in seqs)
+        # One host buffer, one copy to the device: [tokens | positions | slots | context lens | block tables].
+        flat = [s.last_token for s in seqs]
         context_lens = [len(s) for s in seqs]
-        slots = [s.block_table[-1] * bs + s.last_block_num_tokens - 1 for s in seqs]
+        flat += [c - 1 for c in context_lens]
+        flat += [s.block_table[-1] * bs + s.last_block_num_tokens - 1 for s in seqs]
+        flat += context_lens
+        for s in seqs:
+            flat += s.block_table
+            flat += [-1] * (width - len(s.block_table))
+        buf = self._to_device(flat, torch.int64)
         ctx = ForwardContext(
             is_prefill=False,
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._block_tables(seqs),
-            context_lens=self._to_device(context_lens, torch.int32),
+            slot_mapping=buf[2 * n:3 * n],
+            block_tables=buf[4 * n:].view(n, width).to(torch.int32),
+            context_lens=buf[3 * n:4 * n].to(torch.int32),
             max_context_len=max(context_lens),
         )
-        return ModelInputs(self._to_device([s.last_token for s in seqs], torch.int64),
-                           self._to_device([c - 1 for c in context_lens], torch.int64),
-                           ctx, None, sampling=None)
+        return ModelInputs(buf[:n], buf[n:2 * n], ctx, None, sampling=None)
 
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits of the token each sequence samples next: [num_seqs, vocab_size]."""
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        ctx = inputs.ctx
+        graphs = self.graphs
+        self.last_forward_used_graph = (graphs is not None and not ctx.is_prefill
+                                        and graphs.fits(len(inputs.input_ids), ctx.block_tables.shape[1]))
+        if self.last_forward_used_graph:
+            hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         if inputs.logits_indices is not None:
             hidden = hidden[inputs.logits_indices]
         return self.model.compute_logits(hidden)

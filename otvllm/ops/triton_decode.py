@@ -29,7 +29,7 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 128
 
 _SM_COUNT: dict = {}
 
