@@ -136,3 +136,16 @@ class HangingReceiver(OtlpReceiver):
     def stop(self) -> None:
         self._release.set()
         super().stop()
+
+
+if __name__ == "__main__":
+    # A receiver in a process of its own (the benchmark's, so that decoding spans never
+    # competes with the engine for the GIL): prints its port, then, when stdin closes,
+    # the number of spans it received.
+    import sys
+
+    receiver = OtlpReceiver()
+    print(receiver.port, flush=True)
+    sys.stdin.read()
+    print(len(receiver.spans()), flush=True)
+    receiver.stop()

@@ -142,15 +142,14 @@ class BlockManager:
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""
-        needs_block = len(seq) > len(seq.block_table) * self.block_size
-        return self.num_free_blocks >= int(needs_block)
+        return seq.num_tokens <= len(seq.block_table) * self.block_size or len(self.free_block_ids) > 0
 
     def may_append(self, seq: Sequence) -> int:
         """Make room for the last token of `seq`; returns the number of new blocks (0 or 1)."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+        if seq.num_tokens > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_free_block().block_id)
             return 1
-        if len(seq) % self.block_size == 0:
+        if seq.num_tokens % self.block_size == 0:
             # The last block just filled up: hash it so later prompts can reuse it.
             last = self.blocks[seq.block_table[-1]]
             prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else -1

@@ -119,10 +119,11 @@ class LLMEngine:
 
     def schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
-        now = time.time_ns()
-        for seq in batch.seqs:
-            if not seq.first_scheduled_ns:
-                seq.first_scheduled_ns = now
+        if batch.is_prefill:   # only a prefill admits sequences
+            now = time.time_ns()
+            for seq in batch.seqs:
+                if not seq.first_scheduled_ns:
+                    seq.first_scheduled_ns = now
         return batch
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
@@ -139,9 +140,10 @@ class LLMEngine:
         if result.sampled_logprobs is not None:
             self._record_logprobs(batch.seqs, token_ids, result)
         now = time.time_ns()
-        for seq in batch.seqs:
-            if not seq.first_token_ns:
-                seq.first_token_ns = now
+        if batch.is_prefill:   # a sequence's first token always comes from a prefill
+            for seq in batch.seqs:
+                if not seq.first_token_ns:
+                    seq.first_token_ns = now
         finished = self.scheduler.postprocess(batch.seqs, token_ids)
         for f in finished:
             f.seq.finished_ns = now

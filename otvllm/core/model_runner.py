@@ -193,9 +193,9 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         # One host buffer, one copy to the device: [tokens | positions | slots | context lens | block tables].
         flat = [s.last_token for s in seqs]
-        context_lens = [len(s) for s in seqs]
+        context_lens = [s.num_tokens for s in seqs]
         flat += [c - 1 for c in context_lens]
-        flat += [s.block_table[-1] * bs + s.last_block_num_tokens - 1 for s in seqs]
+        flat += [s.block_table[-1] * bs + (s.num_tokens - 1) % bs for s in seqs]
         flat += context_lens
         for s in seqs:
             flat += s.block_table

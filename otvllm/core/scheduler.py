@@ -123,6 +123,6 @@ class Scheduler:
             return "stop"
         if token_id in params.stop_token_ids:
             return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

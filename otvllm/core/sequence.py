@@ -19,8 +19,9 @@ class Sequence:
         self.seq_id = next(Sequence._ids)
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
+        self.num_tokens = len(self.token_ids)   # kept, not computed: the hot loops read it per step
         self.last_token = self.token_ids[-1]
-        self.num_prompt_tokens = len(self.token_ids)
+        self.num_prompt_tokens = self.num_tokens
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last admission
         self.block_table: list[int] = []
         self.block_size = block_size
@@ -35,11 +36,11 @@ class Sequence:
         self.max_cached_tokens = 0   # the most tokens served from the prefix cache in one admission
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return self.num_tokens
 
     @property
     def num_completion_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def completion_token_ids(self) -> list[int]:
@@ -47,17 +48,14 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return (len(self.token_ids) + self.block_size - 1) // self.block_size
-
-    @property
-    def last_block_num_tokens(self) -> int:
-        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
+        return (self.num_tokens + self.block_size - 1) // self.block_size
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self.num_tokens += 1
         self.last_token = token_id
 
     @property

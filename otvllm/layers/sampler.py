@@ -16,6 +16,7 @@ class SamplingBatch:
     top_ks: torch.Tensor | None      # [B] int64 (vocab size when disabled), None when no row uses top-k
     top_ps: torch.Tensor | None      # [B] float32, None when no row uses top-p
     all_greedy: bool
+    any_greedy: bool
     seeded_rows: list[tuple[int, int]]  # (row, seed for this row at this position)
     num_logprobs: int                # the largest `logprobs` asked for in the batch, 0 for none
     logprob_rows: list[tuple[int, int]]  # (row, N) for the rows that asked
@@ -33,6 +34,7 @@ class SamplingBatch:
             if use_top_k else None,
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
             all_greedy=all(t == 0 for t in temps),
+            any_greedy=any(t == 0 for t in temps),
             seeded_rows=[(i, _position_seed(s.params.seed, len(s)))
                          for i, s in enumerate(seqs) if s.params.seed is not None and s.params.temperature > 0],
             num_logprobs=max((n for _, n in logprob_rows), default=0),
@@ -56,8 +58,7 @@ class SampleResult:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         logits = logits.float()
-        greedy_tokens = logits.argmax(dim=-1)
-        tokens = greedy_tokens if batch.all_greedy else self._sample(logits, batch, greedy_tokens)
+        tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
         if not batch.logprob_rows:
             return SampleResult(tokens, None, None, None)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -65,7 +66,7 @@ class Sampler:
         return SampleResult(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1),
                             top.values if top is not None else None, top.indices if top is not None else None)
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy_tokens: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temps = batch.temperatures
         scaled = logits / torch.where(temps > 0, temps, 1.0)[:, None]
         if batch.top_ks is not None or batch.top_ps is not None:
@@ -77,7 +78,7 @@ class Sampler:
             noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
         # probs / Exp(1) noise picks token i with probability probs[i] (the exponential race).
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(temps > 0, sampled, greedy_tokens)
+        return torch.where(temps > 0, sampled, logits.argmax(dim=-1)) if batch.any_greedy else sampled
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,
