@@ -89,9 +89,9 @@ def _generate(args) -> int:
 
     if not args.prompt and not args.num_prompts:
         raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
-    if args.trace_level is not None:
-        os.environ["OTVLLM_TRACE_LEVEL"] = args.trace_level
-    level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
+    from otvllm.config import resolve_trace_level
+
+    args.trace_level = level = resolve_trace_level(args.trace_level)
     session = None
     if level != "off":
         endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None

@@ -7,6 +7,16 @@ TRACE_LEVELS = ("off", "request", "step", "debug")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_trace_level(level: str | None) -> str:
+    """`level`, or OTVLLM_TRACE_LEVEL when None, or "step"; raises ValueError for others."""
+    if level is None:
+        level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
+    if level not in TRACE_LEVELS:
+        raise ValueError(f"invalid trace level {level!r} (from trace_level= or OTVLLM_TRACE_LEVEL): "
+                         f"choose one of {', '.join(TRACE_LEVELS)}")
+    return level
+
+
 @dataclass
 class EngineConfig:
     """Engine settings. `LLM(model, **kwargs)` takes every field as a keyword."""
@@ -29,11 +39,7 @@ class EngineConfig:
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.trace_level is None:
-            self.trace_level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
-        if self.trace_level not in TRACE_LEVELS:
-            raise ValueError(f"invalid trace level {self.trace_level!r} (from trace_level= or "
-                             f"OTVLLM_TRACE_LEVEL): choose one of {', '.join(TRACE_LEVELS)}")
+        self.trace_level = resolve_trace_level(self.trace_level)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

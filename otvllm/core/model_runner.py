@@ -10,7 +10,7 @@ from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
 from otvllm.layers.basic import use_compiled_kernels
-from otvllm.layers.sampler import SampleResult, Sampler, SamplingBatch
+from otvllm.layers.sampler import SampleResult, Sampler, SamplingBatch, use_compiled_sampler
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend, choose_backend
@@ -58,6 +58,7 @@ class ModelRunner:
     def load_model(self) -> None:
         if self.device.type == "cuda":
             use_compiled_kernels(True)
+            use_compiled_sampler(True)
         self.model, self.checkpoint_bytes = build_model(self.spec, self.config.model, self.dtype, self.device,
                                                         max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():

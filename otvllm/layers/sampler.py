@@ -55,30 +55,45 @@ class SampleResult:
     top_token_ids: torch.Tensor | None       # [B, N] int64
 
 
+def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """A sample of softmax(logits / T) per row: argmax(logits / T + Gumbel noise). One pass over
+    the logits, which torch.compile fuses into one kernel; `uniform` (in [0, 1)) for seeded rows."""
+    if uniform is None:
+        uniform = torch.rand_like(logits, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+    return (logits.float() / temperatures[:, None] + gumbel).argmax(dim=-1)
+
+
+_sample_kernels = {"gumbel_max": gumbel_max}
+
+
+def use_compiled_sampler(enabled: bool) -> None:
+    """Fuse `gumbel_max` with torch.compile (CUDA), or go back to eager."""
+    if enabled != (_sample_kernels["gumbel_max"] is not gumbel_max):
+        _sample_kernels["gumbel_max"] = torch.compile(gumbel_max, dynamic=True) if enabled else gumbel_max
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-        logits = logits.float()
         tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
         if not batch.logprob_rows:
             return SampleResult(tokens, None, None, None)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         top = logprobs.topk(batch.num_logprobs, dim=-1) if batch.num_logprobs else None
         return SampleResult(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1),
                             top.values if top is not None else None, top.indices if top is not None else None)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temps = batch.temperatures
-        scaled = logits / torch.where(temps > 0, temps, 1.0)[:, None]
+        temps = torch.where(batch.temperatures > 0, batch.temperatures, 1.0)
         if batch.top_ks is not None or batch.top_ps is not None:
-            scaled = _filter_top_k_top_p(scaled, batch.top_ks, batch.top_ps)
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+            logits = _filter_top_k_top_p(logits.float() / temps[:, None], batch.top_ks, batch.top_ps)
+            temps = torch.ones_like(temps)
+        sampled = _sample_kernels["gumbel_max"](logits, temps)
         for row, seed in batch.seeded_rows:
-            gen = torch.Generator(device=probs.device).manual_seed(seed)
-            noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
-        # probs / Exp(1) noise picks token i with probability probs[i] (the exponential race).
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(temps > 0, sampled, logits.argmax(dim=-1)) if batch.any_greedy else sampled
+            gen = torch.Generator(device=logits.device).manual_seed(seed)
+            uniform = torch.rand(1, logits.shape[1], device=logits.device, generator=gen)
+            sampled[row] = gumbel_max(logits[row:row + 1], temps[row:row + 1], uniform)[0]
+        return torch.where(batch.temperatures > 0, sampled, logits.argmax(dim=-1)) if batch.any_greedy else sampled
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,

@@ -1,0 +1,34 @@
+"""The sampler draws from the distribution it should: softmax(logits / T), after top-k/top-p."""
+
+import torch
+
+from otvllm.core.sequence import Sequence
+from otvllm.layers.sampler import Sampler, SamplingBatch
+from otvllm.sampling_params import SamplingParams
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+ROWS = 40000
+
+
+def draw(params: SamplingParams) -> torch.Tensor:
+    torch.manual_seed(0)
+    seqs = [Sequence([1], params, 16) for _ in range(ROWS)]
+    batch = SamplingBatch.from_seqs(seqs, len(LOGITS), torch.device("cpu"))
+    tokens = Sampler()(LOGITS.repeat(ROWS, 1), batch).token_ids
+    return torch.bincount(tokens, minlength=len(LOGITS)).float() / ROWS
+
+
+def test_frequencies_follow_softmax_of_tempered_logits():
+    for temperature in (1.0, 0.5, 2.0):
+        expected = torch.softmax(LOGITS / temperature, dim=0)
+        observed = draw(SamplingParams(temperature=temperature))
+        assert torch.allclose(observed, expected, atol=0.01), (temperature, observed, expected)
+
+
+def test_top_k_and_top_p_renormalise_over_the_kept_tokens():
+    observed = draw(SamplingParams(temperature=1.0, top_k=2))
+    kept = torch.softmax(LOGITS[:2], dim=0)
+    assert torch.allclose(observed[:2], kept, atol=0.01) and observed[2:].sum() == 0
+    probs = torch.softmax(LOGITS, dim=0)                 # [0.563, 0.207, 0.126, 0.076, 0.028]
+    observed = draw(SamplingParams(temperature=1.0, top_p=0.75))  # 0.563 + 0.207 reaches 0.75
+    assert torch.allclose(observed[:2], probs[:2] / probs[:2].sum(), atol=0.01) and observed[2:].sum() == 0
