@@ -29,7 +29,7 @@ def byte_level_tokenizer():
 
 
 def write_model(path: str, architecture: str = "Qwen3ForCausalLM", seed: int = 0, tokenizer: bool = True,
-                **overrides) -> str:
+                max_shard_size: str | None = None, **overrides) -> str:
     """Save a small randomly initialised model of `architecture` with transformers (safetensors)."""
     import torch
     import transformers
@@ -49,7 +49,7 @@ def write_model(path: str, architecture: str = "Qwen3ForCausalLM", seed: int = 0
     config.architectures = [architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).to(torch.float32)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if tokenizer:
         byte_level_tokenizer().save_pretrained(path)
     return path

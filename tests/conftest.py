@@ -10,7 +10,8 @@ MODEL_VARIANTS = {
     "qwen3": dict(architecture="Qwen3ForCausalLM"),
     "qwen3-untied": dict(architecture="Qwen3ForCausalLM", tie_word_embeddings=False, head_dim=64),
     "qwen2": dict(architecture="Qwen2ForCausalLM", num_key_value_heads=1),
-    "llama": dict(architecture="LlamaForCausalLM", tie_word_embeddings=False, num_key_value_heads=4),
+    "llama": dict(architecture="LlamaForCausalLM", tie_word_embeddings=False, num_key_value_heads=4,
+                  max_shard_size="100KB"),   # several safetensors files
     "llama3-rope": dict(architecture="LlamaForCausalLM", rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),

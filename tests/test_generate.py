@@ -197,3 +197,9 @@ def test_reset_prefix_cache_forgets_finished_prompts(qwen3_dir):
     again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert again.num_cached_tokens == 0
     assert again.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+
+
+def test_sharded_checkpoint_loads_from_several_files(model_dirs):
+    import glob
+    import os
+    assert len(glob.glob(os.path.join(model_dirs("llama"), "*.safetensors"))) > 1

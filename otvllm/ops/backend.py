@@ -1,5 +1,5 @@
-"""The one attention entry point: `torch` (reference, any device), `triton` (CUDA) or
-`flash_attn` (CUDA, when FlashAttention is installed)."""
+"""The one attention entry point: `torch` (reference, any device) or `triton` (CUDA).
+A FlashAttention-4 backend (`flash_attn`) is planned behind the same interface."""
 
 import importlib.util
 from typing import TYPE_CHECKING
@@ -11,14 +11,7 @@ from otvllm.ops import attention_torch
 if TYPE_CHECKING:
     from otvllm.layers.attention import ForwardContext
 
-BACKENDS = ("torch", "triton", "flash_attn")
-
-
-def flash_attn_available() -> bool:
-    try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:
-        return False
+BACKENDS = ("torch", "triton")
 
 
 def triton_available() -> bool:
@@ -30,12 +23,12 @@ def choose_backend(requested: str, device: torch.device) -> str:
         if requested not in ("auto", "torch"):
             raise ValueError(f"attention_backend={requested!r} needs a CUDA device; on {device.type} use 'torch'")
         return "torch"
+    if requested == "flash_attn":
+        raise ValueError("attention_backend='flash_attn' is not implemented yet: use 'triton' (the default on CUDA)")
     if requested == "auto":
         return "triton" if triton_available() else "torch"
     if requested == "triton" and not triton_available():
         raise ValueError("attention_backend='triton' but triton is not installed (pip install triton)")
-    if requested == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention_backend='flash_attn' but flash_attn.cute (FlashAttention-4) is not installed")
     return requested
 
 
@@ -53,11 +46,6 @@ class AttentionBackend:
             self._store = triton_kvcache.store_kvcache
             self._prefill = triton_prefill.prefill_attention
             self._decode = triton_decode.decode_attention
-        elif name == "flash_attn":
-            from otvllm.ops import flash_attn_backend, triton_kvcache
-            self._store = triton_kvcache.store_kvcache
-            self._prefill = flash_attn_backend.prefill_attention
-            self._decode = flash_attn_backend.decode_attention
         else:
             raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
 

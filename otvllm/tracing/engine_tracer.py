@@ -191,7 +191,7 @@ class EngineTracer:
             attrs.update({
                 S.TRACE_STEPS_DETAILED: gen.detailed, S.TRACE_STEPS_SAMPLED_AWAY: gen.steps - gen.detailed,
                 S.TRACE_STEPS_OVER_BUDGET: gen.dropped,
-                S.TRACE_POLICY: (f"every step" if self.level == "debug" else
+                S.TRACE_POLICY: ("every step" if self.level == "debug" else
                                  f"first {FIRST_DETAILED_STEPS} steps, prefills, preemptions, "
                                  f"every {self.stride}th decode step") + f"; at most {self.max_spans} spans",
             })

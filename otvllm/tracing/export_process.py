@@ -18,7 +18,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from typing import Sequence
 
 from otvllm.tracing.records import SpanRecord
@@ -227,4 +226,3 @@ def warn_about_losses(sink: ProcessSink, stats: dict | None, stream=None) -> str
 
 if __name__ == "__main__":
     _child_main()
-    time.sleep(0)
