@@ -137,3 +137,10 @@ def test_level_off_emits_nothing_to_the_callers_provider(exporter, qwen3_dir):
     exporter.clear()
     make_llm(qwen3_dir, trace_level="off").generate([[1, 2]], PARAMS, use_tqdm=False)
     assert exporter.get_finished_spans() == ()
+
+
+def test_a_failed_start_up_at_debug_level_reports_the_real_error(exporter, tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(tmp_path), trace_level="debug")
+    init = [s for s in exporter.get_finished_spans() if s.name == S.ENGINE_INIT][-1]
+    assert init.status.status_code == StatusCode.ERROR and "no config.json" in init.status.description

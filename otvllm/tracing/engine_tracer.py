@@ -111,6 +111,8 @@ class EngineTracer:
         try:
             yield
             root.attrs.update(A.config_attrs(config))   # sizes decided during init
+            if self.level == "debug":
+                self._install_layer_hooks()
         except BaseException as e:
             root.fail(e)
             raise
@@ -118,8 +120,6 @@ class EngineTracer:
             root.end_ns = now_ns()
             self._init_root = None
             current_sink().emit(self._init_records, parent)
-            if self.level == "debug":
-                self._install_layer_hooks()
 
     def _init_phase(self, name, fn, args):
         runner = self.engine.runner
