@@ -109,3 +109,14 @@ def test_one_bad_request_runs_nothing_and_engine_stays_usable(llm, qwen3_dir):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     outs = llm.generate(good, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(qwen3_dir, p, 8) for p in good]
+
+
+def test_a_missing_projection_is_named_in_checkpoint_terms(tmp_path, qwen3_dir):
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(qwen3_dir, tmp_path / "m")
+    path = next((tmp_path / "m").glob("*.safetensors"))
+    weights = load_file(path)
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 weight\\(s\\) the model needs: model.layers.1.self_attn.k_proj.weight"):
+        LLM(str(tmp_path / "m"), device="cpu")

@@ -44,7 +44,6 @@ class ModelRunner:
         self.graph_batch_sizes: list[int] = []
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
-        self.checkpoint_bytes = 0
 
     def _choose_dtype(self) -> torch.dtype:
         if self.config.dtype is not None:
@@ -59,7 +58,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             use_compiled_kernels(True)
             use_compiled_sampler(True)
-        self.model, self.checkpoint_bytes = build_model(self.spec, self.config.model, self.dtype, self.device,
+        self.model = build_model(self.spec, self.config.model, self.dtype, self.device,
                                                         max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend

@@ -49,7 +49,6 @@ STEP_INDEX = "otvllm.step.index"
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
-SEQ_IDS = "otvllm.batch.seq_ids"
 
 # scheduler.schedule
 NUM_WAITING = "otvllm.scheduler.waiting"
