@@ -142,7 +142,7 @@ class BlockManager:
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""
-        return seq.num_tokens <= len(seq.block_table) * self.block_size or len(self.free_block_ids) > 0
+        return seq.num_tokens <= len(seq.block_table) * self.block_size or self.num_free_blocks > 0
 
     def may_append(self, seq: Sequence) -> int:
         """Make room for the last token of `seq`; returns the number of new blocks (0 or 1)."""

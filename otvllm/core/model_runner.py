@@ -41,7 +41,6 @@ class ModelRunner:
         self.model = None
         self.last_forward_used_graph = False
         self.graphs: DecodeGraphs | None = None
-        self.graph_batch_sizes: list[int] = []
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
 
@@ -59,7 +58,7 @@ class ModelRunner:
             use_compiled_kernels(True)
             use_compiled_sampler(True)
         self.model = build_model(self.spec, self.config.model, self.dtype, self.device,
-                                                        max_positions=self.config.max_model_len)
+                                 max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
 
@@ -74,7 +73,6 @@ class ModelRunner:
                                    -(-cfg.max_model_len // self.block_size), cfg.max_model_len,
                                    self.spec.hidden_size, self.dtype, self.device)
         self.graphs.capture()
-        self.graph_batch_sizes = self.graphs.sizes
 
     @property
     def parameter_bytes(self) -> int:

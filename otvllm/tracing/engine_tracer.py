@@ -75,11 +75,10 @@ class _GenerateState:
 
 
 class _StepState:
-    __slots__ = ("record", "start_ns", "batch", "detailed", "children", "forward_record")
+    __slots__ = ("record", "batch", "detailed", "children", "forward_record")
 
     def __init__(self, record: SpanRecord):
         self.record = record
-        self.start_ns = record.start_ns
         self.batch = None
         self.detailed = False
         self.children: list[SpanRecord] = []
@@ -142,7 +141,7 @@ class EngineTracer:
         elif name == S.KV_CACHE_ALLOCATE:
             record.attrs.update(A.kv_cache_attrs(runner))
         elif name == S.CUDA_GRAPH_CAPTURE:
-            record.attrs[S.CUDA_GRAPH_BATCH_SIZES] = list(runner.graph_batch_sizes)
+            record.attrs[S.CUDA_GRAPH_BATCH_SIZES] = list(runner.graphs.sizes)
         record.attrs.update(memory_snapshot(self.device))
         return result
 
@@ -240,7 +239,7 @@ class EngineTracer:
             return
         index = gen.steps
         gen.steps += 1
-        duration = step.record.end_ns - step.start_ns
+        duration = step.record.end_ns - step.record.start_ns
         if batch.is_prefill:
             gen.prefill_steps += 1
             gen.prefill_ns += duration
@@ -291,7 +290,7 @@ class EngineTracer:
             result = fn(*args)
         except BaseException as e:
             if record is None:
-                record = SpanRecord(name, step.record, step.start_ns)
+                record = SpanRecord(name, step.record, step.record.start_ns)
                 step.children.append(record)
             record.end_ns = now_ns()
             record.fail(e)
@@ -301,7 +300,8 @@ class EngineTracer:
             step.batch = result
             self._on_schedule(step, result, end)
             if step.detailed:
-                record = SpanRecord(name, step.record, step.start_ns, end, A.schedule_attrs(result, self.engine.scheduler))
+                record = SpanRecord(name, step.record, step.record.start_ns, end,
+                                    A.schedule_attrs(result, self.engine.scheduler))
                 step.children.append(record)
                 self._block_records(step, result, record)
             return result
