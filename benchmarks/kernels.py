@@ -3,6 +3,8 @@
 (a) device copy bandwidth (a large tensor copy, read + write bytes);
 (b) paged decode attention: KV bytes read per second and the ratio to the copy rate;
 (c) paged causal prefill attention: TFLOP/s against torch SDPA (cuDNN, flash backends).
+Where FlashAttention-4 can run (`flash_attn.cute`), (b) and (c) time it on the same paged
+inputs as well, as the engine's `flash_attn` backend calls it.
 
     python benchmarks/kernels.py [--json results.json] [--sweep]
 
@@ -25,10 +27,11 @@ except Exception:  # pragma: no cover - the package __init__ may need optional d
 import triton
 import triton.testing
 
-from otvllm.ops import triton_decode, triton_prefill
+from otvllm.ops import flash_attn4, triton_decode, triton_prefill
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 DTYPE = torch.bfloat16
+FA4 = torch.cuda.is_available() and flash_attn4.unavailable_reason(torch.device("cuda"), DTYPE, HEAD_DIM) is None
 
 
 def bench(fn, warmup=25, rep=100):
@@ -113,11 +116,19 @@ def decode_point(batch, ctx_len, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HE
                                            num_splits=splits, out=out, workspace=ws, config=config)
 
     ms = _graph_time_ms(fn) / layers
+    res = dict(batch=batch, ctx=ctx_len, block_size=block_size, heads=heads, kv_heads=kvh,
+               splits=splits, layers=layers, ms=ms, kv_bytes=kv_bytes, gbps=kv_bytes / ms / 1e6,
+               config=config)
+    if FA4 and config is None and num_splits is None:
+        def fa4():
+            for k, v, _ in caches:
+                out.copy_(flash_attn4.decode_attention(q, k, v, table, ctx, d ** -0.5))
+
+        res["fa4_ms"] = _graph_time_ms(fa4) / layers
+        res["fa4_gbps"] = kv_bytes / res["fa4_ms"] / 1e6
     del caches
     torch.cuda.empty_cache()
-    return dict(batch=batch, ctx=ctx_len, block_size=block_size, heads=heads, kv_heads=kvh,
-                splits=splits, layers=layers, ms=ms, kv_bytes=kv_bytes, gbps=kv_bytes / ms / 1e6,
-                config=config)
+    return res
 
 
 # ---------------------------------------------------------------- (c) prefill
@@ -146,6 +157,11 @@ def prefill_point(seq_len, total_tokens=16384, block_size=256, heads=HEADS, kvh=
                config=config)
     res["triton_ms"] = bench(fn)
     res["triton_tflops"] = flops / res["triton_ms"] / 1e9
+    if FA4 and with_sdpa:
+        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        res["fa4_ms"] = bench(lambda: flash_attn4.prefill_attention(q, k_cache, v_cache, cu, lens_t, table, scale,
+                                                                    max_seqlen_q=seq_len))
+        res["fa4_tflops"] = flops / res["fa4_ms"] / 1e9
     if with_sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -243,7 +259,8 @@ def main(argv=None):
         return results
 
     print(f"\n# decode attention (CUDA graph, per layer), {HEADS} heads / {KV_HEADS} kv heads / head {HEAD_DIM}, bf16")
-    print(f"{'batch':>6} {'ctx':>6} {'block':>6} {'heads':>6} {'splits':>6} {'ms':>9} {'KV GB/s':>9} {'of copy':>8}")
+    print(f"{'batch':>6} {'ctx':>6} {'block':>6} {'heads':>6} {'splits':>6} {'ms':>9} {'KV GB/s':>9} {'of copy':>8}"
+          + (f" {'FA4 GB/s':>9} {'of copy':>8}" if FA4 else ""))
     decode = []
     points = [(256, 1024, 256, HEADS), (256, 1024, 16, HEADS), (256, 512, 256, HEADS),
               (128, 2048, 256, HEADS), (32, 4096, 256, HEADS), (8, 4096, 256, HEADS),
@@ -252,13 +269,14 @@ def main(argv=None):
         r = decode_point(batch, ctx, block_size=bs, heads=heads)
         r["ratio_to_copy"] = r["gbps"] / cp["gbps"]
         decode.append(r)
+        fa4 = f" {r['fa4_gbps']:>9.0f} {r['fa4_gbps'] / cp['gbps']:>8.1%}" if "fa4_gbps" in r else ""
         print(f"{batch:>6} {ctx:>6} {bs:>6} {heads:>6} {r['splits']:>6} {r['ms']:>9.3f} {r['gbps']:>9.0f} "
-              f"{r['ratio_to_copy']:>8.1%}")
+              f"{r['ratio_to_copy']:>8.1%}{fa4}")
     results["decode"] = decode
 
     print(f"\n# causal prefill attention, ~16k tokens, {HEADS} heads / {KV_HEADS} kv heads / head {HEAD_DIM}, bf16")
     print(f"{'len':>6} {'batch':>6} {'block':>6} {'triton':>8} {'cudnn':>8} {'flash':>8} "
-          f"{'tri/cudnn':>9} {'tri/flash':>9}  (TFLOP/s)")
+          f"{'tri/cudnn':>9} {'tri/flash':>9}" + (f" {'FA4':>8} {'FA4/cudnn':>9}" if FA4 else "") + "  (TFLOP/s)")
     prefill = []
     for seq_len, bs in ((1024, 256), (2048, 256), (4096, 256), (4096, 16), (512, 256)):
         r = prefill_point(seq_len, block_size=bs)
@@ -267,7 +285,9 @@ def main(argv=None):
         fmt = lambda x: f"{x:8.0f}" if x else f"{'n/a':>8}"  # noqa: E731
         rc = f"{t / c:9.1%}" if c else f"{'n/a':>9}"
         rf = f"{t / f:9.1%}" if f else f"{'n/a':>9}"
-        print(f"{seq_len:>6} {r['batch']:>6} {bs:>6} {fmt(t)} {fmt(c)} {fmt(f)} {rc} {rf}  "
+        f4 = r.get("fa4_tflops")
+        fa4 = (f" {fmt(f4)} " + (f"{f4 / c:9.1%}" if c else f"{'n/a':>9}")) if f4 else ""
+        print(f"{seq_len:>6} {r['batch']:>6} {bs:>6} {fmt(t)} {fmt(c)} {fmt(f)} {rc} {rf}{fa4}  "
               f"max|diff| {r.get('max_abs_diff_vs_cudnn', r.get('max_abs_diff_vs_flash', float('nan'))):.3g}")
     results["prefill"] = prefill
 

@@ -59,45 +59,14 @@ def _load_kernels():
 
 triton_kvcache, triton_prefill, triton_decode = _load_kernels()
 from otvllm.ops import attention_torch as ref  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
+from tests.paged_cases import DEVICE  # noqa: E402
+from tests.paged_cases import block_tables as _block_tables  # noqa: E402
+from tests.paged_cases import cu as _cu  # noqa: E402
+from tests.paged_cases import make_cache as _make_cache  # noqa: E402
+from tests.paged_cases import rand_lens as _rand_lens  # noqa: E402
+from tests.paged_cases import tol as _tol  # noqa: E402
 
 # ---------------------------------------------------------------- helpers
-
-def _make_cache(num_blocks, block_size, kvh, d, dtype, gen):
-    dev_gen = torch.Generator(device=DEVICE).manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-    shape = (num_blocks, block_size, kvh, d)
-    k = torch.randn(shape, generator=dev_gen, device=DEVICE).to(dtype)
-    v = torch.randn(shape, generator=dev_gen, device=DEVICE).to(dtype)
-    return k, v
-
-
-def _block_tables(ctx_lens, block_size, num_blocks, gen, extra_cols=1):
-    """Random disjoint blocks per sequence, -1 padded (with some spare -1 columns)."""
-    need = [(c + block_size - 1) // block_size for c in ctx_lens]
-    width = max(need) + extra_cols
-    assert sum(need) <= num_blocks
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    table = torch.full((len(ctx_lens), width), -1, dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(need):
-        table[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
-        at += n
-    return table.to(DEVICE)
-
-
-def _cu(lens):
-    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    out[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return out.to(DEVICE)
-
-
-def _tol(dtype):
-    return {torch.float32: dict(atol=2e-5, rtol=2e-5) if not HAS_CUDA else dict(atol=1e-4, rtol=1e-4),
-            torch.float16: dict(atol=3e-3, rtol=3e-3),
-            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
-
 
 def _prefill_case(q_lens, ctx_lens, heads, kvh, d, block_size, dtype, seed=0, config=None):
     gen = torch.Generator().manual_seed(seed)
@@ -283,10 +252,6 @@ def test_decode_num_splits_heuristic():
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 REAL_SHAPES = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, 8B-like
-
-
-def _rand_lens(n, lo, hi, gen):
-    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
 
 
 @gpu

@@ -10,7 +10,7 @@ from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
 from otvllm.layers.basic import use_compiled_kernels
-from otvllm.layers.sampler import SampleResult, Sampler, SamplingBatch, use_compiled_sampler
+from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch, use_compiled_sampler
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend, choose_backend
@@ -36,7 +36,8 @@ class ModelRunner:
         self.device = config.torch_device
         self.block_size = config.kvcache_block_size
         self.dtype = self._choose_dtype()
-        self.backend = AttentionBackend(choose_backend(config.attention_backend, self.device))
+        self.backend = AttentionBackend(choose_backend(config.attention_backend, self.device, self.dtype,
+                                                       spec.head_dim))
         self.sampler = Sampler()
         self.model = None
         self.last_forward_used_graph = False
@@ -180,6 +181,7 @@ class ModelRunner:
             block_tables=self._block_tables(seqs),
             cu_seqlens_q=self._to_device(cu_q, torch.int32),
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
+            context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
             max_seqlen_q=max(cu_q[i + 1] - cu_q[i] for i in range(len(seqs))),
         )
         return ModelInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),

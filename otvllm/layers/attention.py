@@ -16,7 +16,7 @@ class ForwardContext:
     cu_seqlens_q: torch.Tensor | None = None   # prefill
     cu_seqlens_k: torch.Tensor | None = None   # prefill
     max_seqlen_q: int = 0                      # prefill, known on the host
-    context_lens: torch.Tensor | None = None   # decode
+    context_lens: torch.Tensor | None = None   # tokens in the cache per sequence (flash_attn prefill, decode)
     max_context_len: int = 0                   # decode, known on the host
 
 

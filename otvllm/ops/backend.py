@@ -1,31 +1,36 @@
-"""The one attention entry point: `torch` (reference, any device) or `triton` (CUDA).
-A FlashAttention-4 backend (`flash_attn`) is planned behind the same interface."""
+"""The one attention entry point: `torch` (reference, any device), `triton` (CUDA) or
+`flash_attn` (FlashAttention-4 on Hopper/Blackwell, when installed)."""
 
 import importlib.util
 from typing import TYPE_CHECKING
 
 import torch
 
-from otvllm.ops import attention_torch
+from otvllm.ops import attention_torch, flash_attn4
 
 if TYPE_CHECKING:
     from otvllm.layers.attention import ForwardContext
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "flash_attn")
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def choose_backend(requested: str, device: torch.device) -> str:
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """`auto` takes FlashAttention-4 where it can serve this model, else Triton on CUDA, else torch."""
     if device.type != "cuda":
         if requested not in ("auto", "torch"):
             raise ValueError(f"attention_backend={requested!r} needs a CUDA device; on {device.type} use 'torch'")
         return "torch"
-    if requested == "flash_attn":
-        raise ValueError("attention_backend='flash_attn' is not implemented yet: use 'triton' (the default on CUDA)")
-    if requested == "auto":
+    if requested in ("flash_attn", "auto"):
+        why_not = flash_attn4.unavailable_reason(device, dtype, head_dim) if triton_available() else \
+            "its cache writes use the Triton kernel, and triton is not installed"
+        if why_not is None:
+            return "flash_attn"
+        if requested == "flash_attn":
+            raise ValueError(f"attention_backend='flash_attn' cannot be used: {why_not}")
         return "triton" if triton_available() else "torch"
     if requested == "triton" and not triton_available():
         raise ValueError("attention_backend='triton' but triton is not installed (pip install triton)")
@@ -46,6 +51,11 @@ class AttentionBackend:
             self._store = triton_kvcache.store_kvcache
             self._prefill = triton_prefill.prefill_attention
             self._decode = triton_decode.decode_attention
+        elif name == "flash_attn":
+            from otvllm.ops import triton_kvcache
+            self._store = triton_kvcache.store_kvcache
+            self._prefill = flash_attn4.prefill_attention
+            self._decode = flash_attn4.decode_attention
         else:
             raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -55,11 +65,14 @@ class AttentionBackend:
     def prefill(self, q, k_cache, v_cache, ctx: "ForwardContext", scale: float) -> torch.Tensor:
         if self.name == "torch":
             return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, scale)
+        if self.name == "flash_attn":
+            return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
+                                 max_seqlen_q=ctx.max_seqlen_q)
         return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, scale,
                              max_seqlen_q=ctx.max_seqlen_q)
 
     def decode(self, q, k_cache, v_cache, ctx: "ForwardContext", scale: float) -> torch.Tensor:
-        if self.name == "torch":
-            return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
-        return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
-                            max_context_len=ctx.max_context_len)
+        if self.name == "triton":
+            return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
+                                max_context_len=ctx.max_context_len)
+        return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
