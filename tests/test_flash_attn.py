@@ -88,7 +88,8 @@ def test_decode_in_a_cuda_graph(block_size):
         q.copy_(torch.randn(batch, heads, d, generator=g).to(BF16))
         ctx.copy_(torch.tensor(lens, dtype=torch.int32))
         table = block_tables([max(1, c) for c in lens], block_size, k_cache.shape[0], g, extra_cols=0)
-        bt.copy_(table.clamp(min=0))
+        bt.zero_()
+        bt[:, :table.shape[1]].copy_(table.clamp(min=0))
 
     def run():
         out.copy_(flash_attn4.decode_attention(q, k_cache, v_cache, bt, ctx, scale))

@@ -5,6 +5,7 @@ table and a block is its page. It only attends; storing new K/V stays with the T
 On sm90 a page of 128 tokens loads by TMA, which reads every row of a sequence's last page:
 the engine zeroes the cache once so that the unused rows are finite."""
 
+import functools
 import importlib
 
 import torch
@@ -47,11 +48,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
+@functools.cache
+def _decode_num_splits(device_index: int) -> int:
+    # FA4 splits the context across CTAs only on Blackwell (its sm90 kernel refuses split-KV);
+    # 0 asks for its heuristic, which reads host-side shapes only, so CUDA graphs can capture it.
+    return 0 if torch.cuda.get_device_capability(device_index)[0] >= 10 else 1
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence, q [num_seqs, H, D], over its paged context. The split count
-    along the context comes from host-side shapes only, so the call can be captured in a
-    CUDA graph."""
+    """One query per sequence, q [num_seqs, H, D], over its paged context."""
     out, _ = _varlen_func()(q.unsqueeze(1), k_cache, v_cache, seqused_k=context_lens, page_table=block_tables,
-                            softmax_scale=scale, num_splits=0)
+                            softmax_scale=scale, num_splits=_decode_num_splits(q.device.index))
     return out.squeeze(1)
