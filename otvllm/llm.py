@@ -55,7 +55,7 @@ class LLM:
                     if finished:
                         bar.update(len(finished))
             except BaseException:
-                engine.scheduler.abort(seqs)   # leave the engine usable for the next call
+                engine.abort(seqs)   # leave the engine usable for the next call
                 raise
         return [self._output(i, p, seq) for i, (p, seq) in enumerate(zip(prompts, seqs))]
 

@@ -203,3 +203,35 @@ def test_sharded_checkpoint_loads_from_several_files(model_dirs):
     import glob
     import os
     assert len(glob.glob(os.path.join(model_dirs("llama"), "*.safetensors"))) > 1
+
+
+def test_a_stop_mid_batch_leaves_the_other_requests_intact(qwen3_dir):
+    """The engine launches the next step before it reads this one's tokens: a request that
+    stops has one more row in flight, which must be dropped without touching the others."""
+    llm = small_llm(qwen3_dir)
+    prompts = random_prompts([6, 11, 3, 20], seed=14)
+    free = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    stop_at = free[1][3]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1,
+                             stop_token_ids=[stop_at] if i == 1 else []) for i in range(len(prompts))]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    stopped = free[1][:free[1].index(stop_at) + 1]
+    assert outputs[1].token_ids == stopped and outputs[1].finish_reason == "stop"
+    for i in (0, 2, 3):
+        assert outputs[i].token_ids == free[i] == hf_greedy(qwen3_dir, prompts[i], GREEDY.max_tokens)
+    assert [len(o.logprobs) for o in outputs] == [len(o.token_ids) for o in outputs]
+    manager = llm.engine.block_manager
+    assert llm.engine.is_finished() and manager.num_free_blocks == manager.num_blocks
+
+
+def test_blocks_filled_while_decoding_are_prefix_cached(qwen3_dir):
+    """A block completed by generated tokens is hashed once its last token reaches the host;
+    a later prompt that extends the conversation reuses it and still gets transformers' output."""
+    llm = small_llm(qwen3_dir)
+    prompt = random_prompts([10], seed=15)[0]
+    completion = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                              use_tqdm=False)[0].token_ids
+    follow_up = prompt + completion + [7, 8, 9]                   # 43 tokens: two full blocks of 16
+    out = llm.generate([follow_up], GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 32
+    assert out.token_ids == hf_greedy(qwen3_dir, follow_up, GREEDY.max_tokens)

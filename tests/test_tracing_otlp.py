@@ -104,16 +104,23 @@ def test_forward_spans_carry_the_batch_shapes(step_run):
 def test_step_spans_describe_each_step(step_run):
     spans, _, _ = step_run
     steps = sorted(by_name(spans, S.STEP), key=lambda s: s["attributes"][S.STEP_INDEX])
-    assert [s["attributes"][S.STEP_INDEX] for s in steps] == list(range(PARAMS.max_tokens))
-    assert [s["attributes"][S.PHASE] for s in steps] == ["prefill"] + ["decode"] * (PARAMS.max_tokens - 1)
+    # Each step launches one token per sequence and postprocesses the step before it; the last
+    # step, with nothing left to launch, also postprocesses its own tokens.
+    n = PARAMS.max_tokens
+    assert [s["attributes"][S.STEP_INDEX] for s in steps] == list(range(n))
+    assert [s["attributes"][S.PHASE] for s in steps] == ["prefill"] + ["decode"] * (n - 1)
     assert steps[0]["attributes"][S.NUM_BATCHED_TOKENS] == sum(len(p) for p in PROMPTS)
     assert all(s["attributes"][S.NUM_SEQS] == len(PROMPTS) for s in steps)
+    postprocess = by_name(spans, S.POSTPROCESS)
+    assert sorted(p["parent_span_id"] for p in postprocess) == sorted(
+        [s["span_id"] for s in steps[1:]] + [steps[-1]["span_id"]])
+    assert all(p["attributes"][S.TOKENS_APPENDED] == len(PROMPTS) for p in postprocess)
     schedule = [s for s in by_name(spans, S.SCHEDULE) if s["attributes"][S.PHASE] == "prefill"][0]
     assert schedule["attributes"][S.NUM_WAITING] == 0
     assert schedule["attributes"][S.NUM_RUNNING] == len(PROMPTS)
-    last = by_name(spans, S.POSTPROCESS)
-    finished = [p for p in last if p["attributes"][S.FINISHED_SEQS]]
+    finished = [p for p in postprocess if p["attributes"][S.FINISHED_SEQS]]
     assert len(finished) == 1 and finished[0]["attributes"][S.FINISH_REASONS] == ["length"] * len(PROMPTS)
+    assert finished[0]["parent_span_id"] == steps[-1]["span_id"]
 
 
 def test_block_allocation_spans_agree_with_the_engine(step_run):

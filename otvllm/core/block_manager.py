@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from otvllm.core.sequence import Sequence
+from otvllm.core.sequence import PENDING_TOKEN, Sequence
 
 
 @dataclass
@@ -139,6 +139,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
         seq.block_table.clear()
         seq.num_cached_tokens = 0
+        seq.unhashed_block = -1
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""
@@ -150,9 +151,20 @@ class BlockManager:
             seq.block_table.append(self._take_free_block().block_id)
             return 1
         if seq.num_tokens % self.block_size == 0:
-            # The last block just filled up: hash it so later prompts can reuse it.
-            last = self.blocks[seq.block_table[-1]]
-            prev = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else -1
-            token_ids = seq.block(seq.num_blocks - 1)
-            self._register(last, block_hash(token_ids, prev), token_ids)
+            # The last block just filled up: hash it so later prompts can reuse it, once its
+            # last token is known (it may still be on its way from the previous step).
+            seq.unhashed_block = len(seq.block_table) - 1
+            self.hash_resolved_block(seq)
         return 0
+
+    def hash_resolved_block(self, seq: Sequence) -> None:
+        """Register the full block left unhashed by `may_append`, if its tokens are all known now.
+        Its last token's KV is written by the step that called `may_append`, which was launched
+        before any later step can read the block from the cache."""
+        i = seq.unhashed_block
+        if i < 0 or seq.token_ids[(i + 1) * self.block_size - 1] == PENDING_TOKEN:
+            return
+        seq.unhashed_block = -1
+        prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+        token_ids = seq.block(i)
+        self._register(self.blocks[seq.block_table[i]], block_hash(token_ids, prev), token_ids)

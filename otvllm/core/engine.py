@@ -1,7 +1,12 @@
 """The engine loop: each step schedules, prepares inputs, runs the model, samples and
-postprocesses, each phase a method of its own so that tracing can wrap it."""
+postprocesses, each phase a method of its own so that tracing can wrap it.
+
+A step launches its forward and sampling on the device and then postprocesses the step
+launched before it, whose tokens are on the host by then: the host's bookkeeping runs while
+the device computes, and the next step's input tokens are read from the device."""
 
 import time
+from dataclasses import dataclass
 
 from otvllm.config import TRACE_LEVELS, EngineConfig
 from otvllm.core.block_manager import BlockManager
@@ -16,12 +21,21 @@ from otvllm.tracing import schema as S
 from otvllm.tracing.engine_tracer import make_tracer
 
 
+@dataclass
+class InFlight:
+    """A launched step whose sampled tokens have not been postprocessed yet."""
+
+    batch: ScheduledBatch
+    result: SampleResult
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         if config.trace_level == "debug":
             config.enforce_eager = True   # per-layer spans need the eager forward
         self.step_index = 0
+        self.in_flight: InFlight | None = None
         self.tracer = make_tracer(config.trace_level, self)
         with self.tracer.init(config):
             arch, config.hf_config = read_config(config.model)
@@ -102,7 +116,12 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.in_flight is None and self.scheduler.is_finished()
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop the unfinished sequences of a failed call, and whatever step was in flight."""
+        self.in_flight = None
+        self.scheduler.abort(seqs)
 
     # ---- one step: schedule, prepare, forward, sample, postprocess ------------------------
 
@@ -110,12 +129,19 @@ class LLMEngine:
         trace = self.tracer
         with trace.step():
             batch = trace.phase(S.SCHEDULE, self.schedule)
-            if not batch.seqs:   # everything was preempted; the next step re-admits it
-                return []
-            inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch)
-            logits = trace.phase(S.FORWARD, self.forward, inputs)
-            result = trace.phase(S.SAMPLE, self.sample, logits, inputs)
-            return trace.phase(S.POSTPROCESS, self.postprocess, batch, result)
+            launched = None
+            if batch.seqs:   # empty when everything was preempted: the next step re-admits it
+                inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch)
+                logits = trace.phase(S.FORWARD, self.forward, inputs)
+                launched = InFlight(batch, trace.phase(S.SAMPLE, self.sample, logits, inputs))
+                self.scheduler.reserve_tokens(batch)
+            previous, self.in_flight = self.in_flight, launched
+            finished = trace.phase(S.POSTPROCESS, self.postprocess, previous) if previous else []
+            if launched is not None and self.scheduler.nothing_to_launch():
+                # The last step of a run: collect its tokens now rather than in an idle step.
+                self.in_flight = None
+                finished += trace.phase(S.POSTPROCESS, self.postprocess, launched)
+            return finished
 
     def schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
@@ -127,7 +153,8 @@ class LLMEngine:
         return batch
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
-        return self.runner.prepare(batch)
+        previous_tokens = self.in_flight.result.token_ids if self.in_flight is not None else None
+        return self.runner.prepare(batch, previous_tokens)
 
     def forward(self, inputs: ModelInputs):
         return self.runner.forward(inputs)
@@ -135,8 +162,9 @@ class LLMEngine:
     def sample(self, logits, inputs: ModelInputs) -> SampleResult:
         return self.runner.sample(logits, inputs)
 
-    def postprocess(self, batch: ScheduledBatch, result: SampleResult) -> list[Finished]:
-        token_ids = result.token_ids.tolist()
+    def postprocess(self, step: InFlight) -> list[Finished]:
+        batch, result = step.batch, step.result
+        token_ids = result.host_token_ids()   # waits for that step's device work, not for later steps
         if result.sampled_logprobs is not None:
             self._record_logprobs(batch.seqs, token_ids, result)
         now = time.time_ns()
@@ -144,7 +172,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 if not seq.first_token_ns:
                     seq.first_token_ns = now
-        finished = self.scheduler.postprocess(batch.seqs, token_ids)
+        finished = self.scheduler.postprocess(batch, token_ids)
         for f in finished:
             f.seq.finished_ns = now
         self.step_index += 1
@@ -152,12 +180,10 @@ class LLMEngine:
 
     @staticmethod
     def _record_logprobs(seqs: list[Sequence], token_ids: list[int], result: SampleResult) -> None:
-        sampled = result.sampled_logprobs.tolist()
-        top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+        sampled, top_values, top_ids = result.host_logprobs()
         for row, seq in enumerate(seqs):
             n = seq.params.logprobs
-            if n is None:
+            if n is None or seq.is_finished:
                 continue
             entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
             entry[token_ids[row]] = sampled[row]

@@ -145,8 +145,13 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
-        inputs = self._prepare_prefill(batch.seqs) if batch.is_prefill else self._prepare_decode(batch.seqs)
+    def prepare(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None = None) -> ModelInputs:
+        """`previous_tokens`: the sampled tokens of the step still in flight, where the last
+        token of a sequence with a `pending_row` is read from."""
+        if batch.is_prefill:
+            inputs = self._prepare_prefill(batch.seqs)
+        else:
+            inputs = self._prepare_decode(batch.seqs, previous_tokens)
         inputs.sampling = SamplingBatch.from_seqs(batch.seqs, self.spec.vocab_size, self.device)
         return inputs
 
@@ -187,28 +192,35 @@ class ModelRunner:
         return ModelInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                            ctx, self._to_device(last, torch.int64), sampling=None)
 
-    def _prepare_decode(self, seqs: list[Sequence]) -> ModelInputs:
+    def _prepare_decode(self, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
         n = len(seqs)
         width = max(len(s.block_table) for s in seqs)
-        # One host buffer, one copy to the device: [tokens | positions | slots | context lens | block tables].
+        # One host buffer, one copy to the device:
+        # [tokens | positions | slots | context lens | pending rows | block tables].
         flat = [s.last_token for s in seqs]
         context_lens = [s.num_tokens for s in seqs]
         flat += [c - 1 for c in context_lens]
         flat += [s.block_table[-1] * bs + (s.num_tokens - 1) % bs for s in seqs]
         flat += context_lens
+        rows = [s.pending_row for s in seqs]
+        flat += rows
         for s in seqs:
             flat += s.block_table
             flat += [-1] * (width - len(s.block_table))
         buf = self._to_device(flat, torch.int64)
+        input_ids = buf[:n]
+        if max(rows) >= 0:   # last tokens still on the device: gather them from the step in flight
+            rows_d = buf[4 * n:5 * n]
+            input_ids = torch.where(rows_d >= 0, previous_tokens[rows_d.clamp(min=0)], input_ids)
         ctx = ForwardContext(
             is_prefill=False,
             slot_mapping=buf[2 * n:3 * n],
-            block_tables=buf[4 * n:].view(n, width).to(torch.int32),
+            block_tables=buf[5 * n:].view(n, width).to(torch.int32),
             context_lens=buf[3 * n:4 * n].to(torch.int32),
             max_context_len=max(context_lens),
         )
-        return ModelInputs(buf[:n], buf[n:2 * n], ctx, None, sampling=None)
+        return ModelInputs(input_ids, buf[n:2 * n], ctx, None, sampling=None)
 
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
@@ -227,7 +239,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
-        return self.sampler(logits, inputs.sampling)
+        return self.sampler(logits, inputs.sampling).copy_to_host()
 
     def run(self, batch: ScheduledBatch) -> SampleResult:
         inputs = self.prepare(batch)

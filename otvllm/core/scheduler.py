@@ -1,5 +1,9 @@
 """Continuous batching: admit waiting prompts when blocks and the token budget allow,
-otherwise decode every running sequence, preempting the newest when blocks run out."""
+otherwise decode every running sequence, preempting the newest when blocks run out.
+
+The engine launches a step before the tokens of the previous one are on the host, so a
+sequence may end in a reserved place (PENDING_TOKEN) that `postprocess` fills in later;
+its length is counted with that place, which is all that scheduling needs."""
 
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,10 +22,12 @@ class ScheduledBatch:
     allocations: list[Allocation] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     new_decode_blocks: int = 0
+    token_indexes: list[int] = field(default_factory=list)   # where each row's sampled token goes
 
     @property
     def phase(self) -> str:
-        return "prefill" if self.is_prefill else "decode"
+        """`drain`: nothing to launch, only the tokens of the step in flight to postprocess."""
+        return "prefill" if self.is_prefill else "decode" if self.seqs else "drain"
 
 
 @dataclass
@@ -69,8 +75,12 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch:
         batch = ScheduledBatch([], is_prefill=False)
+        complete = []   # every token reserved, the last one still in flight: nothing to compute
         while self.running and len(batch.seqs) < self.max_num_seqs:
             seq = self.running.popleft()
+            if self._length_reached(seq, seq.num_tokens):
+                complete.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 victim = self.running.pop() if self.running else seq
                 self._preempt(victim)
@@ -80,9 +90,18 @@ class Scheduler:
             else:
                 batch.new_decode_blocks += self.block_manager.may_append(seq)
                 batch.seqs.append(seq)
-        self.running.extendleft(reversed(batch.seqs))
+        self.running.extendleft(reversed(batch.seqs + complete))
         batch.num_batched_tokens = len(batch.seqs)
         return batch
+
+    def nothing_to_launch(self) -> bool:
+        """No prompt waits and every running sequence has all its tokens reserved."""
+        return not self.waiting and all(self._length_reached(s, s.num_tokens) for s in self.running)
+
+    @staticmethod
+    def reserve_tokens(batch: ScheduledBatch) -> None:
+        """Give each sequence of a launched step the place of the token it is sampling."""
+        batch.token_indexes = [seq.append_pending(row) for row, seq in enumerate(batch.seqs)]
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences (their generate call failed) and free their blocks."""
@@ -94,6 +113,7 @@ class Scheduler:
             elif seq in self.waiting:
                 self.waiting.remove(seq)
             self.block_manager.deallocate(seq)
+            seq.drop_pending()
             seq.status = SequenceStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
@@ -103,26 +123,35 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Finished]:
-        """Append each sampled token; finish and free the sequences that are done."""
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Finished]:
+        """Fill in each sampled token; finish and free the sequences that are done. Rows of
+        sequences that finished (or were aborted) while this step was in flight are dropped."""
         finished = []
-        for seq, token_id in zip(seqs, token_ids):
-            seq.append_token(token_id)
-            reason = self._finish_reason(seq, token_id)
+        for seq, token_id, index in zip(batch.seqs, token_ids, batch.token_indexes):
+            if seq.is_finished:
+                continue
+            seq.resolve(index, token_id)
+            self.block_manager.hash_resolved_block(seq)
+            reason = self._finish_reason(seq, token_id, index + 1)
             if reason is not None:
+                seq.truncate(index + 1)
+                (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = reason
                 self.block_manager.deallocate(seq)
-                self.running.remove(seq)
                 finished.append(Finished(seq, reason))
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
+
+    def _finish_reason(self, seq: Sequence, token_id: int, num_tokens: int) -> str | None:
+        """Why `seq` ends with `token_id` as its token number `num_tokens`, or None."""
         params = seq.params
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return "stop"
         if token_id in params.stop_token_ids:
             return "stop"
-        if seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._length_reached(seq, num_tokens):
             return "length"
         return None

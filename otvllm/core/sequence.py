@@ -4,6 +4,9 @@ from itertools import count
 from otvllm.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1   # a sampled token still on its way from the device
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -23,6 +26,9 @@ class Sequence:
         self.last_token = self.token_ids[-1]
         self.num_prompt_tokens = self.num_tokens
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last admission
+        # Row of the in-flight step's samples that holds the last token, -1 when it is known.
+        self.pending_row = -1
+        self.unhashed_block = -1     # a full block whose hash waits for its pending last token
         self.block_table: list[int] = []
         self.block_size = block_size
         self.params = params
@@ -57,6 +63,33 @@ class Sequence:
         self.token_ids.append(token_id)
         self.num_tokens += 1
         self.last_token = token_id
+
+    def append_pending(self, row: int) -> int:
+        """Reserve the place of the token that row `row` of the step just launched will sample;
+        returns its index, for `resolve`."""
+        self.append_token(PENDING_TOKEN)
+        self.pending_row = row
+        return self.num_tokens - 1
+
+    def resolve(self, index: int, token_id: int) -> None:
+        self.token_ids[index] = token_id
+        if index == self.num_tokens - 1:   # no later step has reserved a place after it
+            self.last_token = token_id
+            self.pending_row = -1
+
+    def drop_pending(self) -> None:
+        """Forget the places of tokens that will never arrive (the request was aborted)."""
+        n = self.num_tokens
+        while self.token_ids[n - 1] == PENDING_TOKEN:
+            n -= 1
+        self.truncate(n)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Drop the places reserved after a sequence finished."""
+        del self.token_ids[num_tokens:]
+        self.num_tokens = num_tokens
+        self.last_token = self.token_ids[-1]
+        self.pending_row = -1
 
     @property
     def is_finished(self) -> bool:

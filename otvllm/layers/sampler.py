@@ -53,6 +53,36 @@ class SampleResult:
     sampled_logprobs: torch.Tensor | None    # [B] float32
     top_logprobs: torch.Tensor | None        # [B, N] float32
     top_token_ids: torch.Tensor | None       # [B, N] int64
+    _host: tuple | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> "SampleResult":
+        """Queue the copies to pinned host memory right behind the sampling kernels. Reading
+        them later waits for this step only: `.tolist()` on the device tensors would wait for
+        every step launched since."""
+        tensors = (self.token_ids, self.sampled_logprobs, self.top_logprobs, self.top_token_ids)
+        if self.token_ids.device.type != "cuda":
+            self._host = tensors
+            return self
+        self._host = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in tensors)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+        return self
+
+    def _on_host(self) -> tuple:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._host
+
+    def host_token_ids(self) -> list[int]:
+        return self._on_host()[0].tolist()
+
+    def host_logprobs(self) -> tuple[list, list | None, list | None]:
+        """Sampled-token logprobs, top-N logprobs and top-N token ids, as lists."""
+        _, sampled, values, ids = self._on_host()
+        return sampled.tolist(), values.tolist() if values is not None else None, \
+            ids.tolist() if ids is not None else None
 
 
 def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """CUDA memory figures and GPU durations for spans, read cheaply: one allocator stats call
-per traced step, CUDA events resolved once the step's results are on the host."""
+per traced step, CUDA events resolved once they have completed."""
 
 import torch
 
@@ -43,10 +43,17 @@ class GpuTimer:
         end.record()
         self._pending.append((start, end, attrs))
 
-    def resolve(self) -> None:
-        """Call once the events have completed (after the step's results reached the host)."""
+    def resolve(self, wait: bool = True) -> None:
+        """Fill in the durations of completed pairs; with `wait`, first wait for all of them."""
+        still_running = []
         for start, end, attrs in self._pending:
-            end.synchronize()   # already complete: returns at once
+            if not wait and not end.query():
+                still_running.append((start, end, attrs))
+                continue
+            end.synchronize()
             attrs[S.GPU_TIME_MS] = start.elapsed_time(end)
             self._pool += (start, end)
+        self._pending = still_running
+
+    def discard(self) -> None:
         self._pending.clear()

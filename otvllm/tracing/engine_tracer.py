@@ -69,18 +69,20 @@ class _GenerateState:
         self.prompts = prompts
         self.budget = max_spans - 1 - len(seqs)   # request spans are always kept
         self.events: dict[int, list] = {}
-        self.steps = self.prefill_steps = 0
+        self.launch_index: dict[int, int] = {}   # id of a launched batch -> its step index
+        self.steps = self.prefill_steps = self.drain_steps = 0
         self.prefill_ns = self.decode_ns = 0
         self.detailed = self.dropped = 0
 
 
 class _StepState:
-    __slots__ = ("record", "batch", "detailed", "children", "forward_record")
+    __slots__ = ("batch", "children", "detailed", "forward_record", "postprocessed", "record")
 
     def __init__(self, record: SpanRecord):
         self.record = record
         self.batch = None
         self.detailed = False
+        self.postprocessed = False
         self.children: list[SpanRecord] = []
         self.forward_record: SpanRecord | None = None
 
@@ -170,6 +172,8 @@ class EngineTracer:
         finally:
             root.end_ns = now_ns()
             self._gen = self._step = None
+            if self.gpu_timer is not None:   # after a failure the device may not answer
+                self.gpu_timer.resolve() if root.error is None else self.gpu_timer.discard()
             queries = manager.num_cache_queries - before[0]
             root.attrs.update(self._generate_totals(gen, manager.num_cache_hits - before[1], queries,
                                                     scheduler.num_preemptions - before[2]))
@@ -181,7 +185,7 @@ class EngineTracer:
         seconds = max(gen.root.end_ns - gen.root.start_ns, 1) / 1e9
         attrs = {
             S.GEN_OUTPUT_TOKENS: output_tokens, S.GEN_STEPS: gen.steps, S.GEN_PREFILL_STEPS: gen.prefill_steps,
-            S.GEN_DECODE_STEPS: gen.steps - gen.prefill_steps,
+            S.GEN_DECODE_STEPS: gen.steps - gen.prefill_steps - gen.drain_steps,
             S.GEN_PREFILL_TIME_MS: gen.prefill_ns / 1e6, S.GEN_DECODE_TIME_MS: gen.decode_ns / 1e6,
             S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
             S.GEN_PREFIX_HIT_RATE: hits / queries if queries else 0.0,
@@ -235,7 +239,7 @@ class EngineTracer:
 
     def _close_step(self, gen: _GenerateState, step: _StepState) -> None:
         batch = step.batch
-        if batch is None or not batch.seqs:
+        if batch is None or not (batch.seqs or step.postprocessed):   # all preempted, nothing done
             return
         index = gen.steps
         gen.steps += 1
@@ -243,12 +247,14 @@ class EngineTracer:
         if batch.is_prefill:
             gen.prefill_steps += 1
             gen.prefill_ns += duration
-        else:
+        elif batch.seqs:
             gen.decode_ns += duration
+        else:
+            gen.drain_steps += 1
         if not step.detailed:
             return
         if self.gpu_timer is not None:
-            self.gpu_timer.resolve()
+            self.gpu_timer.resolve(wait=False)   # waiting here would stall the step in flight
         step.record.attrs.update(A.batch_attrs(batch))
         step.record.attrs[S.STEP_INDEX] = index
         gen.records.append(step.record)
@@ -260,7 +266,7 @@ class EngineTracer:
         if self.level == "request":
             return False
         wanted = (self.level == "debug" or gen.steps < FIRST_DETAILED_STEPS or batch.is_prefill
-                  or bool(batch.preempted) or gen.steps % self.stride == 0)
+                  or not batch.seqs or bool(batch.preempted) or gen.steps % self.stride == 0)
         if wanted and gen.budget < self._step_span_cost(batch):
             gen.dropped += 1
             return False
@@ -305,8 +311,9 @@ class EngineTracer:
                 step.children.append(record)
                 self._block_records(step, result, record)
             return result
-        if name == S.POSTPROCESS:
-            self._on_postprocess(step.batch, result, end)
+        if name == S.POSTPROCESS:   # of the step launched before this one
+            step.postprocessed = True
+            self._on_postprocess(args[0].batch, result, end)
         if record is None:
             return result
         record.end_ns = end
@@ -318,15 +325,17 @@ class EngineTracer:
         elif name == S.SAMPLE:
             record.attrs.update(A.sample_attrs(args[0], step.batch.seqs))
         elif name == S.POSTPROCESS:
-            record.attrs.update(A.postprocess_attrs(step.batch, result))
+            record.attrs.update(A.postprocess_attrs(args[0].batch, result))
         elif name == S.PREPARE_INPUTS:
             record.attrs.update(A.batch_attrs(step.batch))
         return result
 
     def _on_schedule(self, step: _StepState, batch, now: int) -> None:
         gen = self._gen
-        step.detailed = bool(batch.seqs) and self._wants_detail(gen, batch)
+        step.detailed = (bool(batch.seqs) or self.engine.in_flight is not None) and self._wants_detail(gen, batch)
         index = gen.steps
+        if batch.seqs:
+            gen.launch_index[id(batch)] = index
         events = gen.events
         if batch.is_prefill:
             for seq in batch.seqs:
@@ -337,11 +346,11 @@ class EngineTracer:
 
     def _on_postprocess(self, batch, finished, now: int) -> None:
         gen = self._gen
-        index = gen.steps
+        index = gen.launch_index.pop(id(batch), gen.steps)   # events name the step that computed the token
         events = gen.events
         if batch.is_prefill:
-            for seq in batch.seqs:
-                if seq.num_completion_tokens == 1:
+            for seq, token_index in zip(batch.seqs, batch.token_indexes):
+                if token_index == seq.num_prompt_tokens:
                     events.setdefault(seq.seq_id, []).append((S.EVENT_FIRST_TOKEN, now, {S.EVENT_STEP: index}))
         for f in finished:
             events.setdefault(f.seq.seq_id, []).append(
