@@ -53,7 +53,7 @@ def run_one(engine: str, model_dir: str, attention_backend: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanovllm-path", required=True)
+    parser.add_argument("--nanovllm-path", help="a nano-vllm checkout (the directory holding nanovllm/)")
     parser.add_argument("--model-dir", default="/tmp/otvllm-bench-qwen3-0.6b")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attention-backend", default="auto", help="otvllm's (auto: FA4 where installed)")
@@ -63,6 +63,8 @@ def main() -> None:
     if args.child:
         print(json.dumps({"seconds": run_one(args.child[0], args.child[1], args.attention_backend)}))
         return
+    if not args.nanovllm_path or not os.path.isdir(os.path.join(args.nanovllm_path, "nanovllm")):
+        parser.error("--nanovllm-path must name a nano-vllm checkout (a directory holding nanovllm/)")
 
     sys.path.insert(0, ROOT)
     from benchmarks.throughput import make_model, workload
