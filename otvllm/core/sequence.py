@@ -3,7 +3,6 @@ from itertools import count
 
 from otvllm.sampling_params import SamplingParams
 
-
 PENDING_TOKEN = -1   # a sampled token still on its way from the device
 
 
