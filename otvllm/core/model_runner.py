@@ -62,6 +62,8 @@ class ModelRunner:
                                  max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
+        if self.device.type == "cuda":
+            self.sampler.warm_up(self.spec.vocab_size, self.dtype, self.device)
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -104,6 +104,15 @@ def use_compiled_sampler(enabled: bool) -> None:
 
 
 class Sampler:
+    @staticmethod
+    def warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Compile the fused sampling kernel now for one row, two rows (any count from there on
+        is one dynamic shape): torch.compile treats a size of 1 apart, and the last steps of a run
+        decode a single sequence, which would otherwise compile in the middle of serving."""
+        for rows in (1, 2):
+            logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
+            _sample_kernels["gumbel_max"](logits, torch.ones(rows, device=device))
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
         if not batch.logprob_rows:
