@@ -32,14 +32,15 @@ def run_one(engine: str, model_dir: str, attention_backend: str) -> float:
     if engine == "nanovllm":
         from nanovllm import LLM, SamplingParams
         llm = LLM(model_dir, enforce_eager=False, max_model_len=4096)
-        generate = lambda p, n: llm.generate(p, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=k)  # noqa: E731
-                                                 for k in n], use_tqdm=False)
     else:
         from otvllm import LLM, SamplingParams
         llm = LLM(model_dir, max_model_len=4096, max_num_seqs=512, attention_backend=attention_backend,
                   trace_level="off")
-        generate = lambda p, n: llm.generate(p, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=k)  # noqa: E731
-                                                 for k in n], use_tqdm=False)
+
+    def generate(prompts, max_tokens):
+        params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
+        return llm.generate(prompts, params, use_tqdm=False)
+
     import torch
     generate(warm_prompts, warm_tokens)
     torch.cuda.synchronize()

@@ -4,6 +4,7 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+REAL_SHAPES = [(16, 8, 128), (32, 8, 128)]  # (heads, kv heads, head_dim): Qwen3-0.6B, 8B-like
 
 
 def make_cache(num_blocks, block_size, kvh, d, dtype, gen):
@@ -42,3 +43,14 @@ def tol(dtype):
 
 def rand_lens(n, lo, hi, gen):
     return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+
+def paged_inputs(num_queries, ctx_lens, heads, kvh, d, block_size, dtype, seed):
+    """Queries [num_queries, heads, d] and a paged cache holding `ctx_lens` tokens per sequence
+    in random blocks (three spare): (q, k_cache, v_cache, block_tables)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 3
+    k_cache, v_cache = make_cache(num_blocks, block_size, kvh, d, dtype, gen)
+    bt = block_tables(ctx_lens, block_size, num_blocks, gen)
+    q = torch.randn(num_queries, heads, d, generator=gen).to(dtype).to(DEVICE)
+    return q, k_cache, v_cache, bt

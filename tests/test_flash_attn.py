@@ -8,7 +8,7 @@ import torch
 from otvllm import LLM, SamplingParams
 from otvllm.ops import attention_torch as ref
 from otvllm.ops import flash_attn4
-from tests.paged_cases import block_tables, cu, make_cache, rand_lens, tol
+from tests.paged_cases import REAL_SHAPES, block_tables, cu, paged_inputs, rand_lens, tol
 from tests.reference import hf_greedy
 from tests.test_generate import random_prompts
 
@@ -22,16 +22,11 @@ def _why_skip() -> str | None:
 WHY_SKIP = _why_skip()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(WHY_SKIP is not None, reason=f"FlashAttention-4: {WHY_SKIP}")]
 
-REAL_SHAPES = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, 8B-like
 BF16 = torch.bfloat16
 
 
 def _prefill_case(q_lens, ctx_lens, heads, kvh, d, block_size, seed):
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 3
-    k_cache, v_cache = make_cache(num_blocks, block_size, kvh, d, BF16, gen)
-    bt = block_tables(ctx_lens, block_size, num_blocks, gen)
-    q = torch.randn(sum(q_lens), heads, d, generator=gen).to(BF16).cuda()
+    q, k_cache, v_cache, bt = paged_inputs(sum(q_lens), ctx_lens, heads, kvh, d, block_size, BF16, seed)
     scale = d ** -0.5
     want = ref.prefill_attention(q, k_cache, v_cache, cu(q_lens), cu(ctx_lens), bt, scale)
     got = flash_attn4.prefill_attention(q, k_cache, v_cache, cu(q_lens),
@@ -51,11 +46,7 @@ def test_prefill_matches_reference(heads, kvh, d, block_size):
 
 
 def _decode_inputs(ctx_lens, heads, kvh, d, block_size, seed):
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 3
-    k_cache, v_cache = make_cache(num_blocks, block_size, kvh, d, BF16, gen)
-    bt = block_tables(ctx_lens, block_size, num_blocks, gen)
-    q = torch.randn(len(ctx_lens), heads, d, generator=gen).to(BF16).cuda()
+    q, k_cache, v_cache, bt = paged_inputs(len(ctx_lens), ctx_lens, heads, kvh, d, block_size, BF16, seed)
     return q, k_cache, v_cache, bt, torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
 
 

@@ -59,7 +59,7 @@ def _load_kernels():
 
 triton_kvcache, triton_prefill, triton_decode = _load_kernels()
 from otvllm.ops import attention_torch as ref  # noqa: E402
-from tests.paged_cases import DEVICE  # noqa: E402
+from tests.paged_cases import DEVICE, REAL_SHAPES, paged_inputs  # noqa: E402
 from tests.paged_cases import block_tables as _block_tables  # noqa: E402
 from tests.paged_cases import cu as _cu  # noqa: E402
 from tests.paged_cases import make_cache as _make_cache  # noqa: E402
@@ -69,11 +69,7 @@ from tests.paged_cases import tol as _tol  # noqa: E402
 # ---------------------------------------------------------------- helpers
 
 def _prefill_case(q_lens, ctx_lens, heads, kvh, d, block_size, dtype, seed=0, config=None):
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 3
-    k_cache, v_cache = _make_cache(num_blocks, block_size, kvh, d, dtype, gen)
-    bt = _block_tables(ctx_lens, block_size, num_blocks, gen)
-    q = torch.randn(sum(q_lens), heads, d, generator=gen).to(dtype).to(DEVICE)
+    q, k_cache, v_cache, bt = paged_inputs(sum(q_lens), ctx_lens, heads, kvh, d, block_size, dtype, seed)
     cu_q, cu_k = _cu(q_lens), _cu(ctx_lens)
     scale = d ** -0.5
     want = ref.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, scale)
@@ -85,11 +81,7 @@ def _prefill_case(q_lens, ctx_lens, heads, kvh, d, block_size, dtype, seed=0, co
 
 
 def _decode_case(ctx_lens, heads, kvh, d, block_size, dtype, seed=0, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum((c + block_size - 1) // block_size for c in ctx_lens) + 3
-    k_cache, v_cache = _make_cache(num_blocks, block_size, kvh, d, dtype, gen)
-    bt = _block_tables(ctx_lens, block_size, num_blocks, gen)
-    q = torch.randn(len(ctx_lens), heads, d, generator=gen).to(dtype).to(DEVICE)
+    q, k_cache, v_cache, bt = paged_inputs(len(ctx_lens), ctx_lens, heads, kvh, d, block_size, dtype, seed)
     ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     scale = d ** -0.5
     want = ref.decode_attention(q, k_cache, v_cache, bt, ctx, scale)
@@ -251,7 +243,6 @@ def test_decode_num_splits_heuristic():
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-REAL_SHAPES = [(16, 8, 128), (32, 8, 128)]  # Qwen3-0.6B, 8B-like
 
 
 @gpu

@@ -32,6 +32,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) 
     return None
 
 
+@functools.cache
 def _varlen_func():
     return importlib.import_module(_MODULE).flash_attn_varlen_func
 
