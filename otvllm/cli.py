@@ -3,8 +3,24 @@
 import argparse
 import os
 import random
+import signal
 import sys
 import time
+
+EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run ends like a Ctrl-C does."""
+
+    error_type = "SIGTERM"
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _positive_int(text: str) -> int:
@@ -18,6 +34,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from otvllm.tracing.level import NAMES
+
     parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -44,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto")
     gen.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    gen.add_argument("--trace-level", choices=("off", "request", "step", "debug"), default=None,
+    gen.add_argument("--trace-level", choices=NAMES, default=None,
                      help="default: OTVLLM_TRACE_LEVEL, else step")
     gen.add_argument("--otlp-endpoint", default=None,
                      help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
@@ -53,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace = commands.add_parser("trace", help="work with trace files")
     trace_commands = trace.add_subparsers(dest="trace_command", required=True)
-    summary = trace_commands.add_parser("summary", help="print a breakdown of a trace file")
-    summary.add_argument("file")
+    summary = trace_commands.add_parser("summary", help="print a breakdown of trace files")
+    summary.add_argument("files", nargs="*", metavar="FILE", help="Jaeger JSON trace files")
+    summary.add_argument("--latest", action="store_true",
+                         help="the newest otvllm-trace-*.json in the current directory (with no FILE)")
     return parser
 
 
@@ -67,14 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     except ValueError as e:
         print(f"otvllm: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def _trace_summary(args) -> int:
-    from otvllm.tracing.summary import summarize_file
-    if not os.path.isfile(args.file):
-        raise ValueError(f"trace file {args.file!r} does not exist")
-    print(summarize_file(args.file))
+    import glob
+
+    from otvllm.tracing.tools.summary import summarize_file
+    files = list(args.files)
+    if args.latest:
+        if files:
+            raise ValueError("give trace files or --latest, not both")
+        found = glob.glob("otvllm-trace-*.json")
+        if not found:
+            raise ValueError(f"--latest: no otvllm-trace-*.json in {os.getcwd()}")
+        files = [max(found, key=os.path.getmtime)]
+    if not files:
+        raise ValueError("give a trace file (or several), or --latest")
+    for path in files:
+        if not os.path.isfile(path):
+            raise ValueError(f"trace file {path!r} does not exist")
+    print("\n\n".join(summarize_file(path) for path in files))
     return 0
 
 
@@ -83,34 +116,78 @@ def _random_prompts(n: int, vocab_size: int) -> list[list[int]]:
     return [[rng.randrange(min(vocab_size, 256)) for _ in range(rng.randint(16, 128))] for _ in range(n)]
 
 
-def _generate(args) -> int:
-    from otvllm.tracing import configure
-    from otvllm.tracing.setup import default_trace_file
+def _parent_from_environment():
+    """TRACEPARENT/TRACESTATE, OpenTelemetry's environment carrier, as a context (or None)."""
+    traceparent = os.environ.get("TRACEPARENT", "").strip()
+    if not traceparent:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    carrier = {"traceparent": traceparent, "tracestate": os.environ.get("TRACESTATE", "")}
+    context = TraceContextTextMapPropagator().extract(carrier)
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        raise ValueError(f"TRACEPARENT={traceparent!r} is not a W3C traceparent "
+                         f"(00-<32 hex trace id>-<16 hex span id>-<2 hex flags>)")
+    return context
+
+
+def _check_generate_args(args):
+    """Everything that can be checked before any work starts; returns the sampling params."""
+    from otvllm import SamplingParams
 
     if not args.prompt and not args.num_prompts:
         raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
-    from otvllm.config import resolve_trace_level
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} is not a directory")
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
 
-    args.trace_level = level = resolve_trace_level(args.trace_level)
-    session = None
-    if level != "off":
+
+def _generate(args) -> int:
+    from opentelemetry import context as otel_context
+
+    from otvllm.tracing import schema as S
+    from otvllm.tracing.export.setup import export_settings, start
+    from otvllm.tracing.export.trace_file import default_trace_path
+    from otvllm.tracing.level import TraceLevel
+    from otvllm.tracing.recording.tracer import run_span
+
+    level = TraceLevel.parse(args.trace_level)
+    args.trace_level = str(level)
+    params = _check_generate_args(args)
+    settings, parent = None, None
+    if level is not TraceLevel.OFF:
         endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
-        trace_file = args.trace_file or (None if endpoint else default_trace_file())
-        session = configure(endpoint=endpoint, trace_file=trace_file)
+        trace_file = args.trace_file or (None if endpoint else default_trace_path())
+        settings = export_settings(endpoint=endpoint, trace_file=trace_file)
+        parent = _parent_from_environment()
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    session = start(settings)
+    token = otel_context.attach(parent) if parent is not None else None
+    code = 0
     try:
-        return _run(args, session)
+        with run_span(S.CLI_RUN, {"otvllm.cli.command": "generate", "otvllm.cli.prompts":
+                                  len(args.prompt) + args.num_prompts, "otvllm.cli.max_tokens": args.max_tokens}):
+            code = _run(args, params)
+    except (KeyboardInterrupt, Terminated) as e:
+        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
+        print(f"otvllm: interrupted by {'SIGTERM' if code == EXIT_SIGTERM else 'SIGINT'}"
+              f"{'; writing the trace of the run so far' if session.sink else ''}", file=sys.stderr, flush=True)
     finally:
-        if session is not None:
-            session.shutdown()
-            if session.trace_file:
-                print(f"trace written to {session.trace_file} (open it in Jaeger UI: Search > Upload; "
-                      f"or run: otvllm trace summary {session.trace_file})", file=sys.stderr)
-            if session.endpoint:
-                print(f"spans exported to {session.endpoint}", file=sys.stderr)
+        if token is not None:
+            otel_context.detach(token)
+        # The trace must be written whole: a second Ctrl-C or SIGTERM does not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        report = session.shutdown(quiet=True)
+        for _, line in report.lines() if report else []:
+            print(line, file=sys.stderr, flush=True)
+    return code
 
 
-def _run(args, session) -> int:
-    from otvllm import LLM, SamplingParams
+def _run(args, params) -> int:
+    from otvllm import LLM
     from otvllm.synthetic import synthetic_model_dir
 
     model = args.model
@@ -118,8 +195,6 @@ def _run(args, session) -> int:
         model = synthetic_model_dir()
         print(f"using the built-in synthetic model at {model} (random weights: its output is noise)",
               file=sys.stderr)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
     llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
               num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -1,20 +1,10 @@
-import os
 from dataclasses import dataclass, field, fields
 
 import torch
 
-TRACE_LEVELS = ("off", "request", "step", "debug")
+from otvllm.tracing.level import TraceLevel
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_trace_level(level: str | None) -> str:
-    """`level`, or OTVLLM_TRACE_LEVEL when None, or "step"; raises ValueError for others."""
-    if level is None:
-        level = os.environ.get("OTVLLM_TRACE_LEVEL", "step").strip().lower() or "step"
-    if level not in TRACE_LEVELS:
-        raise ValueError(f"invalid trace level {level!r} (from trace_level= or OTVLLM_TRACE_LEVEL): "
-                         f"choose one of {', '.join(TRACE_LEVELS)}")
-    return level
 
 
 @dataclass
@@ -39,7 +29,7 @@ class EngineConfig:
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.trace_level = resolve_trace_level(self.trace_level)
+        self.trace_level = str(TraceLevel.parse(self.trace_level))
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

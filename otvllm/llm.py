@@ -1,5 +1,6 @@
 """The public entry point: `LLM(model, **config).generate(prompts, sampling_params)`."""
 
+import threading
 from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
@@ -24,6 +25,8 @@ class LLM:
     def __init__(self, model: str, **kwargs):
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.engine = LLMEngine(self.config)
+        self._lock = threading.Lock()   # one generate call at a time: the engine has one batch
+        self._owner: int | None = None
 
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache of finished requests (e.g. between benchmark runs)."""
@@ -39,8 +42,20 @@ class LLM:
         """Generate for every prompt; returns one output per prompt, in input order.
 
         The whole call is checked before any work starts: one invalid prompt or parameter
-        raises ValueError (naming the request) and no request is run.
+        raises ValueError (naming the request) and no request is run. Calls from several
+        threads run one after another; a call from inside a running call raises RuntimeError.
         """
+        if self._owner == threading.get_ident():
+            raise RuntimeError("LLM.generate was called again from inside a generate call on the same "
+                               "thread (from a callback?): one call runs at a time per LLM")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                return self._generate(prompts, sampling_params, use_tqdm)
+            finally:
+                self._owner = None
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         seqs = [self._make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]

@@ -8,7 +8,7 @@ the device computes, and the next step's input tokens are read from the device."
 import time
 from dataclasses import dataclass
 
-from otvllm.config import TRACE_LEVELS, EngineConfig
+from otvllm.config import EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
@@ -18,7 +18,9 @@ from otvllm.models.spec import model_spec, read_config
 from otvllm.sampling_params import SamplingParams
 from otvllm.tokenizer import load_tokenizer
 from otvllm.tracing import schema as S
-from otvllm.tracing.engine_tracer import make_tracer
+from otvllm.tracing.level import TraceLevel
+from otvllm.tracing.recording import attributes as A
+from otvllm.tracing.recording.tracer import make_tracer
 
 
 @dataclass
@@ -32,30 +34,39 @@ class InFlight:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.trace_level == "debug":
+        level = TraceLevel.parse(config.trace_level)
+        if level is TraceLevel.DEBUG:
             config.enforce_eager = True   # per-layer spans need the eager forward
         self.step_index = 0
         self.in_flight: InFlight | None = None
-        self.tracer = make_tracer(config.trace_level, self)
-        with self.tracer.init(config):
+        self.tracer = make_tracer(level, config.torch_device, config.model)
+        with self.tracer.init(config) as init:
             arch, config.hf_config = read_config(config.model)
             self.spec = model_spec(arch, config.hf_config)
             self._fit_max_model_len()
             self.tokenizer = load_tokenizer(config.model)
             self.eos_token_ids = self._eos_token_ids()
             self.runner = ModelRunner(config, self.spec)
-            self.tracer.phase(S.MODEL_LOAD, self.runner.load_model)
-            self.tracer.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache)
+            init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))
+            init.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache, attrs=lambda _: A.kv_cache_attrs(self.runner))
             if self.runner.uses_cuda_graphs:
-                self.tracer.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs)
+                init.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs,
+                           attrs=lambda _: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes)})
+        self._observe()
+
+    def _observe(self) -> None:
+        self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.attention_layers(),
+                            self.tokenizer, self.runner.uses_cuda_graphs)
 
     def set_trace_level(self, level: str) -> None:
         """Change the detail of later generate calls (debug needs an engine built at debug)."""
-        if level not in TRACE_LEVELS or (level == "debug") != (self.config.trace_level == "debug"):
+        new = TraceLevel.parse(level)
+        if (new is TraceLevel.DEBUG) != (TraceLevel.parse(self.config.trace_level) is TraceLevel.DEBUG):
             raise ValueError(f"cannot switch trace level from {self.config.trace_level!r} to {level!r}: "
                              f"choose one of off, request, step (debug only for an engine built at debug)")
-        self.config.trace_level = level
-        self.tracer = make_tracer(level, self)
+        self.config.trace_level = str(new)
+        self.tracer = make_tracer(new, self.config.torch_device, self.config.model)
+        self._observe()
 
     def allocate_kv_cache(self) -> None:
         cfg = self.config
@@ -126,21 +137,26 @@ class LLMEngine:
     # ---- one step: schedule, prepare, forward, sample, postprocess ------------------------
 
     def step(self) -> list[Finished]:
-        trace = self.tracer
-        with trace.step():
-            batch = trace.phase(S.SCHEDULE, self.schedule)
+        with self.tracer.step() as trace:
+            batch = trace.phase(S.SCHEDULE, self.schedule, attrs=A.schedule_attrs)
+            trace.begin(batch)
             launched = None
             if batch.seqs:   # empty when everything was preempted: the next step re-admits it
-                inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch)
-                logits = trace.phase(S.FORWARD, self.forward, inputs)
-                launched = InFlight(batch, trace.phase(S.SAMPLE, self.sample, logits, inputs))
+                inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch, attrs=A.prepare_attrs)
+                logits, _ = trace.phase(S.FORWARD, self.forward, inputs, attrs=A.forward_attrs)
+                launched = InFlight(batch, trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs))
                 self.scheduler.reserve_tokens(batch)
             previous, self.in_flight = self.in_flight, launched
-            finished = trace.phase(S.POSTPROCESS, self.postprocess, previous) if previous else []
+            finished = []
+            if previous is not None:
+                finished = trace.phase(S.POSTPROCESS, self.postprocess, previous, attrs=A.postprocess_attrs)
+                trace.postprocessed(previous.batch, finished)
             if launched is not None and self.scheduler.nothing_to_launch():
                 # The last step of a run: collect its tokens now rather than in an idle step.
                 self.in_flight = None
-                finished += trace.phase(S.POSTPROCESS, self.postprocess, launched)
+                done = trace.phase(S.POSTPROCESS, self.postprocess, launched, attrs=A.postprocess_attrs)
+                trace.postprocessed(batch, done)
+                finished += done
             return finished
 
     def schedule(self) -> ScheduledBatch:
@@ -157,6 +173,7 @@ class LLMEngine:
         return self.runner.prepare(batch, previous_tokens)
 
     def forward(self, inputs: ModelInputs):
+        """(logits, whether a CUDA graph was replayed)"""
         return self.runner.forward(inputs)
 
     def sample(self, logits, inputs: ModelInputs) -> SampleResult:

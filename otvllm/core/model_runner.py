@@ -40,7 +40,6 @@ class ModelRunner:
                                                        spec.head_dim))
         self.sampler = Sampler()
         self.model = None
-        self.last_forward_used_graph = False
         self.graphs: DecodeGraphs | None = None
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
@@ -225,19 +224,20 @@ class ModelRunner:
         return ModelInputs(input_ids, buf[n:2 * n], ctx, None, sampling=None)
 
     @torch.inference_mode()
-    def forward(self, inputs: ModelInputs) -> torch.Tensor:
-        """Logits of the token each sequence samples next: [num_seqs, vocab_size]."""
+    def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, bool]:
+        """Logits of the token each sequence samples next ([num_seqs, vocab_size]), and whether
+        a CUDA graph was replayed."""
         ctx = inputs.ctx
         graphs = self.graphs
-        self.last_forward_used_graph = (graphs is not None and not ctx.is_prefill
-                                        and graphs.fits(len(inputs.input_ids), ctx.block_tables.shape[1]))
-        if self.last_forward_used_graph:
+        use_graph = (graphs is not None and not ctx.is_prefill
+                     and graphs.fits(len(inputs.input_ids), ctx.block_tables.shape[1]))
+        if use_graph:
             hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         if inputs.logits_indices is not None:
             hidden = hidden[inputs.logits_indices]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), use_graph
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
@@ -245,5 +245,5 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> SampleResult:
         inputs = self.prepare(batch)
-        return self.sample(self.forward(inputs), inputs)
+        return self.sample(self.forward(inputs)[0], inputs)
 

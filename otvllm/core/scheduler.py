@@ -23,6 +23,11 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)
     new_decode_blocks: int = 0
     token_indexes: list[int] = field(default_factory=list)   # where each row's sampled token goes
+    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    # The state the scheduler decided in, after this batch was taken:
+    num_waiting: int = 0
+    num_running: int = 0
+    num_free_blocks: int = 0
 
     @property
     def phase(self) -> str:
@@ -56,7 +61,11 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = self._schedule_prefill()
-        return batch if batch.seqs else self._schedule_decode()
+        if not batch.seqs:
+            batch = self._schedule_decode()
+        batch.num_waiting, batch.num_running = len(self.waiting), len(self.running)
+        batch.num_free_blocks = self.block_manager.num_free_blocks
+        return batch
 
     def _schedule_prefill(self) -> ScheduledBatch:
         batch = ScheduledBatch([], is_prefill=True)
@@ -67,6 +76,7 @@ class Scheduler:
                 break
             batch.allocations.append(self.block_manager.allocate(seq))
             batch.num_batched_tokens += len(seq) - seq.num_cached_tokens
+            batch.num_cached_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
             self.running.append(seq)

@@ -20,6 +20,9 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, int]]  # (row, seed for this row at this position)
     num_logprobs: int                # the largest `logprobs` asked for in the batch, 0 for none
     logprob_rows: list[tuple[int, int]]  # (row, N) for the rows that asked
+    num_greedy: int                  # for the trace: the batch's sampling settings at a glance
+    temperature_min: float
+    temperature_max: float
 
     @classmethod
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
@@ -39,6 +42,9 @@ class SamplingBatch:
                          for i, s in enumerate(seqs) if s.params.seed is not None and s.params.temperature > 0],
             num_logprobs=max((n for _, n in logprob_rows), default=0),
             logprob_rows=logprob_rows,
+            num_greedy=temps.count(0),
+            temperature_min=float(min(temps)),
+            temperature_max=float(max(temps)),
         )
 
 

@@ -17,6 +17,8 @@ PREPARE_INPUTS = "model.prepare_inputs"
 FORWARD = "model.forward"
 SAMPLE = "sampler.sample"
 POSTPROCESS = "scheduler.postprocess"
+STEPS = "engine.steps"                 # aggregate: a run of steps that are not detailed
+CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
 ATTENTION = "attention.layer"          # debug level: one per layer and forward
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
@@ -43,9 +45,17 @@ GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
 GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
 
+# engine.steps (aggregate)
+STEPS_FIRST_INDEX = "otvllm.steps.first_index"
+STEPS_LAST_INDEX = "otvllm.steps.last_index"
+STEPS_MEAN_SEQS = "otvllm.steps.mean_seqs"
+STEPS_PHASE_COUNTS = "otvllm.steps.phases"
+
 # ---- otvllm attributes -------------------------------------------------------------------
 PHASE = "otvllm.phase"                           # prefill | decode
 STEP_INDEX = "otvllm.step.index"
+STEP_DETAIL_REASON = "otvllm.step.detail_reason"  # first|prefill|preemption|error|eager_fallback|slow|
+                                                  # slowest_so_far|last|debug
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
@@ -123,8 +133,18 @@ GEN_MEM_START = "otvllm.generate.cuda_memory_start_bytes"
 GEN_MEM_END = "otvllm.generate.cuda_memory_end_bytes"
 GEN_MEM_PEAK = "otvllm.generate.cuda_memory_peak_bytes"
 TRACE_STEPS_DETAILED = "otvllm.trace.steps_detailed"
-TRACE_STEPS_SAMPLED_AWAY = "otvllm.trace.steps_sampled_away"
+TRACE_STEPS_AGGREGATED = "otvllm.trace.steps_aggregated"
+TRACE_AGGREGATE_SPANS = "otvllm.trace.aggregate_spans"
 TRACE_STEPS_OVER_BUDGET = "otvllm.trace.steps_over_budget"
+TRACE_SPANS_DROPPED = "otvllm.trace.spans_dropped"      # the hand-off to the exporter was full
+# step times over every step of the call (llm.generate) or of a stretch (engine.steps)
+STEPS_COUNT = "otvllm.steps.count"
+STEP_TIME_MEAN_MS = "otvllm.steps.time_mean_ms"
+STEP_TIME_P50_MS = "otvllm.steps.time_p50_ms"
+STEP_TIME_P99_MS = "otvllm.steps.time_p99_ms"
+STEP_TIME_MAX_MS = "otvllm.steps.time_max_ms"
+SLOWEST_STEP_INDEX = "otvllm.steps.slowest_index"
+SLOWEST_STEP_DETAILED = "otvllm.steps.slowest_detailed"
 TRACE_POLICY = "otvllm.trace.sampling_policy"
 TRACE_LEVEL = "otvllm.trace.level"
 
@@ -141,5 +161,7 @@ MODEL_DTYPE = "otvllm.model.dtype"
 MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
 CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
 
-# errors
+# errors and interruptions
+ERROR_TYPE = "error.type"                        # OpenTelemetry's; a signal's name for an interrupt
 ERROR_ADVICE = "otvllm.error.advice"
+INTERRUPTED = "otvllm.interrupted"               # ended by the export side: the run died first

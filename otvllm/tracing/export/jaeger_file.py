@@ -9,13 +9,14 @@ trace's process, kind/status/scope as `span.kind`, `error`, `otel.status_*`, `ot
 import json
 import math
 import os
-import tempfile
 import threading
 from typing import Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+
+from otvllm.tracing.export.trace_file import write_atomically
 
 _KINDS = {SpanKind.CLIENT: "client", SpanKind.SERVER: "server",
           SpanKind.PRODUCER: "producer", SpanKind.CONSUMER: "consumer"}
@@ -161,59 +162,35 @@ def spans_to_jaeger(spans: Sequence[ReadableSpan]) -> dict:
 
 
 class JaegerJsonFileExporter(SpanExporter):
-    """Collects every exported span and (re)writes the whole file on force_flush() and shutdown().
-    Conversion happens in export(), so flushing only serialises."""
+    """Collects spans (converted as they are exported) and writes the whole file on `write()`,
+    atomically. Holds at most `max_spans` spans; later ones are counted in `dropped`."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_spans: int, mode: int = 0o644):
         self.path = os.path.abspath(path)
+        self.max_spans = max_spans
+        self.mode = mode
+        self.spans = 0
+        self.dropped = 0
         self._builders: dict[str, _TraceBuilder] = {}
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()   # an older snapshot must not replace a newer one
-        self._shutdown = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with self._lock:
-            if self._shutdown:
-                return SpanExportResult.FAILURE
+            room = self.max_spans - self.spans
+            if room < len(spans):
+                self.dropped += len(spans) - max(room, 0)
+                spans = spans[:max(room, 0)]
             _add_all(self._builders, spans)
+            self.spans += len(spans)
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        with self._write_lock:
-            with self._lock:
-                doc = _document(self._builders)
-            self._write(doc)   # export() may go on meanwhile
         return True
 
     def shutdown(self) -> None:
+        pass
+
+    def write(self) -> None:
         with self._lock:
-            if self._shutdown:
-                return
-            self._shutdown = True
-        self.force_flush()
-
-    def _write(self, doc: dict) -> None:
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
-            os.chmod(tmp, 0o644)   # mkstemp makes it private
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-
-
-def load_jaeger_json(path: str) -> list[dict]:
-    """The traces (the `data` list) of a Jaeger JSON file."""
-    with open(path) as f:
-        doc = json.load(f)
-    if isinstance(doc, list):
-        return doc
-    data = doc.get("data", [])
-    return [data] if isinstance(data, dict) else data
+            doc = _document(self._builders)
+        write_atomically(self.path, json.dumps(doc, separators=(",", ":")).encode(), self.mode)

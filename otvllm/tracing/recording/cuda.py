@@ -23,11 +23,11 @@ def memory_snapshot(device: torch.device) -> dict:
 
 
 class GpuTimer:
-    """Pairs of CUDA events around GPU work; durations are read after the host has synchronised."""
+    """Pairs of CUDA events around GPU work, recycled; a pair's duration is read once its end
+    event has completed, never by waiting for it on the engine's behalf."""
 
     def __init__(self):
         self._pool: list[torch.cuda.Event] = []
-        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, dict]] = []
 
     def _event(self) -> torch.cuda.Event:
         return self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
@@ -37,23 +37,22 @@ class GpuTimer:
         event.record()
         return event
 
-    def stop(self, start: torch.cuda.Event, attrs: dict) -> None:
-        """Record the end event; `attrs[GPU_TIME_MS]` is filled by `resolve`."""
+    def stop(self, start: torch.cuda.Event) -> tuple:
         end = self._event()
         end.record()
-        self._pending.append((start, end, attrs))
+        return start, end
 
-    def resolve(self, wait: bool = True) -> None:
-        """Fill in the durations of completed pairs; with `wait`, first wait for all of them."""
-        still_running = []
-        for start, end, attrs in self._pending:
-            if not wait and not end.query():
-                still_running.append((start, end, attrs))
-                continue
-            end.synchronize()
-            attrs[S.GPU_TIME_MS] = start.elapsed_time(end)
-            self._pool += (start, end)
-        self._pending = still_running
+    @staticmethod
+    def done(pair: tuple) -> bool:
+        return pair[1].query()
 
-    def discard(self) -> None:
-        self._pending.clear()
+    def elapsed_ms(self, pair: tuple) -> float:
+        """The pair's duration (waits if it has not completed), and the pair back to the pool."""
+        start, end = pair
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        self._pool += (start, end)
+        return ms
+
+    def release(self, pair: tuple) -> None:
+        self._pool += pair

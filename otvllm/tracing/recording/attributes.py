@@ -1,4 +1,4 @@
-"""Span attributes from the engine's objects. Only called for the steps a trace keeps."""
+"""Span attributes from the engine's objects."""
 
 import os
 
@@ -46,37 +46,27 @@ def batch_attrs(batch) -> dict:
     return {S.PHASE: batch.phase, S.NUM_SEQS: len(batch.seqs), S.NUM_BATCHED_TOKENS: batch.num_batched_tokens}
 
 
-def schedule_attrs(batch, scheduler) -> dict:
-    manager = scheduler.block_manager
+# ---- one function per step phase: attrs(result, *args of the phase), cheap (no loops over
+# the batch, no device queries): they run for every step at `step` level ----------------------
+
+def schedule_attrs(batch) -> dict:
     attrs = batch_attrs(batch)
     attrs.update({
-        S.NUM_CACHED_TOKENS: sum(a.cached_tokens for a in batch.allocations),
-        S.NUM_WAITING: len(scheduler.waiting), S.NUM_RUNNING: len(scheduler.running),
-        S.NUM_PREEMPTED: len(batch.preempted), S.TOTAL_PREEMPTIONS: scheduler.num_preemptions,
-        S.BLOCKS_FREE: manager.num_free_blocks, S.BLOCKS_USED: manager.num_blocks - manager.num_free_blocks,
+        S.NUM_CACHED_TOKENS: batch.num_cached_tokens,
+        S.NUM_WAITING: batch.num_waiting, S.NUM_RUNNING: batch.num_running,
+        S.NUM_PREEMPTED: len(batch.preempted), S.BLOCKS_FREE: batch.num_free_blocks,
     })
     if batch.preempted:
         attrs[S.PREEMPTED_SEQ_IDS] = [s.seq_id for s in batch.preempted]
     return attrs
 
 
-def block_allocate_attrs(batch, manager) -> dict:
-    """The block manager's work in one schedule, summed over its sequences."""
-    return {
-        S.PHASE: batch.phase,
-        S.BLOCKS_SEQUENCES: len(batch.allocations) if batch.is_prefill else len(batch.seqs),
-        S.BLOCKS_NEW: sum(a.new_blocks for a in batch.allocations) + batch.new_decode_blocks,
-        S.BLOCKS_CACHE_HITS: sum(a.cached_blocks for a in batch.allocations),
-        S.BLOCKS_FREE: manager.num_free_blocks, S.BLOCKS_USED: manager.num_blocks - manager.num_free_blocks,
-    }
+def prepare_attrs(inputs, batch) -> dict:
+    return batch_attrs(batch)
 
 
-def sequence_allocate_attrs(allocation) -> dict:
-    return {S.SEQ_ID: allocation.seq_id, S.BLOCKS_NEW: allocation.new_blocks,
-            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
-
-
-def forward_attrs(inputs, logits, cuda_graph: bool) -> dict:
+def forward_attrs(result, inputs) -> dict:
+    logits, used_graph = result
     ctx = inputs.ctx
     attrs = {
         S.PHASE: "prefill" if ctx.is_prefill else "decode",
@@ -85,7 +75,7 @@ def forward_attrs(inputs, logits, cuda_graph: bool) -> dict:
         S.SHAPE_PREFIX + "slot_mapping": shape(ctx.slot_mapping),
         S.SHAPE_PREFIX + "block_tables": shape(ctx.block_tables),
         S.SHAPE_PREFIX + "logits": shape(logits),
-        S.CUDA_GRAPH: cuda_graph,
+        S.CUDA_GRAPH: used_graph,
     }
     if ctx.is_prefill:
         attrs[S.SHAPE_PREFIX + "cu_seqlens_q"] = shape(ctx.cu_seqlens_q)
@@ -95,25 +85,49 @@ def forward_attrs(inputs, logits, cuda_graph: bool) -> dict:
     return attrs
 
 
-def sample_attrs(logits, seqs) -> dict:
-    params = [s.params for s in seqs]
-    temps = [p.temperature for p in params]
+def sample_attrs(result, logits, inputs) -> dict:
+    sampling = inputs.sampling
     return {
         S.SHAPE_PREFIX + "logits": shape(logits),
-        S.SAMPLE_GREEDY: sum(t == 0 for t in temps),
-        S.SAMPLE_TEMPERATURE_MIN: float(min(temps)), S.SAMPLE_TEMPERATURE_MAX: float(max(temps)),
-        S.SAMPLE_TOP_K: any(p.top_k != -1 for p in params), S.SAMPLE_TOP_P: any(p.top_p < 1 for p in params),
-        S.SAMPLE_SEEDED: sum(p.seed is not None for p in params),
-        S.SAMPLE_LOGPROBS: sum(p.logprobs is not None for p in params),
+        S.SAMPLE_GREEDY: sampling.num_greedy,
+        S.SAMPLE_TEMPERATURE_MIN: sampling.temperature_min, S.SAMPLE_TEMPERATURE_MAX: sampling.temperature_max,
+        S.SAMPLE_TOP_K: sampling.top_ks is not None, S.SAMPLE_TOP_P: sampling.top_ps is not None,
+        S.SAMPLE_SEEDED: len(sampling.seeded_rows), S.SAMPLE_LOGPROBS: len(sampling.logprob_rows),
     }
 
 
-def postprocess_attrs(batch, finished) -> dict:
-    attrs = {S.TOKENS_APPENDED: len(batch.seqs), S.FINISHED_SEQS: len(finished)}
+def postprocess_attrs(finished, in_flight) -> dict:
+    attrs = {S.TOKENS_APPENDED: len(in_flight.batch.seqs), S.FINISHED_SEQS: len(finished)}
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
         attrs[S.FINISH_REASONS] = [f.reason for f in finished]
     return attrs
+
+
+def block_allocate_attrs(batch, num_blocks: int) -> dict:
+    """The block manager's work in one schedule, summed over its sequences."""
+    return {
+        S.PHASE: batch.phase,
+        S.BLOCKS_SEQUENCES: len(batch.allocations) if batch.is_prefill else len(batch.seqs),
+        S.BLOCKS_NEW: sum(a.new_blocks for a in batch.allocations) + batch.new_decode_blocks,
+        S.BLOCKS_CACHE_HITS: sum(a.cached_blocks for a in batch.allocations),
+        S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: num_blocks - batch.num_free_blocks,
+    }
+
+
+def sequence_allocate_attrs(allocation) -> dict:
+    return {S.SEQ_ID: allocation.seq_id, S.BLOCKS_NEW: allocation.new_blocks,
+            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
+
+
+def attention_attrs(module, args, output) -> dict:
+    q, k, v, ctx = args[0], args[1], args[2], args[3]
+    return {
+        S.LAYER_INDEX: module.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.SHAPE_PREFIX + "q": shape(q), S.SHAPE_PREFIX + "k": shape(k), S.SHAPE_PREFIX + "v": shape(v),
+        S.SHAPE_PREFIX + "k_cache": shape(module.k_cache), S.SHAPE_PREFIX + "v_cache": shape(module.v_cache),
+        S.SHAPE_PREFIX + "output": shape(output), S.ATTENTION_BACKEND: module.backend.name,
+    }
 
 
 def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None) -> dict:

@@ -1,14 +1,15 @@
 """A terminal breakdown of a Jaeger JSON trace file (jaeger_json.py): what nano-vllm prints after a
 run, and where the step time went, from the spans alone.
 
-The `llm.generate` span's totals (`otvllm.generate.*`) count every step; the step spans may be a
-sample of them (see `otvllm.trace.steps_sampled_away`), so per-step figures are over traced steps."""
+The `llm.generate` span's totals (`otvllm.generate.*`, `otvllm.steps.*`) count every step; only
+some steps are detailed (the rest are in `engine.steps` aggregate spans), so per-phase
+figures are over detailed steps."""
 
 import json
 from collections import defaultdict
 
 from otvllm.tracing import schema as S
-from otvllm.tracing.jaeger_json import load_jaeger_json
+from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
 
 
 class _Span:
@@ -22,6 +23,13 @@ class _Span:
         self.duration_us = raw.get("duration", 0)
         self.attrs = {t["key"]: t.get("value") for t in raw.get("tags") or []}
         self.children: list[_Span] = []
+
+    @property
+    def error(self) -> str | None:
+        """`error.type` (or the status description) of a span in ERROR, else None."""
+        if self.attrs.get("error") is True or self.attrs.get("otel.status_code") == "ERROR":
+            return str(self.attrs.get(S.ERROR_TYPE) or self.attrs.get("otel.status_description") or "error")
+        return None
 
     @property
     def ms(self) -> float:
@@ -114,14 +122,18 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if throughput is None and output_tokens and wall_ms:
         throughput = output_tokens / (wall_ms / 1000)
 
-    lines = [f"  Generation complete: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
+    outcome = "Generation complete"
+    if gen is not None and gen.error is not None:
+        verb = "interrupted" if gen.error in INTERRUPTS or gen.get(S.INTERRUPTED) else "failed"
+        outcome = f"Generation {verb} ({gen.error})"
+    lines = [f"  {outcome}: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
              f"requests={n_requests}, prompt_tokens={_num(prompt_tokens) if prompt_tokens is not None else 'n/a'}, "
              f"total_output_tokens={_num(output_tokens) if output_tokens is not None else 'n/a'}",
              f"  prefill_time={_ms(prefill_ms)}, decode_time={_ms(decode_ms)}, wall={_ms(wall_ms)}, "
              f"throughput={f'{throughput:,.1f} tok/s' if throughput is not None else 'n/a'}"]
 
     if steps:
-        traced = "" if len(steps) == n_steps else f" ({len(steps)} of {n_steps} steps traced)"
+        traced = "" if len(steps) == n_steps else f" ({len(steps)} of {n_steps} steps detailed)"
         lines.append(f"  steps by phase{traced}:")
         for phase in phases:
             group = by_phase[phase]
@@ -146,17 +158,14 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
                 if child.name == S.FORWARD:
                     gpu_ms += child.get(S.GPU_TIME_MS, 0.0)
         if phase_ms:
-            lines.append(f"  time per step phase (of {_ms(step_ms)} in traced steps):")
+            lines.append(f"  time per step phase (of {_ms(step_ms)} in detailed steps):")
             for name in S.STEP_PHASE_SPANS:
                 if name in phase_ms:
                     share = 100 * phase_ms[name] / step_ms if step_ms else 0.0
                     lines.append(f"    {name:<22} {_ms(phase_ms[name]):>11}  {share:5.1f}%")
             if gpu_ms:
                 lines.append(f"    (model.forward GPU time from CUDA events: {_ms(gpu_ms)})")
-        slowest = max(steps, key=lambda s: s.duration_us)
-        lines.append(f"  slowest step: #{slowest.get(S.STEP_INDEX, '?')} ({_phase_of(slowest)}, "
-                     f"{slowest.get(S.NUM_SEQS, '?')} seqs, {slowest.get(S.NUM_BATCHED_TOKENS, '?')} tokens) "
-                     f"{_ms(slowest.ms)}")
+    lines.extend(_step_time_lines(attrs, steps, spans))
 
     lines.append(f"  prefix cache hit rate: {_hit_rate(attrs, spans)}")
     lines.append(f"  CUDA memory: {_memory(attrs, spans)}")
@@ -170,13 +179,43 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if queue:
         lines.append(f"  queue time: mean {_ms(sum(queue) / len(queue))}, max {_ms(max(queue))}")
 
-    if S.TRACE_STEPS_SAMPLED_AWAY in attrs or S.TRACE_STEPS_OVER_BUDGET in attrs:
+    if S.TRACE_STEPS_AGGREGATED in attrs:
         line = (f"  trace: {attrs.get(S.TRACE_STEPS_DETAILED, len(steps))} steps detailed, "
-                f"{attrs.get(S.TRACE_STEPS_SAMPLED_AWAY, 0)} sampled away, "
-                f"{attrs.get(S.TRACE_STEPS_OVER_BUDGET, 0)} left out for the span budget")
+                f"{attrs[S.TRACE_STEPS_AGGREGATED]} in {attrs.get(S.TRACE_AGGREGATE_SPANS, 0)} aggregate spans "
+                f"({attrs.get(S.TRACE_STEPS_OVER_BUDGET, 0)} of them for the span budget)")
+        if attrs.get(S.TRACE_SPANS_DROPPED):
+            line += f", {attrs[S.TRACE_SPANS_DROPPED]} spans dropped at the exporter's hand-off"
         if attrs.get(S.TRACE_POLICY):
-            line += f" (policy: {attrs[S.TRACE_POLICY]})"
+            line += f"; detailed: {attrs[S.TRACE_POLICY]}"
         lines.append(line)
+    return lines
+
+
+INTERRUPTS = ("KeyboardInterrupt", "SIGTERM", "ProcessExited", "TracingShutdown")
+
+
+def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> list[str]:
+    """Step times over every step (from llm.generate), and the slowest step: detailed or not."""
+    lines = []
+    by_index = {s.get(S.STEP_INDEX): s for s in steps}
+    if S.STEP_TIME_MAX_MS in attrs:
+        lines.append(f"  step time over all {attrs.get(S.STEPS_COUNT, '?')} steps: "
+                     f"mean {_ms(attrs.get(S.STEP_TIME_MEAN_MS, 0))}, p50 {_ms(attrs.get(S.STEP_TIME_P50_MS, 0))}, "
+                     f"p99 {_ms(attrs.get(S.STEP_TIME_P99_MS, 0))}, max {_ms(attrs[S.STEP_TIME_MAX_MS])}")
+        index = attrs.get(S.SLOWEST_STEP_INDEX)
+        slowest = by_index.get(index)
+        if slowest is not None:
+            lines.append(f"  slowest step: #{index} ({_phase_of(slowest)}, {slowest.get(S.NUM_SEQS, '?')} seqs, "
+                         f"{slowest.get(S.NUM_BATCHED_TOKENS, '?')} tokens) {_ms(slowest.ms)}, detailed "
+                         f"({slowest.get(S.STEP_DETAIL_REASON, '?')})")
+        else:
+            lines.append(f"  slowest step: #{index} {_ms(attrs[S.STEP_TIME_MAX_MS])}, not detailed "
+                         f"(in an {S.STEPS} aggregate span)")
+    elif steps:
+        slowest = max(steps, key=lambda s: s.duration_us)
+        lines.append(f"  slowest detailed step: #{slowest.get(S.STEP_INDEX, '?')} ({_phase_of(slowest)}, "
+                     f"{slowest.get(S.NUM_SEQS, '?')} seqs, {slowest.get(S.NUM_BATCHED_TOKENS, '?')} tokens) "
+                     f"{_ms(slowest.ms)}")
     return lines
 
 
@@ -225,7 +264,7 @@ def _init_lines(init: _Span) -> list[str]:
     found = {}
     for span in init.descendants():
         found.setdefault(span.name, span)
-    lines = [f"  init {_ms(init.ms)}"]
+    lines = [f"  init {_ms(init.ms)}" + (f" FAILED ({init.error})" if init.error else "")]
     load = found.get(S.MODEL_LOAD)
     if load is not None:
         a = load.attrs

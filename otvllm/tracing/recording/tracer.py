@@ -1,0 +1,551 @@
+"""The engine's tracer: records spans on the engine thread as plain objects and hands them
+to a sink (sinks.py) as they finish, so a trace exists while the run goes on and after it
+dies.
+
+The contract, as the engine uses it:
+
+    with tracer.init(config) as init:                 # engine.init
+        init.phase(S.MODEL_LOAD, load, attrs=fn)      # one child span per start-up phase
+    tracer.observe(scheduler, block_manager, layers)  # what later spans read
+    with tracer.generate(seqs, prompts):              # llm.generate and one span per request
+        with tracer.step() as step:                   # one engine step
+            batch = step.phase(S.SCHEDULE, schedule, attrs=A.schedule_attrs)
+            step.begin(batch)
+            result = step.phase(name, fn, *args, attrs=attrs_fn)   # attrs_fn(result, *args)
+            step.postprocessed(batch, finished)
+
+At level `off` the engine gets a NullTracer whose `phase` only calls the function. Which
+steps keep their spans is decided after each step ends (retention.py).
+"""
+
+import os
+from collections import deque
+from contextlib import contextmanager
+
+import torch
+from opentelemetry import context as otel_context
+
+from otvllm.tracing import schema as S
+from otvllm.tracing.level import TraceLevel
+from otvllm.tracing.recording import attributes as A
+from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
+from otvllm.tracing.recording.records import CLOSE, OPEN, SPANS, SpanRecord, now_ns, remote_parent_of
+from otvllm.tracing.recording.retention import (LAST_STEPS, RetentionPolicy, StepStats, StepStretch,
+                                                 StepSummary, env_number)
+from otvllm.tracing.recording.sinks import current_sink
+
+OOM_ADVICE = ("CUDA ran out of memory: lower gpu_memory_utilization (leaves more for activations), "
+              "max_num_seqs or max_num_batched_tokens (smaller batches), or max_model_len")
+
+_PARENT_RECORD = otel_context.create_key("otvllm-parent-record")
+
+
+def _root(name: str, attrs: dict) -> SpanRecord:
+    """A record under the enclosing `run_span`, or else under the caller's current span."""
+    parent = otel_context.get_value(_PARENT_RECORD)
+    record = SpanRecord(name, parent, now_ns(), attrs=attrs)
+    if parent is None:
+        record.remote_parent = remote_parent_of()
+    return record
+
+
+@contextmanager
+def run_span(name: str, attrs: dict | None = None):
+    """A span that encloses a whole program's run (the CLI's), announced when it starts:
+    `engine.init` and `llm.generate` inside it join its trace."""
+    sink = current_sink()
+    record = _root(name, dict(attrs or {}))
+    sink.send(OPEN, record)
+    token = otel_context.attach(otel_context.set_value(_PARENT_RECORD, record))
+    try:
+        with record:
+            yield record
+    finally:
+        otel_context.detach(token)
+        sink.send(CLOSE, record)
+        sink.drain()
+
+
+# ---- level off ------------------------------------------------------------------------------
+
+class _NullPhases:
+    __slots__ = ()
+
+    def phase(self, name, fn, *args, attrs=None):
+        return fn(*args)
+
+    def begin(self, batch) -> None:
+        pass
+
+    def postprocessed(self, batch, finished) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+_NULL = _NullPhases()
+
+
+class NullTracer:
+    level = TraceLevel.OFF
+
+    def init(self, config):
+        return _NULL
+
+    def observe(self, scheduler, block_manager, layers) -> None:
+        pass
+
+    def generate(self, seqs, prompts):
+        return _NULL
+
+    def step(self):
+        return _NULL
+
+
+# ---- start-up -------------------------------------------------------------------------------
+
+class _InitTrace:
+    """engine.init and its phases; sent as each ends."""
+
+    def __init__(self, sink, config, device: torch.device):
+        self.sink, self.config, self.device = sink, config, device
+        self.record = _root(S.ENGINE_INIT, A.config_attrs(config))
+
+    def __enter__(self):
+        self.sink.send(OPEN, self.record)
+        self.record.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.record.attrs.update(A.config_attrs(self.config))   # sizes decided during init
+        self.record.__exit__(kind, exc, tb)
+        self.sink.send(CLOSE, self.record)
+        self.sink.drain()
+
+    def phase(self, name, fn, *args, attrs=None):
+        record = SpanRecord(name, self.record, now_ns())
+        try:
+            with record:
+                try:
+                    result = fn(*args)
+                except torch.cuda.OutOfMemoryError as e:
+                    record.attrs[S.ERROR_ADVICE] = OOM_ADVICE
+                    raise torch.cuda.OutOfMemoryError(f"{OOM_ADVICE}. During {name}: {e}") from e
+            if attrs is not None:
+                record.attrs.update(attrs(result, *args))
+            return result
+        finally:
+            record.attrs.update(memory_snapshot(self.device))
+            self.sink.send(SPANS, [record])
+
+
+# ---- one generate call ------------------------------------------------------------------------
+
+class _Call:
+    """The state of one `generate` call."""
+
+    def __init__(self, root: SpanRecord, seqs, prompts, level: TraceLevel, max_spans: int):
+        self.root = root
+        self.seqs, self.prompts = seqs, prompts
+        self.requests: dict[int, SpanRecord] = {}
+        self.prompt_of: dict[int, object] = {}
+        self.stats = StepStats()
+        self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG)
+        self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
+        self.stretch = StepStretch()
+        self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
+        self.budget = max_spans - 1 - len(seqs)   # llm.generate and request spans are always kept
+        self.launch_index: dict[int, int] = {}   # id of a launched batch -> its step index
+        self.steps = self.prefill_steps = self.drain_steps = 0
+        self.prefill_ns = self.decode_ns = 0
+        self.detailed = self.over_budget = self.dropped_spans = self.aggregates = 0
+        self.slowest_detailed = False
+
+
+class _StepTrace:
+    """One step: its span, its phases' spans, and its few numbers."""
+
+    __slots__ = ("tracer", "call", "record", "children", "batch", "gpu", "used_graph", "postprocessed_any",
+                 "summary", "forward")
+
+    def __init__(self, tracer: "EngineTracer", call: _Call):
+        self.tracer, self.call = tracer, call
+        self.record = SpanRecord(S.STEP, call.root, 0)
+        self.children: list[SpanRecord] = []
+        self.batch = None
+        self.gpu = None
+        self.forward: SpanRecord | None = None
+        self.used_graph = True
+        self.postprocessed_any = False
+        self.summary: StepSummary | None = None
+
+    def __enter__(self):
+        self.record.start_ns = now_ns()
+        self.tracer._current_step = self
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.record.__exit__(kind, exc, tb)
+        self.tracer._current_step = None
+        self.tracer._end_step(self, exc)
+
+    def phase(self, name, fn, *args, attrs=None):
+        record = SpanRecord(name, self.record, now_ns())
+        self.children.append(record)   # before the spans the phase itself records (debug layers)
+        timer = None
+        if name == S.FORWARD:
+            self.forward = record
+            timer = self.tracer.gpu_timer
+            if timer is not None:
+                start = timer.start()
+        with record:
+            result = fn(*args)
+        if timer is not None:
+            self.gpu = timer.stop(start)
+        if name == S.FORWARD:
+            self.used_graph = result[1]
+        if attrs is not None:
+            record.attrs = attrs(result, *args)
+        return result
+
+    def begin(self, batch) -> None:
+        """The batch this step launches (scheduled by its first phase)."""
+        self.batch = batch
+        self.tracer._on_schedule(self.call, batch)
+
+    def postprocessed(self, batch, finished) -> None:
+        """The tokens of `batch` (launched by this step or the one before) are in."""
+        self.postprocessed_any = True
+        self.tracer._on_postprocess(self.call, batch, finished)
+
+
+class _RequestLevelStep(_StepTrace):
+    """Level `request`: the step is measured (for the call's statistics), its phases are not."""
+
+    __slots__ = ()
+
+    def phase(self, name, fn, *args, attrs=None):
+        result = fn(*args)
+        if name == S.FORWARD:
+            self.used_graph = result[1]
+        return result
+
+
+class EngineTracer:
+    def __init__(self, level: TraceLevel, device: torch.device, model_name: str):
+        self.level = level
+        self.device = device
+        self.model_name = model_name
+        self.max_spans = env_number("OTVLLM_TRACE_MAX_SPANS", 2000, minimum=100)
+        self.gpu_timer = GpuTimer() if device.type == "cuda" and level >= TraceLevel.STEP else None
+        self.sink = current_sink()
+        self.tokenizer = None
+        self.num_blocks = 0
+        self._uses_graphs = False
+        self._call: _Call | None = None
+        self._current_step: _StepTrace | None = None
+        self._layer_hooks = []
+
+    # ---- start-up ---------------------------------------------------------------------------------
+
+    def init(self, config) -> _InitTrace:
+        self.sink = current_sink()
+        return _InitTrace(self.sink, config, self.device)
+
+    def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
+        """What later spans read: the KV-cache size, the tokenizer (for opt-in content), and at
+        `debug` the attention layers, one span each per forward."""
+        self.num_blocks = block_manager.num_blocks
+        self.block_manager, self.scheduler = block_manager, scheduler
+        self.tokenizer = tokenizer
+        self._uses_graphs = uses_graphs
+        if self.level is TraceLevel.DEBUG and not self._layer_hooks:
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
+            for layer in layers:
+                self._layer_hooks.append(layer.register_forward_pre_hook(self._layer_start(sync)))
+                self._layer_hooks.append(layer.register_forward_hook(self._layer_end(sync)))
+
+    # ---- llm.generate and request spans ---------------------------------------------------------
+
+    @contextmanager
+    def generate(self, seqs, prompts):
+        self.sink = sink = current_sink()
+        if not sink.active:   # nobody would see the spans
+            yield
+            return
+        root = _root(S.GENERATE, {
+            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_SYSTEM: "otvllm",
+            S.GEN_AI_REQUEST_MODEL: self.model_name, S.GEN_NUM_REQUESTS: len(seqs),
+            S.GEN_PROMPT_TOKENS: sum(s.num_prompt_tokens for s in seqs), S.TRACE_LEVEL: str(self.level),
+        })
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
+        manager, scheduler = self.block_manager, self.scheduler
+        before = (manager.num_cache_queries, manager.num_cache_hits, scheduler.num_preemptions)
+        self._call = call = _Call(root, seqs, prompts, self.level, self.max_spans)
+        sink.send(OPEN, root)
+        for seq, prompt in zip(seqs, prompts):
+            request = SpanRecord(S.REQUEST, root, seq.arrival_ns or root.start_ns, attrs={
+                S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name,
+                S.SEQ_ID: seq.seq_id})
+            call.requests[seq.seq_id] = request
+            call.prompt_of[seq.seq_id] = prompt
+            sink.send(OPEN, request)
+        try:
+            with root:
+                yield
+        finally:
+            self._call = None
+            self._finish_steps(call, failed=root.error is not None)
+            for seq in seqs:
+                if seq.seq_id in call.requests:
+                    self._close_request(call, seq, root)
+            root.attrs.update(self._generate_totals(call, manager.num_cache_hits - before[1],
+                                                    manager.num_cache_queries - before[0],
+                                                    scheduler.num_preemptions - before[2]))
+            sink.send(CLOSE, root)
+            sink.drain()
+
+    def _close_request(self, call: _Call, seq, root: SpanRecord) -> None:
+        record = call.requests.pop(seq.seq_id)
+        record.start_ns = seq.arrival_ns or record.start_ns
+        record.end_ns = seq.finished_ns or now_ns()
+        texts = self.tokenizer is not None and A.trace_content_enabled()
+        prompt = call.prompt_of.pop(seq.seq_id)
+        completion = self.tokenizer.decode(seq.completion_token_ids) if texts else None
+        record.attrs.update(A.request_attrs(seq, self.model_name, prompt if isinstance(prompt, str) else None,
+                                            completion))
+        if seq.finish_reason is None and root.error is not None:
+            kind, message, _ = root.error
+            record.error = (kind, f"the generate call ended before this request finished ({message or kind})", "")
+        self.sink.send(CLOSE, record)
+
+    def _generate_totals(self, call: _Call, hits: int, queries: int, preemptions: int) -> dict:
+        output_tokens = sum(s.num_completion_tokens for s in call.seqs)
+        seconds = max(call.root.end_ns - call.root.start_ns, 1) / 1e9
+        attrs = {
+            S.GEN_OUTPUT_TOKENS: output_tokens, S.GEN_STEPS: call.steps, S.GEN_PREFILL_STEPS: call.prefill_steps,
+            S.GEN_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps,
+            S.GEN_PREFILL_TIME_MS: call.prefill_ns / 1e6, S.GEN_DECODE_TIME_MS: call.decode_ns / 1e6,
+            S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
+            S.GEN_PREFIX_HIT_RATE: hits / queries if queries else 0.0,
+        }
+        attrs.update(call.stats.attrs())
+        if self.level >= TraceLevel.STEP:
+            attrs.update({
+                S.TRACE_STEPS_DETAILED: call.detailed, S.TRACE_STEPS_AGGREGATED: call.steps - call.detailed,
+                S.TRACE_AGGREGATE_SPANS: call.aggregates, S.TRACE_STEPS_OVER_BUDGET: call.over_budget,
+                S.TRACE_SPANS_DROPPED: call.dropped_spans, S.SLOWEST_STEP_DETAILED: call.slowest_detailed,
+                S.TRACE_POLICY: f"{call.policy.describe()}; at most {self.max_spans} spans",
+            })
+        if self.device.type == "cuda" and call.root.error is None:
+            snapshot = memory_snapshot(self.device)
+            attrs[S.GEN_MEM_END] = snapshot[S.MEM_ALLOCATED]
+            attrs[S.GEN_MEM_PEAK] = snapshot[S.MEM_PEAK]
+        return attrs
+
+    # ---- engine.step and its phases --------------------------------------------------------------
+
+    def step(self):
+        call = self._call
+        if call is None:
+            return _NULL
+        if self.level is TraceLevel.REQUEST:
+            return _RequestLevelStep(self, call)
+        return _StepTrace(self, call)
+
+    def _on_schedule(self, call: _Call, batch) -> None:
+        index = call.steps
+        if batch.seqs:
+            call.launch_index[id(batch)] = index
+        now = now_ns()
+        if batch.is_prefill:
+            for seq in batch.seqs:
+                call.requests[seq.seq_id].events.append(
+                    (S.EVENT_SCHEDULED, now, {S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
+        for seq in batch.preempted:
+            call.requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index}))
+
+    def _on_postprocess(self, call: _Call, batch, finished) -> None:
+        index = call.launch_index.pop(id(batch), call.steps)   # events name the step that computed the token
+        now = now_ns()
+        if batch.is_prefill:
+            for seq, token_index in zip(batch.seqs, batch.token_indexes):
+                if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
+                    call.requests[seq.seq_id].events.append((S.EVENT_FIRST_TOKEN, now, {S.EVENT_STEP: index}))
+        for f in finished:
+            call.requests[f.seq.seq_id].events.append(
+                (S.EVENT_FINISHED, now, {S.EVENT_STEP: index, S.EVENT_REASON: f.reason}))
+            self._close_request(call, f.seq, call.root)
+
+    def _end_step(self, step: _StepTrace, exc: BaseException | None) -> None:
+        call = step.call
+        batch = step.batch
+        failed = exc is not None
+        if not failed and (batch is None or not (batch.seqs or step.postprocessed_any)):
+            self._release_gpu(step)   # all preempted, nothing done: not a step
+            return
+        index = call.steps
+        call.steps += 1
+        record = step.record
+        duration = record.end_ns - record.start_ns
+        phase = batch.phase if batch is not None else "unknown"
+        if phase == "prefill":
+            call.prefill_steps += 1
+            call.prefill_ns += duration
+        elif phase == "drain":
+            call.drain_steps += 1
+        else:
+            call.decode_ns += duration
+        step.summary = summary = StepSummary(
+            index, phase, record.start_ns, record.end_ns, len(batch.seqs) if batch is not None else 0,
+            batch.num_batched_tokens if batch is not None else 0, bool(batch is not None and batch.preempted),
+            failed, self._uses_graphs and phase == "decode" and not step.used_graph)
+        call.stats.add(summary)
+        if self.level is TraceLevel.REQUEST:
+            return
+        reason = call.policy.reason(summary)
+        if reason is None:
+            call.ring.append(step)
+            if len(call.ring) > call.policy.last:
+                self._aggregate(call, call.ring.popleft())
+        else:
+            self._detail(call, step, reason)
+        self._send_timed(call, wait=False)
+        self.sink.pump()
+
+    def _aggregate(self, call: _Call, step: _StepTrace) -> None:
+        self._release_gpu(step)
+        call.stretch.add(step.summary)
+        if call.stretch.too_long():
+            self._close_stretch(call)
+
+    def _close_stretch(self, call: _Call) -> None:
+        stretch = call.stretch
+        if not len(stretch):
+            return
+        first, last = stretch.steps[0], stretch.steps[-1]
+        self._send_spans(call, [SpanRecord(S.STEPS, call.root, first.start_ns, last.end_ns, stretch.attrs())])
+        call.aggregates += 1
+        call.stretch = StepStretch()
+
+    def _detail(self, call: _Call, step: _StepTrace, reason: str) -> None:
+        for earlier in call.ring:   # the newest undecided steps come before this one
+            self._aggregate(call, earlier)
+        call.ring.clear()
+        extra = self._block_records(step) if step.batch is not None else []
+        cost = 1 + len(step.children) + len(extra)
+        if cost > call.budget:
+            call.over_budget += 1
+            self._aggregate(call, step)
+            return
+        self._close_stretch(call)
+        call.budget -= cost
+        call.detailed += 1
+        if step.summary is call.stats.slowest:
+            call.slowest_detailed = True
+        summary = step.summary
+        attrs = step.record.attrs
+        attrs.update({S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
+                      S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
+        step.children.extend(extra)
+        if step.forward is not None and step.forward.end_ns:
+            try:
+                step.forward.attrs.update(memory_snapshot(self.device))
+            except RuntimeError:   # a device that failed may not answer
+                pass
+        if step.gpu is not None and not summary.failed:
+            call.awaiting_gpu.append(step)
+        else:
+            self._release_gpu(step)
+            self._send_step(call, step)
+
+    def _send_timed(self, call: _Call, wait: bool) -> None:
+        """Send the detailed steps whose forward has finished on the device, with its GPU time."""
+        waiting = call.awaiting_gpu
+        while waiting and (wait or GpuTimer.done(waiting[0].gpu)):
+            step = waiting.popleft()
+            step.forward.attrs[S.GPU_TIME_MS] = self.gpu_timer.elapsed_ms(step.gpu)
+            step.gpu = None
+            self._send_step(call, step)
+
+    def _send_step(self, call: _Call, step: _StepTrace) -> None:
+        self._send_spans(call, [step.record, *step.children])
+
+    def _send_spans(self, call: _Call, records: list[SpanRecord]) -> None:
+        if not self.sink.send(SPANS, records):
+            call.dropped_spans += len(records)
+
+    def _release_gpu(self, step: _StepTrace) -> None:
+        if step.gpu is not None:
+            self.gpu_timer.release(step.gpu)
+            step.gpu = None
+
+    def _finish_steps(self, call: _Call, failed: bool) -> None:
+        """The call ended: its newest undecided steps are its last ones."""
+        if self.level < TraceLevel.STEP:
+            return
+        last = list(call.ring)
+        call.ring.clear()
+        for step in last:
+            self._detail(call, step, "last")
+        self._close_stretch(call)
+        if failed:   # the device may not answer: no GPU times
+            while call.awaiting_gpu:
+                step = call.awaiting_gpu.popleft()
+                step.gpu = None
+                self._send_step(call, step)
+        else:
+            self._send_timed(call, wait=True)
+
+    def _block_records(self, step: _StepTrace) -> list[SpanRecord]:
+        batch = step.batch
+        schedule = step.children[0] if step.children and step.children[0].name == S.SCHEDULE else None
+        if schedule is None or not (batch.allocations or batch.new_decode_blocks or batch.preempted):
+            return []
+        if batch.allocations:
+            start, end = batch.allocations[0].start_ns, batch.allocations[-1].end_ns
+        else:
+            start, end = schedule.start_ns, schedule.end_ns
+        parent = SpanRecord(S.BLOCK_ALLOCATE, schedule, start, end, A.block_allocate_attrs(batch, self.num_blocks))
+        records = [parent]
+        if self.level is TraceLevel.DEBUG:
+            records += [SpanRecord(S.BLOCK_ALLOCATE, parent, a.start_ns, a.end_ns, A.sequence_allocate_attrs(a))
+                        for a in batch.allocations]
+        return records
+
+    # ---- debug: one span per attention layer -----------------------------------------------------
+
+    def _forward_in_progress(self) -> SpanRecord | None:
+        step = self._current_step
+        forward = step.forward if step is not None else None
+        return forward if forward is not None and not forward.end_ns else None
+
+    def _layer_start(self, sync):
+        def hook(module, args):
+            if self._forward_in_progress() is not None:
+                sync()
+                module._otvllm_start_ns = now_ns()
+        return hook
+
+    def _layer_end(self, sync):
+        def hook(module, args, output):
+            forward = self._forward_in_progress()
+            if forward is None:
+                return
+            sync()
+            # After the forward's record in the step's list: the builder meets the parent first.
+            self._current_step.children.append(SpanRecord(
+                S.ATTENTION, forward, module._otvllm_start_ns, now_ns(), A.attention_attrs(module, args, output)))
+        return hook
+
+
+def make_tracer(level: TraceLevel, device: torch.device, model: str):
+    if level is TraceLevel.OFF:
+        return NullTracer()
+    return EngineTracer(level, device, os.path.basename(os.path.normpath(model)))

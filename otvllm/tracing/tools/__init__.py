@@ -1,0 +1,1 @@
+"""Tools over trace files: the Jaeger JSON reader and `otvllm trace summary`."""
