@@ -212,7 +212,7 @@ def main() -> None:
     receiver.stdin.close()
     print(f"OTLP receiver got {receiver.stdout.readline().strip()} spans")
     if args.trace_file:
-        from otvllm.tracing.summary import summarize_file
+        from otvllm.tracing.tools.summary import summarize_file
         print(summarize_file(args.trace_file))
     if args.json:
         with open(args.json, "w") as f:

@@ -138,7 +138,7 @@ def _check_generate_args(args):
     if not args.prompt and not args.num_prompts:
         raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
     if args.model is not None and not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model!r} is not a directory")
+        raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
 

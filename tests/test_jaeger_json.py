@@ -12,7 +12,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from otvllm.tracing.jaeger_json import JaegerJsonFileExporter, load_jaeger_json, spans_to_jaeger
+from otvllm.tracing.export.jaeger_file import JaegerJsonFileExporter, spans_to_jaeger
+from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
 
 JSON_TYPES = {"string": str, "bool": bool, "int64": int, "float64": float}
 

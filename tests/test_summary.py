@@ -7,8 +7,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otvllm.tracing import schema as S
-from otvllm.tracing.jaeger_json import JaegerJsonFileExporter
-from otvllm.tracing.summary import human_bytes, summarize_file
+from otvllm.tracing.export.jaeger_file import JaegerJsonFileExporter
+from otvllm.tracing.tools.summary import human_bytes, summarize_file
 
 T0 = 1_760_000_000_000_000_000   # ns since the epoch
 MS = 1_000_000

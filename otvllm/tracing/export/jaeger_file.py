@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
-from otvllm.tracing.export.trace_file import write_atomically
+from otvllm.tracing.export.trace_file import file_mode, write_atomically
 
 _KINDS = {SpanKind.CLIENT: "client", SpanKind.SERVER: "server",
           SpanKind.PRODUCER: "producer", SpanKind.CONSUMER: "consumer"}
@@ -162,13 +162,14 @@ def spans_to_jaeger(spans: Sequence[ReadableSpan]) -> dict:
 
 
 class JaegerJsonFileExporter(SpanExporter):
-    """Collects spans (converted as they are exported) and writes the whole file on `write()`,
-    atomically. Holds at most `max_spans` spans; later ones are counted in `dropped`."""
+    """Collects spans (converted as they are exported) and writes the whole file, atomically,
+    on `write()` (and force_flush, shutdown). Holds at most `max_spans` spans; later ones are
+    counted in `dropped`. The file's mode is `mode`, by default 0666 less the umask."""
 
-    def __init__(self, path: str, max_spans: int, mode: int = 0o644):
+    def __init__(self, path: str, max_spans: int = 1 << 62, mode: int | None = None):
         self.path = os.path.abspath(path)
         self.max_spans = max_spans
-        self.mode = mode
+        self.mode = mode if mode is not None else file_mode(private=False)
         self.spans = 0
         self.dropped = 0
         self._builders: dict[str, _TraceBuilder] = {}
@@ -185,12 +186,14 @@ class JaegerJsonFileExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self.write()
         return True
 
     def shutdown(self) -> None:
-        pass
+        self.write()
 
     def write(self) -> None:
         with self._lock:
             doc = _document(self._builders)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         write_atomically(self.path, json.dumps(doc, separators=(",", ":")).encode(), self.mode)

@@ -96,7 +96,7 @@ class NullTracer:
     def init(self, config):
         return _NULL
 
-    def observe(self, scheduler, block_manager, layers) -> None:
+    def observe(self, *parts, **named) -> None:
         pass
 
     def generate(self, seqs, prompts):
@@ -158,12 +158,13 @@ class _Call:
         self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
         self.stretch = StepStretch()
         self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
-        self.budget = max_spans - 1 - len(seqs)   # llm.generate and request spans are always kept
+        # Spans of this call's steps: llm.generate and the request spans are always kept.
+        self.budget = max_spans - 1 - len(seqs)
         self.launch_index: dict[int, int] = {}   # id of a launched batch -> its step index
         self.steps = self.prefill_steps = self.drain_steps = 0
         self.prefill_ns = self.decode_ns = 0
-        self.detailed = self.over_budget = self.dropped_spans = self.aggregates = 0
-        self.slowest_detailed = False
+        self.over_budget = self.dropped_spans = self.aggregates = 0
+        self.detailed_indexes: set[int] = set()
 
 
 class _StepTrace:
@@ -338,9 +339,9 @@ class EngineTracer:
         attrs.update(call.stats.attrs())
         if self.level >= TraceLevel.STEP:
             attrs.update({
-                S.TRACE_STEPS_DETAILED: call.detailed, S.TRACE_STEPS_AGGREGATED: call.steps - call.detailed,
+                S.TRACE_STEPS_DETAILED: len(call.detailed_indexes), S.TRACE_STEPS_AGGREGATED: call.steps - len(call.detailed_indexes),
                 S.TRACE_AGGREGATE_SPANS: call.aggregates, S.TRACE_STEPS_OVER_BUDGET: call.over_budget,
-                S.TRACE_SPANS_DROPPED: call.dropped_spans, S.SLOWEST_STEP_DETAILED: call.slowest_detailed,
+                S.TRACE_SPANS_DROPPED: call.dropped_spans, S.SLOWEST_STEP_DETAILED: call.stats.slowest is not None and call.stats.slowest.index in call.detailed_indexes,
                 S.TRACE_POLICY: f"{call.policy.describe()}; at most {self.max_spans} spans",
             })
         if self.device.type == "cuda" and call.root.error is None:
@@ -422,7 +423,7 @@ class EngineTracer:
     def _aggregate(self, call: _Call, step: _StepTrace) -> None:
         self._release_gpu(step)
         call.stretch.add(step.summary)
-        if call.stretch.too_long():
+        if call.stretch.too_long() and call.budget > 1:   # one span is kept for the last stretch
             self._close_stretch(call)
 
     def _close_stretch(self, call: _Call) -> None:
@@ -431,6 +432,7 @@ class EngineTracer:
             return
         first, last = stretch.steps[0], stretch.steps[-1]
         self._send_spans(call, [SpanRecord(S.STEPS, call.root, first.start_ns, last.end_ns, stretch.attrs())])
+        call.budget -= 1
         call.aggregates += 1
         call.stretch = StepStretch()
 
@@ -439,16 +441,14 @@ class EngineTracer:
             self._aggregate(call, earlier)
         call.ring.clear()
         extra = self._block_records(step) if step.batch is not None else []
-        cost = 1 + len(step.children) + len(extra)
-        if cost > call.budget:
+        cost = 1 + len(step.children) + len(extra) + (1 if len(call.stretch) else 0)
+        if cost > call.budget - 1:   # one span is kept for the last stretch
             call.over_budget += 1
             self._aggregate(call, step)
             return
         self._close_stretch(call)
         call.budget -= cost
-        call.detailed += 1
-        if step.summary is call.stats.slowest:
-            call.slowest_detailed = True
+        call.detailed_indexes.add(step.summary.index)
         summary = step.summary
         attrs = step.record.attrs
         attrs.update({S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
