@@ -65,9 +65,11 @@ def summary(tmp_path_factory):
         S.GEN_PREFILL_STEPS: 4, S.GEN_DECODE_STEPS: 96, S.GEN_PREFILL_TIME_MS: 40.0, S.GEN_DECODE_TIME_MS: 900.0,
         S.GEN_THROUGHPUT: 512.0, S.GEN_PREEMPTIONS: 3, S.GEN_PREFIX_HIT_RATE: 0.25,
         S.GEN_MEM_START: GiB, S.GEN_MEM_END: GiB + 256 * (1 << 20), S.GEN_MEM_PEAK: 5 * GiB,
-        S.TRACE_STEPS_DETAILED: 2, S.TRACE_STEPS_SAMPLED_AWAY: 98, S.TRACE_STEPS_OVER_BUDGET: 0})
+        S.TRACE_STEPS_DETAILED: 2, S.TRACE_STEPS_AGGREGATED: 98, S.TRACE_AGGREGATE_SPANS: 2,
+        S.TRACE_STEPS_OVER_BUDGET: 0, S.STEPS_COUNT: 100, S.STEP_TIME_MEAN_MS: 9.4, S.STEP_TIME_P50_MS: 9.0,
+        S.STEP_TIME_P99_MS: 12.0, S.STEP_TIME_MAX_MS: 250.0, S.SLOWEST_STEP_INDEX: 50})
     _step(b, gen, 0, "prefill", 0, 10, 4, 1000, [(S.FORWARD, 1, 9, {S.MEM_PEAK: 3 * GiB})], base=t1)
-    _step(b, gen, 50, "decode", 500, 509, 4, 4, base=t1)
+    _step(b, gen, 50, "decode", 500, 750, 4, 4, base=t1)
     gen.end(end_time=t1 + 1000 * MS)
 
     # Trace C: engine.init on a CPU machine. Trace D: a generate with no memory figures.
@@ -82,6 +84,15 @@ def summary(tmp_path_factory):
     gen = b.tracer.start_span(S.GENERATE, start_time=t3)
     _step(b, gen, 0, "prefill", 0, 5, 1, 7, base=t3)
     gen.end(end_time=t3 + 5 * MS)
+    # Trace F: a generate interrupted by Ctrl-C whose slowest step was not detailed.
+    t5 = T0 + 5 * 10**9
+    gen = b.tracer.start_span(S.GENERATE, start_time=t5, attributes={
+        S.GEN_STEPS: 40, S.STEPS_COUNT: 40, S.STEP_TIME_MEAN_MS: 5.0, S.STEP_TIME_P50_MS: 4.0,
+        S.STEP_TIME_P99_MS: 30.0, S.STEP_TIME_MAX_MS: 30.0, S.SLOWEST_STEP_INDEX: 33,
+        S.ERROR_TYPE: "KeyboardInterrupt"})
+    _step(b, gen, 0, "prefill", 0, 5, 1, 7, base=t5)
+    gen.set_status(trace.Status(trace.StatusCode.ERROR, "KeyboardInterrupt: "))
+    gen.end(end_time=t5 + 200 * MS)
     # Trace E: not otvllm's.
     b.span("GET /health", 0, 2, base=T0 + 4 * 10**9)
     provider.shutdown()
@@ -89,7 +100,7 @@ def summary(tmp_path_factory):
     text = summarize_file(str(path))
     print(text)
     blocks = text.split("\n\n")[1:]
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     return blocks
 
 
@@ -121,12 +132,12 @@ def test_generate_from_step_spans(summary):
     assert "2.00 ms" in _line(a, S.SCHEDULE) and "6.1%" in _line(a, S.SCHEDULE)   # 2 of 33 ms
     assert "20.00 ms" in _line(a, S.FORWARD) and "60.6%" in _line(a, S.FORWARD)
     assert "6.50 ms" in _line(a, "(model.forward GPU time")
-    assert _line(a, "slowest step").startswith("slowest step: #2 (decode")
-    assert _line(a, "slowest step").endswith("16.00 ms")
+    assert _line(a, "slowest detailed step").startswith("slowest detailed step: #2 (decode")
+    assert _line(a, "slowest detailed step").endswith("16.00 ms")
     assert _line(a, "CUDA memory") == "CUDA memory: peak 2.50 GiB"
     assert _line(a, "preemptions") == "preemptions: 1"
     assert _line(a, "time to first token") == "time to first token: mean 11.00 ms, max 12.00 ms (2 requests)"
-    assert "sampled away" not in a
+    assert "aggregate" not in a
 
 
 def test_generate_prefers_aggregates(summary):
@@ -136,18 +147,27 @@ def test_generate_prefers_aggregates(summary):
     assert "requests=4" in head and "prompt_tokens=1,000" in head and "total_output_tokens=512" in head
     times = _line(b, "prefill_time")
     assert "prefill_time=40.00 ms" in times and "decode_time=900.00 ms" in times and "throughput=512.0 tok/s" in times
-    assert "2 of 100 steps traced" in b
+    assert "2 of 100 steps detailed" in b
     assert _line(b, "prefix cache hit rate").startswith("prefix cache hit rate: 25.0%")
     memory = _line(b, "CUDA memory")
     assert memory.startswith("CUDA memory: peak 5.00 GiB")
     assert "at start 1.00 GiB" in memory and "at end 1.25 GiB (+256.00 MiB)" in memory
     assert _line(b, "preemptions") == "preemptions: 3"
-    assert "2 steps detailed, 98 sampled away" in _line(b, "trace:")
-    assert _line(b, "slowest step").startswith("slowest step: #0 (prefill")
+    assert "2 steps detailed, 98 in 2 aggregate spans" in _line(b, "trace:")
+    assert _line(b, "step time over all 100 steps") == (
+        "step time over all 100 steps: mean 9.40 ms, p50 9.00 ms, p99 12.00 ms, max 250.00 ms")
+    assert _line(b, "slowest step") == "slowest step: #50 (decode, 4 seqs, 4 tokens) 250.00 ms, detailed (?)"
+
+
+def test_interrupted_generate_and_slowest_step_not_detailed(summary):
+    f = summary[5]
+    assert _line(f, "Generation interrupted (KeyboardInterrupt)").startswith(
+        "Generation interrupted (KeyboardInterrupt): 40 steps")
+    assert _line(f, "slowest step") == "slowest step: #33 30.00 ms, not detailed (in an engine.steps aggregate span)"
 
 
 def test_init_and_cpu_and_foreign_traces(summary):
-    c, d, e = summary[2:]
+    c, d, e = summary[2:5]
     assert c.startswith(S.ENGINE_INIT)
     assert "init 300.00 ms" in c
     assert _line(c, "model:").startswith("model: Qwen3ForCausalLM: 2 layers")

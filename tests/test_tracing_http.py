@@ -37,9 +37,9 @@ def test_http_protobuf_export_from_environment_variables(qwen3_dir, monkeypatch)
         llm = LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, device="cpu")
         llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
     finally:
-        stats = session.shutdown()
+        report = session.shutdown()
         server.shutdown()
-    assert stats["exporters"][0]["failed"] == 0
+    assert report.result["network"]["failed"] == 0
     assert {path for path, _, _ in server.received} == {"/v1/traces"}
     assert {team for _, team, _ in server.received} == {"inference"}
     spans = [(rs, span) for _, _, request in server.received for rs in request.resource_spans

@@ -144,3 +144,63 @@ def test_a_failed_start_up_at_debug_level_reports_the_real_error(exporter, tmp_p
         LLM(str(tmp_path), trace_level="debug")
     init = [s for s in exporter.get_finished_spans() if s.name == S.ENGINE_INIT][-1]
     assert init.status.status_code == StatusCode.ERROR and "no config.json" in init.status.description
+
+
+def test_step_spans_reach_the_callers_processor_while_generate_runs(exporter, qwen3_dir):
+    llm = make_llm(qwen3_dir)
+    engine_steps_at_delivery = []   # how far the engine was when each step span reached the processor
+
+    class Watch(SimpleSpanProcessor):
+        def on_end(self, span):
+            if span.name == S.STEP:
+                engine_steps_at_delivery.append(llm.engine.step_index)
+
+    trace.get_tracer_provider().add_span_processor(Watch(InMemorySpanExporter()))
+    start = llm.engine.step_index
+    # Long enough (over a hundred steps, seconds on CPU) for spans to be delivered mid-call.
+    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True),
+                 use_tqdm=False)
+    end = llm.engine.step_index
+    delivered = [i for i in engine_steps_at_delivery if start <= i <= end]
+    assert delivered and min(delivered) < end - 10, "step spans reached the application only at the call's end"
+
+
+def test_two_threads_on_one_llm_get_correct_outputs(exporter, qwen3_dir):
+    import threading
+
+    llm = make_llm(qwen3_dir)
+    prompts = [[[1, 2, 3], [4, 5, 6, 7]], [[9, 8], [7, 7, 7, 7, 7]]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [[o.token_ids for o in llm.generate(p, params, use_tqdm=False)] for p in prompts]
+    results, errors = [None, None], []
+
+    def call(i):
+        try:
+            results[i] = [o.token_ids for o in llm.generate(prompts[i], params, use_tqdm=False)]
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and results == alone
+
+
+def test_generate_from_inside_generate_is_a_clear_error(exporter, qwen3_dir):
+    llm = make_llm(qwen3_dir)
+    engine_step = llm.engine.step
+    seen = []
+
+    def step_calling_generate():
+        if not seen:
+            with pytest.raises(RuntimeError, match="one call runs at a time"):
+                llm.generate([[1, 2]], PARAMS, use_tqdm=False)
+            seen.append(1)
+        return engine_step()
+
+    llm.engine.step = step_calling_generate
+    assert len(llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)[0].token_ids) == PARAMS.max_tokens
+    assert seen == [1]

@@ -31,8 +31,9 @@ def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs
             llm = make_llm(model_dir, level, **kwargs)
             outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
-            stats = session.shutdown()
-        assert stats is not None and stats["exporters"][0]["failed"] == 0
+            report = session.shutdown()
+        network = report.result["network"]
+        assert network["failed"] == 0 and network["finished"]
         return receiver.spans(), outputs, llm
 
 
@@ -168,7 +169,14 @@ def test_generate_span_totals(step_run):
     assert a[S.GEN_STEPS] == PARAMS.max_tokens
     assert a[S.GEN_PREFILL_STEPS] == 1 and a[S.GEN_DECODE_STEPS] == PARAMS.max_tokens - 1
     assert a[S.GEN_PREEMPTIONS] == 0
-    assert a[S.TRACE_STEPS_SAMPLED_AWAY] == 0 and a[S.TRACE_STEPS_DETAILED] == PARAMS.max_tokens
+    assert a[S.TRACE_STEPS_AGGREGATED] == 0 and a[S.TRACE_STEPS_DETAILED] == PARAMS.max_tokens
+    assert a[S.STEPS_COUNT] == PARAMS.max_tokens and a[S.SLOWEST_STEP_DETAILED] is True
+    steps = by_name(spans, S.STEP)
+    durations_ms = sorted((s["end_ns"] - s["start_ns"]) / 1e6 for s in steps)
+    assert a[S.STEP_TIME_MAX_MS] == pytest.approx(durations_ms[-1], abs=0.01)
+    assert a[S.STEP_TIME_P50_MS] == pytest.approx(durations_ms[len(durations_ms) // 2 - 1 + len(durations_ms) % 2],
+                                                  abs=0.01)
+    assert a[S.STEP_TIME_MEAN_MS] == pytest.approx(sum(durations_ms) / len(durations_ms), abs=0.01)
     assert a[S.GEN_AI_REQUEST_MODEL] == "qwen3"
 
 
@@ -249,31 +257,43 @@ LONG = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
 
 def long_run(model_dir, monkeypatch, max_spans):
     monkeypatch.setenv("OTVLLM_TRACE_MAX_SPANS", str(max_spans))
-    monkeypatch.setenv("OTVLLM_TRACE_STEP_STRIDE", "8")
     spans, _, _ = traced_run(model_dir, prompts=[[1] * 5, [2] * 9], params=LONG, max_model_len=128)
     generate = by_name(spans, S.GENERATE)[0]
     trace = [s for s in spans if s["trace_id"] == generate["trace_id"]]
     a = generate["attributes"]
     steps = by_name(trace, S.STEP)
-    assert a[S.GEN_STEPS] == 100
+    aggregates = by_name(trace, S.STEPS)
+    assert a[S.GEN_STEPS] == 100 and a[S.STEPS_COUNT] == 100
     assert a[S.TRACE_STEPS_DETAILED] == len(steps)
-    assert a[S.TRACE_STEPS_DETAILED] + a[S.TRACE_STEPS_SAMPLED_AWAY] == 100
+    assert a[S.TRACE_STEPS_DETAILED] + a[S.TRACE_STEPS_AGGREGATED] == 100
+    assert a[S.TRACE_AGGREGATE_SPANS] == len(aggregates)
+    # Every step is in exactly one span: its own, or one aggregate's range.
+    covered = [s["attributes"][S.STEP_INDEX] for s in steps]
+    for agg in aggregates:
+        first, last = agg["attributes"][S.STEPS_FIRST_INDEX], agg["attributes"][S.STEPS_LAST_INDEX]
+        assert agg["attributes"][S.STEPS_COUNT] == last - first + 1
+        covered += range(first, last + 1)
+    assert sorted(covered) == list(range(100))
     assert len(by_name(trace, S.REQUEST)) == 2                # requests are always kept
-    assert len(trace) <= max_spans
-    return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps)
+    generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
+    assert len(generate_subtree) <= max_spans
+    return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps), steps
 
 
-def test_long_generations_keep_first_steps_then_every_nth(qwen3_dir, monkeypatch):
-    a, kept = long_run(qwen3_dir, monkeypatch, max_spans=2000)
-    assert kept == list(range(32)) + list(range(32, 100, 8))
-    assert a[S.TRACE_STEPS_OVER_BUDGET] == 0
-    assert "every 8th decode step" in a[S.TRACE_POLICY]
+def test_long_generations_keep_first_last_and_outlier_steps(qwen3_dir, monkeypatch):
+    a, kept, steps = long_run(qwen3_dir, monkeypatch, max_spans=2000)
+    assert set(range(16)) | {99 - i for i in range(8)} <= set(kept)
+    assert a[S.TRACE_STEPS_OVER_BUDGET] == 0 and a[S.TRACE_SPANS_DROPPED] == 0
+    reasons = {s["attributes"][S.STEP_INDEX]: s["attributes"][S.STEP_DETAIL_REASON] for s in steps}
+    assert reasons[0] == "first" and reasons[99] == "last"
+    assert set(reasons.values()) <= {"first", "last", "slow", "slowest_so_far"}
+    assert "last 8 steps" in a[S.TRACE_POLICY]
 
 
-def test_span_budget_caps_a_trace_and_counts_what_it_dropped(qwen3_dir, monkeypatch):
-    a, kept = long_run(qwen3_dir, monkeypatch, max_spans=120)
+def test_span_budget_caps_a_trace_and_counts_what_it_left_out(qwen3_dir, monkeypatch):
+    a, kept, _ = long_run(qwen3_dir, monkeypatch, max_spans=120)
     assert a[S.TRACE_STEPS_OVER_BUDGET] > 0
-    assert kept == list(range(len(kept)))                      # the earliest steps are the ones kept
+    assert kept[:10] == list(range(10))                       # the earliest steps are the ones kept
 
 
 def _timed_generate(model_dir, endpoint, timeout_s):
@@ -291,9 +311,9 @@ def _timed_generate(model_dir, endpoint, timeout_s):
     finally:
         start = time.perf_counter()
         with redirect_stderr(stderr):
-            stats = session.shutdown()
+            report = session.shutdown()
         shutdown = time.perf_counter() - start
-    return untraced, traced, shutdown, stats, stderr.getvalue(), outputs
+    return untraced, traced, shutdown, report.result["network"], stderr.getvalue(), outputs
 
 
 def test_collector_down_does_not_stall_generation(qwen3_dir):
@@ -302,8 +322,8 @@ def test_collector_down_does_not_stall_generation(qwen3_dir):
     assert all(len(o.token_ids) == PARAMS.max_tokens for o in outputs)
     assert traced < untraced + 2.0
     assert shutdown < 6.0
-    assert warning.count("otvllm: tracing:") == 1 and "could not be sent" in warning or "dropped" in warning
-    assert stats is None or stats["exporters"][0]["failed"] > 0
+    assert warning.count("otvllm: tracing:") == 1 and "not (" in warning
+    assert stats is None or stats["failed"] > 0 or not stats["finished"]
 
 
 def test_hanging_collector_does_not_stall_generation(qwen3_dir):
