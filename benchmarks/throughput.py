@@ -171,9 +171,9 @@ def main() -> None:
     run_otvllm(llm, prompts, [min(n, 32) for n in max_tokens], "off", 1)
     results: dict = {"gpu": torch.cuda.get_device_name(), "output_tokens": sum(max_tokens)}
     off, step = [], []
-    for _ in range(args.repeats):   # interleaved, so that drift hits both alike
-        off += run_otvllm(llm, prompts, max_tokens, "off", 1)
-        step += run_otvllm(llm, prompts, max_tokens, "step", 1)
+    for round_ in range(args.repeats):   # interleaved, first one then the other, so drift hits both alike
+        for level in (("off", "step") if round_ % 2 == 0 else ("step", "off")):
+            (off if level == "off" else step).extend(run_otvllm(llm, prompts, max_tokens, level, 1))
     if args.profile:
         profile_steps(llm, *workload(args.baseline_seqs))
     total = sum(max_tokens)
