@@ -255,7 +255,7 @@ def test_sigkill_of_the_main_process_still_writes_the_trace(cli, env, tmp_path):
     while any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in run.export_pids):
         assert time.monotonic() < deadline, "the export process did not exit after writing the file"
         time.sleep(0.1)
-    assert f"Generation interrupted (ProcessExited)" in summary(trace, env)
+    assert "Generation interrupted (ProcessExited)" in summary(trace, env)
 
 
 def _state(pid: int) -> str:

@@ -28,6 +28,8 @@ class ScheduledBatch:
     num_waiting: int = 0
     num_running: int = 0
     num_free_blocks: int = 0
+    num_used_blocks: int = 0
+    total_preemptions: int = 0
 
     @property
     def phase(self) -> str:
@@ -64,7 +66,10 @@ class Scheduler:
         if not batch.seqs:
             batch = self._schedule_decode()
         batch.num_waiting, batch.num_running = len(self.waiting), len(self.running)
-        batch.num_free_blocks = self.block_manager.num_free_blocks
+        manager = self.block_manager
+        batch.num_free_blocks = manager.num_free_blocks
+        batch.num_used_blocks = manager.num_blocks - batch.num_free_blocks
+        batch.total_preemptions = self.num_preemptions
         return batch
 
     def _schedule_prefill(self) -> ScheduledBatch:

@@ -54,7 +54,8 @@ def schedule_attrs(batch) -> dict:
     attrs.update({
         S.NUM_CACHED_TOKENS: batch.num_cached_tokens,
         S.NUM_WAITING: batch.num_waiting, S.NUM_RUNNING: batch.num_running,
-        S.NUM_PREEMPTED: len(batch.preempted), S.BLOCKS_FREE: batch.num_free_blocks,
+        S.NUM_PREEMPTED: len(batch.preempted), S.TOTAL_PREEMPTIONS: batch.total_preemptions,
+        S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: batch.num_used_blocks,
     })
     if batch.preempted:
         attrs[S.PREEMPTED_SEQ_IDS] = [s.seq_id for s in batch.preempted]
@@ -104,14 +105,14 @@ def postprocess_attrs(finished, in_flight) -> dict:
     return attrs
 
 
-def block_allocate_attrs(batch, num_blocks: int) -> dict:
+def block_allocate_attrs(batch) -> dict:
     """The block manager's work in one schedule, summed over its sequences."""
     return {
         S.PHASE: batch.phase,
         S.BLOCKS_SEQUENCES: len(batch.allocations) if batch.is_prefill else len(batch.seqs),
         S.BLOCKS_NEW: sum(a.new_blocks for a in batch.allocations) + batch.new_decode_blocks,
         S.BLOCKS_CACHE_HITS: sum(a.cached_blocks for a in batch.allocations),
-        S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: num_blocks - batch.num_free_blocks,
+        S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: batch.num_used_blocks,
     }
 
 

@@ -245,7 +245,6 @@ class EngineTracer:
         self.gpu_timer = GpuTimer() if device.type == "cuda" and level >= TraceLevel.STEP else None
         self.sink = current_sink()
         self.tokenizer = None
-        self.num_blocks = 0
         self._uses_graphs = False
         self._call: _Call | None = None
         self._current_step: _StepTrace | None = None
@@ -258,9 +257,9 @@ class EngineTracer:
         return _InitTrace(self.sink, config, self.device)
 
     def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
-        """What later spans read: the KV-cache size, the tokenizer (for opt-in content), and at
-        `debug` the attention layers, one span each per forward."""
-        self.num_blocks = block_manager.num_blocks
+        """What later spans read: the scheduler's and block manager's counters (for each call's
+        totals), the tokenizer (for opt-in content), and at `debug` the attention layers, one
+        span each per forward."""
         self.block_manager, self.scheduler = block_manager, scheduler
         self.tokenizer = tokenizer
         self._uses_graphs = uses_graphs
@@ -314,7 +313,6 @@ class EngineTracer:
 
     def _close_request(self, call: _Call, seq, root: SpanRecord) -> None:
         record = call.requests.pop(seq.seq_id)
-        record.start_ns = seq.arrival_ns or record.start_ns
         record.end_ns = seq.finished_ns or now_ns()
         texts = self.tokenizer is not None and A.trace_content_enabled()
         prompt = call.prompt_of.pop(seq.seq_id)
@@ -338,10 +336,13 @@ class EngineTracer:
         }
         attrs.update(call.stats.attrs())
         if self.level >= TraceLevel.STEP:
+            detailed = len(call.detailed_indexes)
+            slowest = call.stats.slowest
             attrs.update({
-                S.TRACE_STEPS_DETAILED: len(call.detailed_indexes), S.TRACE_STEPS_AGGREGATED: call.steps - len(call.detailed_indexes),
+                S.TRACE_STEPS_DETAILED: detailed, S.TRACE_STEPS_AGGREGATED: call.steps - detailed,
                 S.TRACE_AGGREGATE_SPANS: call.aggregates, S.TRACE_STEPS_OVER_BUDGET: call.over_budget,
-                S.TRACE_SPANS_DROPPED: call.dropped_spans, S.SLOWEST_STEP_DETAILED: call.stats.slowest is not None and call.stats.slowest.index in call.detailed_indexes,
+                S.TRACE_SPANS_DROPPED: call.dropped_spans,
+                S.SLOWEST_STEP_DETAILED: slowest is not None and slowest.index in call.detailed_indexes,
                 S.TRACE_POLICY: f"{call.policy.describe()}; at most {self.max_spans} spans",
             })
         if self.device.type == "cuda" and call.root.error is None:
@@ -512,7 +513,7 @@ class EngineTracer:
             start, end = batch.allocations[0].start_ns, batch.allocations[-1].end_ns
         else:
             start, end = schedule.start_ns, schedule.end_ns
-        parent = SpanRecord(S.BLOCK_ALLOCATE, schedule, start, end, A.block_allocate_attrs(batch, self.num_blocks))
+        parent = SpanRecord(S.BLOCK_ALLOCATE, schedule, start, end, A.block_allocate_attrs(batch))
         records = [parent]
         if self.level is TraceLevel.DEBUG:
             records += [SpanRecord(S.BLOCK_ALLOCATE, parent, a.start_ns, a.end_ns, A.sequence_allocate_attrs(a))
