@@ -156,6 +156,7 @@ class _Call:
         self.stats = StepStats()
         self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG)
         self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
+        self.ahead: deque[int] = deque()   # detailed steps the open stretch has not reached yet
         self.stretch = StepStretch()
         self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
         # Spans of this call's steps: llm.generate and the request spans are always kept.
@@ -412,19 +413,33 @@ class EngineTracer:
         if self.level is TraceLevel.REQUEST:
             return
         reason = call.policy.reason(summary)
-        if reason is None:
-            call.ring.append(step)
-            if len(call.ring) > call.policy.last:
-                self._aggregate(call, call.ring.popleft())
-        else:
-            self._detail(call, step, reason)
+        if reason is None or not self._detail(call, step, reason):
+            self._hold(call, step)
         self._send_timed(call, wait=False)
         self.sink.pump()
 
+    # A step that is not detailed waits in the ring (it may turn out to be among the last);
+    # leaving it, it joins the open stretch of consecutive steps, one `engine.steps` span.
+    # Budget: a detailed step is taken only if, after it, a span remains for each stretch
+    # boundary still to come (one per detailed step the stretch has not reached yet) and one
+    # for the last stretch, so a call never goes past OTVLLM_TRACE_MAX_SPANS.
+
+    def _hold(self, call: _Call, step: _StepTrace) -> None:
+        call.ring.append(step)
+        if len(call.ring) > call.policy.last:
+            self._aggregate(call, call.ring.popleft())
+
     def _aggregate(self, call: _Call, step: _StepTrace) -> None:
         self._release_gpu(step)
+        index = step.summary.index
+        passed = False
+        while call.ahead and call.ahead[0] < index:
+            call.ahead.popleft()
+            passed = True
+        if passed:   # a detailed step lies between the stretch and this one
+            self._close_stretch(call)
         call.stretch.add(step.summary)
-        if call.stretch.too_long() and call.budget > 1:   # one span is kept for the last stretch
+        if call.stretch.too_long() and call.budget > 1 + len(call.ahead):
             self._close_stretch(call)
 
     def _close_stretch(self, call: _Call) -> None:
@@ -437,23 +452,20 @@ class EngineTracer:
         call.aggregates += 1
         call.stretch = StepStretch()
 
-    def _detail(self, call: _Call, step: _StepTrace, reason: str) -> None:
-        for earlier in call.ring:   # the newest undecided steps come before this one
-            self._aggregate(call, earlier)
-        call.ring.clear()
+    def _detail(self, call: _Call, step: _StepTrace, reason: str) -> bool:
+        """Send the step's spans (once its GPU time is known); False if the budget is spent."""
         extra = self._block_records(step) if step.batch is not None else []
-        cost = 1 + len(step.children) + len(extra) + (1 if len(call.stretch) else 0)
-        if cost > call.budget - 1:   # one span is kept for the last stretch
+        cost = 1 + len(step.children) + len(extra)
+        if call.budget - cost < 2 + len(call.ahead):
             call.over_budget += 1
-            self._aggregate(call, step)
-            return
-        self._close_stretch(call)
+            return False
         call.budget -= cost
-        call.detailed_indexes.add(step.summary.index)
         summary = step.summary
-        attrs = step.record.attrs
-        attrs.update({S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
-                      S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
+        call.ahead.append(summary.index)
+        call.detailed_indexes.add(summary.index)
+        step.record.attrs.update({
+            S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
+            S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
         step.children.extend(extra)
         if step.forward is not None and step.forward.end_ns:
             try:
@@ -465,6 +477,7 @@ class EngineTracer:
         else:
             self._release_gpu(step)
             self._send_step(call, step)
+        return True
 
     def _send_timed(self, call: _Call, wait: bool) -> None:
         """Send the detailed steps whose forward has finished on the device, with its GPU time."""
@@ -494,7 +507,8 @@ class EngineTracer:
         last = list(call.ring)
         call.ring.clear()
         for step in last:
-            self._detail(call, step, "last")
+            if not self._detail(call, step, "last"):
+                self._aggregate(call, step)
         self._close_stretch(call)
         if failed:   # the device may not answer: no GPU times
             while call.awaiting_gpu:
