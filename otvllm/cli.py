@@ -158,7 +158,9 @@ def _generate(args) -> int:
     settings, parent = None, None
     if level is not TraceLevel.OFF:
         endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
-        trace_file = args.trace_file or (None if endpoint else default_trace_path())
+        trace_file = args.trace_file
+        if trace_file is None and not endpoint:
+            trace_file = default_trace_path()
         settings = export_settings(endpoint=endpoint, trace_file=trace_file)
         parent = _parent_from_environment()
 

@@ -128,7 +128,7 @@ def test_a_hung_collector_does_not_hold_up_the_trace_file_or_the_exit(cache_dir,
     trace = tmp_path / "hung.json"
     env = base_env(cache_dir, tmp_path, OTEL_EXPORTER_OTLP_TIMEOUT=str(int(timeout_s * 1000)))
     # debug level: a few export batches, each of which the collector leaves unanswered
-    args = ["generate", "--prompt", "hello", "--max-tokens", "150", "--ignore-eos", "--trace-level", "debug",
+    args = ["generate", "--prompt", "hello", "--max-tokens", "80", "--ignore-eos", "--trace-level", "debug",
             "--no-progress", "--trace-file", str(trace)]
     with HangingReceiver() as receiver:
         args += ["--otlp-endpoint", receiver.endpoint]
@@ -145,9 +145,10 @@ def test_a_hung_collector_does_not_hold_up_the_trace_file_or_the_exit(cache_dir,
     assert code == 0, stderr
     assert generated_at is not None
     shutdown_s = exited_at - generated_at
-    # The file never waits on the network; the network gets its timeout plus the export
-    # process's bounded answer time (2 s), not a multiple of it per batch.
-    assert shutdown_s < timeout_s + 3.5, f"{shutdown_s:.1f} s from the end of generation to exit"
+    # The file never waits on the network. The network export gets its timeout, plus at most 2 s
+    # for the export process to answer and 1 s more before it is killed (process_sink.py), and
+    # the interpreter's exit: not a timeout per unanswered batch.
+    assert shutdown_s < timeout_s + 4.5, f"{shutdown_s:.1f} s from the end of generation to exit"
 
     path, count = written_line(stderr)
     assert path == str(trace)
@@ -231,8 +232,12 @@ def _missing_directory(work):
     return str(work / "missing" / "trace.json"), f"directory {work / 'missing'} does not exist"
 
 
-@pytest.mark.parametrize("target", [_directory, _fifo, _device, _missing_directory],
-                         ids=["directory", "fifo", "device", "missing-directory"])
+def _empty(work):
+    return "", "empty trace file path"
+
+
+@pytest.mark.parametrize("target", [_directory, _fifo, _device, _missing_directory, _empty],
+                         ids=["directory", "fifo", "device", "missing-directory", "empty"])
 def test_an_unwritable_trace_path_is_refused_before_any_work(target, cache_dir, tmp_path):
     work = tmp_path / "work"
     work.mkdir()

@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 from typing import Sequence
 
 from otvllm.tracing.recording.records import SPANS
@@ -119,7 +120,12 @@ class _Exporting:
     def flush_network(self) -> dict | None:
         if self.network is None:
             return None
-        done = self.network_processor.force_flush(int(self.settings["timeout_s"] * 1000))
+        # BatchSpanProcessor.force_flush does not honour its timeout (it sends every queued
+        # batch, each up to the exporter's timeout): bound the wait here.
+        flushing = threading.Thread(target=self.network_processor.force_flush, daemon=True)
+        flushing.start()
+        flushing.join(self.settings["timeout_s"])
+        done = not flushing.is_alive()
         n = self.network
         return {"label": n.label, "exported": n.exported, "failed": n.failed, "error": n.first_error,
                 "finished": bool(done)}

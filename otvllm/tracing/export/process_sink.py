@@ -116,6 +116,11 @@ class ProcessSink:
                 self._replies.put(("exited", None))
                 return
 
+    @property
+    def network_wait_s(self) -> float:
+        """How long the parent waits for the export process's answer about the network."""
+        return self.timeout_s + 2.0
+
     def _reply(self, timeout: float):
         try:
             return self._replies.get(timeout=timeout)
@@ -130,7 +135,7 @@ class ProcessSink:
             return None
         self._queue.append((FLUSH, None))
         self._wake.set()
-        kind, result = self._reply(self.timeout_s + 2.0)
+        kind, result = self._reply(self.network_wait_s)
         return result if kind == "network" else None
 
     def close(self) -> dict:
@@ -143,7 +148,7 @@ class ProcessSink:
         self._queue.append((SHUTDOWN, None))
         self._wake.set()
         self._writer.join(FILE_WRITE_TIMEOUT_S)
-        deadline = {"file": FILE_WRITE_TIMEOUT_S, "network": self.timeout_s + 2.0, "done": 2.0}
+        deadline = {"file": FILE_WRITE_TIMEOUT_S, "network": self.network_wait_s, "done": 2.0}
         for expected in ("file", "network", "done"):
             kind, result = self._reply(deadline[expected])
             if kind == "timeout":

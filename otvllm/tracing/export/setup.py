@@ -68,7 +68,7 @@ class ExportReport:
             label = sink.endpoint_label
             if net is None:
                 lines.append((True, f"otvllm: tracing: could not confirm the export to {label}: the export "
-                                    f"process did not answer within {sink.timeout_s:g} s"))
+                                    f"process did not answer within {sink.network_wait_s:g} s"))
             else:
                 unsent = net["failed"] + (0 if net["finished"] else max(0, sink.sent - net["exported"] - net["failed"]))
                 if net["failed"] or not net["finished"]:
@@ -150,7 +150,7 @@ def export_settings(service_name: str | None = None, endpoint: str | None = None
         raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
     if timeout_s is None:
         timeout_s = _timeout_s()
-    if not endpoint and not trace_file:
+    if not endpoint and trace_file is None:
         return None
     if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
         raise ValueError(f"OTLP endpoint {redact(endpoint)!r} must start with http:// or https://")
@@ -160,7 +160,7 @@ def export_settings(service_name: str | None = None, endpoint: str | None = None
         "service_name": service_name or _env("OTEL_SERVICE_NAME")[1] or "otvllm",
         "endpoint": endpoint, "endpoint_label": redact(endpoint) if endpoint else None,
         "protocol": "grpc" if protocol == "grpc" else "http", "timeout_s": timeout_s,
-        "trace_file": check_trace_path(trace_file) if trace_file else None,
+        "trace_file": check_trace_path(trace_file) if trace_file is not None else None,
         "file_max_spans": env_number("OTVLLM_TRACE_FILE_MAX_SPANS", FILE_MAX_SPANS),
         "file_mode": file_mode(private=trace_content_enabled()),
         "version": __version__,
