@@ -164,6 +164,7 @@ def _generate(args) -> int:
         settings = export_settings(endpoint=endpoint, trace_file=trace_file)
         parent = _parent_from_environment()
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_terminated)
     session = start(settings)
     token = otel_context.attach(parent) if parent is not None else None
@@ -182,9 +183,13 @@ def _generate(args) -> int:
         # The trace must be written whole: a second Ctrl-C or SIGTERM does not cut it short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        report = session.shutdown(quiet=True)
-        for _, line in report.lines() if report else []:
-            print(line, file=sys.stderr, flush=True)
+        try:
+            report = session.shutdown(quiet=True)
+            for _, line in report.lines() if report else []:
+                print(line, file=sys.stderr, flush=True)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     return code
 
 

@@ -1,6 +1,7 @@
 """The command line: generate with a trace file, the trace summary, and one-line errors."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -19,10 +20,13 @@ def run_cli(*args, env_extra=None, tmp_path=None):
 
 def test_generate_writes_a_trace_file_and_the_summary_reads_it(qwen3_dir, tmp_path, capsys):
     trace = tmp_path / "run.json"
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     code = main(["generate", "--model", qwen3_dir, "--prompt", "hello", "--prompt", "world", "--max-tokens", "5",
                  "--ignore-eos", "--device", "cpu", "--block-size", "16", "--max-model-len", "256",
                  "--trace-file", str(trace), "--no-progress"])
     assert code == 0
+    # The caller's signal handling is as it was (Ctrl-C raises KeyboardInterrupt again).
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     out = capsys.readouterr()
     assert "--- prompt 0: 'hello'" in out.out and "2 requests" in out.out
     assert f"trace written to {trace}" in out.err
