@@ -334,3 +334,20 @@ def test_hanging_collector_does_not_stall_generation(qwen3_dir):
     assert traced < untraced + 2.0
     assert shutdown < 6.0
     assert warning.count("otvllm: tracing:") == 1
+
+
+def test_configure_mode_spans_continue_the_callers_current_span(qwen3_dir):
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    caller = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                         trace_flags=TraceFlags(1))
+    token = otel_context.attach(otel_trace.set_span_in_context(NonRecordingSpan(caller)))
+    try:
+        spans, _, _ = traced_run(qwen3_dir, level="request")
+    finally:
+        otel_context.detach(token)
+    assert {s["trace_id"] for s in spans} == {f"{caller.trace_id:032x}"}
+    for name in (S.ENGINE_INIT, S.GENERATE):
+        assert by_name(spans, name)[0]["parent_span_id"] == f"{caller.span_id:016x}"
