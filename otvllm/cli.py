@@ -33,6 +33,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_engine_options(parser: argparse.ArgumentParser, trace_levels) -> None:
+    parser.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384)
+    parser.add_argument("--max-model-len", type=_positive_int, default=4096)
+    parser.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size")
+    parser.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--trace-level", choices=trace_levels, default=None,
+                        help="default: OTVLLM_TRACE_LEVEL, else step")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from otvllm.tracing.level import NAMES
 
@@ -42,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text and trace the run",
                               description="Generate for the given prompts. With no --model, a built-in "
                                           "synthetic model (tiny random Qwen3, output is noise) is used.")
-    gen.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     gen.add_argument("--num-prompts", type=_positive_int, default=0,
                      help="add N random prompts (lengths 16-128 tokens), e.g. to exercise batching")
@@ -52,22 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    gen.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384)
-    gen.add_argument("--max-model-len", type=_positive_int, default=4096)
-    gen.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size")
-    gen.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
-    gen.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    gen.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    gen.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto")
-    gen.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    gen.add_argument("--trace-level", choices=NAMES, default=None,
-                     help="default: OTVLLM_TRACE_LEVEL, else step")
+    _add_engine_options(gen, NAMES)
     gen.add_argument("--otlp-endpoint", default=None,
                      help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
     gen.add_argument("--trace-file", default=None, help="write the trace as Jaeger JSON to this file")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible API",
+                                description="Serve /v1/completions and /v1/chat/completions over HTTP. With no "
+                                            "--model, the built-in synthetic model is served.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-queue", type=_positive_int, default=1024,
+                       help="requests that may wait for the engine; more get 503")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
+                                                                  "(default: the model directory's name)")
+    serve.add_argument("--drain-timeout", type=float, default=60.0,
+                       help="on SIGTERM or Ctrl-C, seconds that running requests get to finish")
+    _add_engine_options(serve, NAMES)
+    serve.add_argument("--otlp-endpoint", default=None,
+                       help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, no trace is exported")
+    serve.add_argument("--trace-file", default=None, help="also write the trace as Jaeger JSON to this file")
 
     trace = commands.add_parser("trace", help="work with trace files")
     trace_commands = trace.add_subparsers(dest="trace_command", required=True)
@@ -84,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "trace":
             return _trace_summary(args)
+        if args.command == "serve":
+            return _serve(args)
         return _generate(args)
     except ValueError as e:
         print(f"otvllm: error: {e}", file=sys.stderr)
@@ -144,6 +166,25 @@ def _check_generate_args(args):
 
 
 def _generate(args) -> int:
+    params = _check_generate_args(args)
+    attrs = {"otvllm.cli.prompts": len(args.prompt) + args.num_prompts, "otvllm.cli.max_tokens": args.max_tokens}
+    return _traced_run(args, attrs, default_trace_file=True, body=lambda: _run(args, params))
+
+
+def _serve(args) -> int:
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    from otvllm.serving.server import serve
+    return _traced_run(args, {"otvllm.cli.port": args.port}, default_trace_file=False,
+                       body=lambda: serve(args, _make_llm(args)))
+
+
+def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
+    """Run `body` under the CLI's tracing: one trace per run (under TRACEPARENT when set),
+    exported by the export process; Ctrl-C and SIGTERM end it with one line and the trace
+    written."""
     from opentelemetry import context as otel_context
 
     from otvllm.tracing import schema as S
@@ -154,12 +195,11 @@ def _generate(args) -> int:
 
     level = TraceLevel.parse(args.trace_level)
     args.trace_level = str(level)
-    params = _check_generate_args(args)
     settings, parent = None, None
     if level is not TraceLevel.OFF:
         endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
         trace_file = args.trace_file
-        if trace_file is None and not endpoint:
+        if trace_file is None and not endpoint and default_trace_file:
             trace_file = default_trace_path()
         settings = export_settings(endpoint=endpoint, trace_file=trace_file)
         parent = _parent_from_environment()
@@ -170,9 +210,8 @@ def _generate(args) -> int:
     token = otel_context.attach(parent) if parent is not None else None
     code = 0
     try:
-        with run_span(S.CLI_RUN, {"otvllm.cli.command": "generate", "otvllm.cli.prompts":
-                                  len(args.prompt) + args.num_prompts, "otvllm.cli.max_tokens": args.max_tokens}):
-            code = _run(args, params)
+        with run_span(S.CLI_RUN, {"otvllm.cli.command": args.command, **attrs}):
+            code = body()
     except (KeyboardInterrupt, Terminated) as e:
         code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
         print(f"otvllm: interrupted by {'SIGTERM' if code == EXIT_SIGTERM else 'SIGINT'}"
@@ -193,7 +232,7 @@ def _generate(args) -> int:
     return code
 
 
-def _run(args, params) -> int:
+def _make_llm(args):
     from otvllm import LLM
     from otvllm.synthetic import synthetic_model_dir
 
@@ -202,11 +241,15 @@ def _run(args, params) -> int:
         model = synthetic_model_dir()
         print(f"using the built-in synthetic model at {model} (random weights: its output is noise)",
               file=sys.stderr)
-    llm = LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
-              num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-              device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager, trace_level=args.trace_level)
+    return LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
+               num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+               device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+               enforce_eager=args.enforce_eager, trace_level=args.trace_level)
+
+
+def _run(args, params) -> int:
+    llm = _make_llm(args)
     prompts = list(args.prompt) + _random_prompts(args.num_prompts, llm.engine.spec.vocab_size)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress and len(prompts) > 1)

@@ -134,6 +134,11 @@ class LLMEngine:
         self.in_flight = None
         self.scheduler.abort(seqs)
 
+    def abort_request(self, seq: Sequence) -> None:
+        """Drop one unfinished request and free its blocks (its client went away, or a stop
+        string ended it); its row of the step in flight is ignored, the other rows are not."""
+        self.scheduler.abort([seq])
+
     # ---- one step: schedule, prepare, forward, sample, postprocess ------------------------
 
     def step(self) -> list[Finished]:

@@ -93,6 +93,15 @@ _NULL = _NullPhases()
 class NullTracer:
     level = TraceLevel.OFF
 
+    def serve(self):
+        return _NULL
+
+    def request_arrived(self, seq, prompt, parent) -> None:
+        pass
+
+    def request_ended(self, seq, reason: str) -> None:
+        pass
+
     def init(self, config):
         return _NULL
 
@@ -269,6 +278,17 @@ class EngineTracer:
             for layer in layers:
                 self._layer_hooks.append(layer.register_forward_pre_hook(self._layer_start(sync)))
                 self._layer_hooks.append(layer.register_forward_hook(self._layer_end(sync)))
+
+    # ---- serving: the engine loop's own traces ------------------------------------------------
+
+    def serve(self):
+        return _NULL
+
+    def request_arrived(self, seq, prompt, parent) -> None:
+        pass
+
+    def request_ended(self, seq, reason: str) -> None:
+        pass
 
     # ---- llm.generate and request spans ---------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""`otvllm serve`: an OpenAI-compatible HTTP server over one engine loop."""

@@ -1,0 +1,301 @@
+"""The HTTP API (FastAPI): OpenAI's /v1/completions and /v1/chat/completions, /v1/models,
+/health. Requests are checked here, before they reach the engine loop; a bad one gets a 400
+with the library's message and nothing else is disturbed."""
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from otvllm.serving.detokenize import TextStream
+from otvllm.serving.engine_loop import EngineLoop, QueueFull, ServerRequest
+from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
+                                     now, usage)
+from otvllm.tracing.recording.records import remote_parent_of
+
+DISCONNECT_POLL_S = 0.5
+
+
+class Choice:
+    """One prompt's completion as it grows."""
+
+    def __init__(self, request: ServerRequest, text: TextStream):
+        self.request, self.text = request, text
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+
+
+def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
+    tokenizer = llm.tokenizer
+    engine = llm.engine
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = EngineLoop(llm, max_queue, asyncio.get_running_loop())
+        loop.start()
+        state["loop"] = loop
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(loop.stop)
+
+    app = FastAPI(title="otvllm", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return JSONResponse(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid')}",
+                                     param=where or None).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        loop = state.get("loop")
+        if loop is None or loop.error is not None:
+            raise APIError(503, "the engine loop is not running", kind="server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
+                                            "owned_by": "otvllm", "max_model_len": engine.config.max_model_len}]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{model_name}`).",
+                           param="model", code="model_not_found")
+
+    def make_choices(prompts: list, params, stream: bool, stops: list[str]) -> tuple[list[Choice], asyncio.Queue]:
+        updates: asyncio.Queue = asyncio.Queue()
+        parent = remote_parent_of()   # the HTTP server span, when the server is traced
+        choices = []
+        for index, prompt in enumerate(prompts):
+            ids = prompt
+            if isinstance(prompt, str):
+                if tokenizer is None:
+                    raise APIError(400, "the model has no tokenizer: send prompts as token ids", param="prompt")
+                ids = tokenizer.encode(prompt)
+            try:
+                seq = engine.make_sequence(list(ids), params)
+            except ValueError as e:
+                where = f"prompt {index}: " if len(prompts) > 1 else ""
+                raise APIError(400, f"{where}{e}", param="prompt") from None
+            request = ServerRequest(seq, prompt, parent, stream or bool(stops), updates, index)
+            choices.append(Choice(request, TextStream(tokenizer, stops)))
+        try:
+            state["loop"].submit([c.request for c in choices])
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy: {e}; retry later", kind="server_overloaded") from None
+        return choices, updates
+
+    async def progress(choices: list[Choice], updates: asyncio.Queue):
+        """Yields (choice, delta text, new token ids, their logprobs) until every choice ended."""
+        loop: EngineLoop = state["loop"]
+        remaining = len(choices)
+        while remaining:
+            index, update = await updates.get()
+            choice = choices[index]
+            if choice.finish_reason is not None:
+                continue
+            if update.finish_reason == "error":
+                raise APIError(500, f"the engine failed: {loop.error!r}", kind="server_error")
+            before = choice.text.num_tokens
+            delta = choice.text.add(update.token_ids, final=update.finish_reason is not None)
+            kept = choice.text.num_tokens - before   # tokens after a stop string are dropped
+            ids, logprobs = update.token_ids[:kept], update.logprobs[:kept]
+            choice.token_ids += ids
+            choice.logprobs += logprobs
+            reason = update.finish_reason
+            if choice.text.stopped:
+                if reason is None:
+                    loop.abort(choice.request, "stop")
+                reason = "stop"
+            if reason is not None:
+                choice.finish_reason = reason
+                remaining -= 1
+            yield choice, delta, ids, logprobs
+
+    def abort_unfinished(choices: list[Choice]) -> None:
+        for choice in choices:
+            if choice.finish_reason is None:
+                state["loop"].abort(choice.request, "abort")
+
+    async def run_to_end(request: Request, choices: list[Choice], updates: asyncio.Queue) -> None:
+        async def consume():
+            async for _ in progress(choices, updates):
+                pass
+        task = asyncio.ensure_future(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError()
+        finally:
+            if not task.done():
+                task.cancel()
+            abort_unfinished(choices)
+
+    def sse(payload: dict) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+    def prompt_tokens(choices: list[Choice]) -> int:
+        return sum(c.request.seq.num_prompt_tokens for c in choices)
+
+    def completion_tokens(choices: list[Choice]) -> int:
+        return sum(len(c.token_ids) for c in choices)
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+
+    def completion_logprobs(choice: Choice, ids: list[int], logprobs: list, n: int, offset: int) -> dict:
+        tokens = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [entry.get(t) for t, entry in zip(ids, logprobs)],
+                "top_logprobs": [{(tokenizer.decode([k]) if tokenizer is not None else str(k)): v
+                                  for k, v in list(entry.items())[:n]} for entry in logprobs],
+                "text_offset": offsets}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        stops = body.stop_strings()
+        choices, updates = make_choices(prompts, params, body.stream, stops)
+        rid, created = new_id("cmpl"), now()
+        n = body.logprobs or 0
+
+        def chunk(choices_payload: list, usage_payload=None) -> dict:
+            out = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": choices_payload}
+            if usage_payload is not None:
+                out["usage"] = usage_payload
+            return out
+
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            async def events():
+                offsets = [0] * len(choices)
+                try:
+                    async for choice, delta, ids, logprobs in progress(choices, updates):
+                        if not delta and not ids and choice.finish_reason is None:
+                            continue
+                        i = choice.request.index
+                        entry = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
+                        if body.logprobs is not None:
+                            entry["logprobs"] = completion_logprobs(choice, ids, logprobs, n, offsets[i])
+                        offsets[i] += len(delta)
+                        yield sse(chunk([entry]))
+                    if include_usage:
+                        yield sse(chunk([], usage(prompt_tokens(choices), completion_tokens(choices))))
+                    yield "data: [DONE]\n\n"
+                finally:
+                    abort_unfinished(choices)
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        await run_to_end(request, choices, updates)
+        payload = []
+        for choice in choices:
+            entry = {"index": choice.request.index, "text": choice.text.text, "logprobs": None,
+                     "finish_reason": choice.finish_reason}
+            if body.logprobs is not None:
+                entry["logprobs"] = completion_logprobs(choice, choice.token_ids, choice.logprobs, n, 0)
+            payload.append(entry)
+        return chunk(payload, usage(prompt_tokens(choices), completion_tokens(choices)))
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+
+    def chat_logprobs(ids: list[int], logprobs: list, n: int) -> dict:
+        def token(t: int) -> dict:
+            text = tokenizer.decode([t])
+            return {"token": text, "bytes": list(text.encode())}
+        content = []
+        for t, entry in zip(ids, logprobs):
+            item = token(t) | {"logprob": entry.get(t)}
+            item["top_logprobs"] = [token(k) | {"logprob": v} for k, v in list(entry.items())[:n]]
+            content.append(item)
+        return {"content": content}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        if not body.messages:
+            raise APIError(400, "messages is empty: a chat completion needs at least one message", param="messages")
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "the model's tokenizer has no chat template, so chat messages cannot be turned "
+                                "into a prompt: use /v1/completions with a prompt", param="messages")
+        try:
+            text = tokenizer.apply_chat_template([{"role": m.role, "content": message_text(m)} for m in body.messages],
+                                                 tokenize=False, add_generation_prompt=True)
+        except Exception as e:   # the template's own error (e.g. an unsupported role)
+            raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        n = body.top_logprobs or 0
+        params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
+                                      n if body.logprobs else None)
+        choices, updates = make_choices([ids], params, body.stream, body.stop_strings())
+        rid, created = new_id("chatcmpl"), now()
+
+        def chunk(choices_payload: list, usage_payload=None) -> dict:
+            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": choices_payload}
+            if usage_payload is not None:
+                out["usage"] = usage_payload
+            return out
+
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            async def events():
+                try:
+                    yield sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}]))
+                    async for choice, delta, ids, logprobs in progress(choices, updates):
+                        if not delta and not ids and choice.finish_reason is None:
+                            continue
+                        entry = {"index": 0, "delta": {"content": delta} if delta else {},
+                                 "logprobs": chat_logprobs(ids, logprobs, n) if body.logprobs else None,
+                                 "finish_reason": choice.finish_reason}
+                        yield sse(chunk([entry]))
+                    if include_usage:
+                        yield sse(chunk([], usage(prompt_tokens(choices), completion_tokens(choices))))
+                    yield "data: [DONE]\n\n"
+                finally:
+                    abort_unfinished(choices)
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        await run_to_end(request, choices, updates)
+        choice = choices[0]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
+                             "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs
+                             else None, "finish_reason": choice.finish_reason}],
+                "usage": usage(prompt_tokens(choices), completion_tokens(choices))}
+
+    return app
