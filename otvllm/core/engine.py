@@ -123,7 +123,7 @@ class LLMEngine:
         return Sequence(prompt_token_ids, params, cfg.kvcache_block_size)
 
     def add(self, seq: Sequence) -> None:
-        seq.arrival_ns = time.time_ns()
+        seq.arrival_ns = seq.arrival_ns or time.time_ns()   # a server stamps it when the request arrives
         self.scheduler.add(seq)
 
     def is_finished(self) -> bool:

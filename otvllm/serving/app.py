@@ -4,6 +4,7 @@ with the library's message and nothing else is disturbed."""
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -90,6 +91,7 @@ def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
                 ids = tokenizer.encode(prompt)
             try:
                 seq = engine.make_sequence(list(ids), params)
+                seq.arrival_ns = time.time_ns()
             except ValueError as e:
                 where = f"prompt {index}: " if len(prompts) > 1 else ""
                 raise APIError(400, f"{where}{e}", param="prompt") from None

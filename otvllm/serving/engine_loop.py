@@ -9,6 +9,7 @@ Only this thread touches the engine."""
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from otvllm.core.sequence import PENDING_TOKEN, Sequence
@@ -127,6 +128,8 @@ class EngineLoop:
             if self._active.pop(request.seq.seq_id, None) is None:
                 continue
             engine.abort_request(request.seq)
+            request.seq.finish_reason = reason
+            request.seq.finished_ns = time.time_ns()
             engine.tracer.request_ended(request.seq, reason)
             news.append((request, Update([], reason)))
         if news:

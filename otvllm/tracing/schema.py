@@ -19,6 +19,7 @@ SAMPLE = "sampler.sample"
 POSTPROCESS = "scheduler.postprocess"
 STEPS = "engine.steps"                 # aggregate: a run of steps that are not detailed
 CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
+ENGINE_LOOP = "engine.loop"            # serving: a window of the engine loop, its steps as children
 ATTENTION = "attention.layer"          # debug level: one per layer and forward
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
@@ -44,6 +45,11 @@ GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
 GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
+
+# engine.loop (serving)
+LOOP_WINDOW = "otvllm.loop.window"               # 0, 1, 2, ... since the server started
+LOOP_PREFILL_STEPS = "otvllm.steps.prefill"
+LOOP_DECODE_STEPS = "otvllm.steps.decode"
 
 # engine.steps (aggregate)
 STEPS_FIRST_INDEX = "otvllm.steps.first_index"

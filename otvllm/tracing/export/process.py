@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Sequence
 
-from otvllm.tracing.recording.records import SPANS
+from otvllm.tracing.recording.records import FOREIGN, SPANS
 
 # Control messages from the parent, besides the records' own (records.OPEN, SPANS, CLOSE).
 FLUSH, SHUTDOWN = "flush", "shutdown"
@@ -83,24 +83,35 @@ class _Exporting:
         from otvllm.tracing.recording.sinks import TRACER_NAME
 
         self.settings = settings
-        self.provider = TracerProvider(resource=Resource.create({"service.name": settings["service_name"]}))
+        self.resource = Resource.create({"service.name": settings["service_name"]})
+        self.provider = TracerProvider(resource=self.resource)
+        self.processors = []
         self.file = None
         if settings.get("trace_file"):
             self.file = JaegerJsonFileExporter(settings["trace_file"], settings["file_max_spans"],
                                                settings["file_mode"])
-            self.provider.add_span_processor(SimpleSpanProcessor(self.file))
+            self.processors.append(SimpleSpanProcessor(self.file))
         self.network = self.network_processor = None
         if settings.get("endpoint"):
             self.network = _network_exporter(settings)
             self.network_processor = BatchSpanProcessor(self.network, max_queue_size=1 << 16,
                                                         max_export_batch_size=512, schedule_delay_millis=200)
-            self.provider.add_span_processor(self.network_processor)
+            self.processors.append(self.network_processor)
+        for processor in self.processors:
+            self.provider.add_span_processor(processor)
         self.builder = SpanBuilder(self.provider.get_tracer(TRACER_NAME, settings["version"]))
         self.interrupted = 0
 
     def handle(self, kind: str, payload) -> None:
         if isinstance(payload, bytes):   # an open or close record, pickled when it was sent
             payload = pickle.loads(payload)
+        if kind == FOREIGN:
+            from otvllm.tracing.export.forwarding import rebuild
+            span = rebuild(payload, self.resource)
+            for processor in self.processors:
+                processor.on_end(span)
+            self.builder.built += 1
+            return
         self.builder.handle(kind, payload)
 
     def end_open(self, kind: str, message: str) -> None:

@@ -131,7 +131,9 @@ def attention_attrs(module, args, output) -> dict:
     }
 
 
-def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None) -> dict:
+def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None,
+                  ended_as: str | None = None) -> dict:
+    """`ended_as`: why a request that did not finish in the engine ended (abort, stop, shutdown)."""
     p = seq.params
     metrics = seq.metrics()
     attrs = {
@@ -140,7 +142,7 @@ def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text
         S.GEN_AI_REQUEST_TEMPERATURE: float(p.temperature), S.GEN_AI_REQUEST_TOP_P: float(p.top_p),
         S.GEN_AI_USAGE_INPUT_TOKENS: seq.num_prompt_tokens,
         S.GEN_AI_USAGE_OUTPUT_TOKENS: seq.num_completion_tokens,
-        S.GEN_AI_RESPONSE_FINISH_REASONS: [seq.finish_reason or "error"],
+        S.GEN_AI_RESPONSE_FINISH_REASONS: [seq.finish_reason or ended_as or "error"],
         S.GEN_AI_RESPONSE_ID: str(seq.seq_id), S.SEQ_ID: seq.seq_id,
         S.REQUEST_CACHED_TOKENS: seq.max_cached_tokens, S.REQUEST_PREEMPTIONS: seq.num_preemptions,
     }

@@ -2,8 +2,10 @@
 their recorded timestamps. Used by the export process (its own SDK) and, in library mode,
 by the ProviderSink (the application's provider). OpenTelemetry API only."""
 
+from collections import OrderedDict
+
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags, TraceState
 
 from otvllm.tracing import schema as S
 from otvllm.tracing.recording.records import CLOSE, OPEN, SPANS, SpanRecord, now_ns
@@ -16,14 +18,18 @@ def _remote_context(parent):
     return trace.set_span_in_context(NonRecordingSpan(ctx))
 
 
+LINKABLE = 50_000   # span contexts kept for links from later records (the newest)
+
+
 class SpanBuilder:
     """Keeps the spans of open records, so that later records can be their children and an
-    interrupted run can end them (`end_open`)."""
+    interrupted run can end them (`end_open`), and the contexts of recent spans, for links."""
 
     def __init__(self, tracer: trace.Tracer, default_parent=None):
         self.tracer = tracer
         self.default_parent = default_parent   # context for roots without a recorded parent
         self._open: dict[int, trace.Span] = {}
+        self._contexts: OrderedDict[int, SpanContext] = OrderedDict()
         self.built = 0
 
     def handle(self, kind: str, payload) -> None:
@@ -41,6 +47,8 @@ class SpanBuilder:
                 span = self._start(payload, {})
             else:
                 span.set_attributes(payload.attrs)
+                for link in self._links(payload):
+                    span.add_link(link.context)
             self._finish(span, payload)
 
     def _start(self, record: SpanRecord, local: dict) -> trace.Span:
@@ -51,8 +59,18 @@ class SpanBuilder:
             context = _remote_context(record.remote_parent)
         else:
             context = self.default_parent
-        return self.tracer.start_span(record.name, context=context, start_time=record.start_ns,
-                                      attributes=record.attrs)
+        span = self.tracer.start_span(record.name, context=context, start_time=record.start_ns,
+                                      attributes=record.attrs, links=self._links(record))
+        self._contexts[record.rid] = span.get_span_context()
+        if len(self._contexts) > LINKABLE:
+            self._contexts.popitem(last=False)
+        return span
+
+    def _links(self, record: SpanRecord) -> list[Link]:
+        if not record.links:
+            return []
+        contexts = self._contexts
+        return [Link(contexts[rid]) for rid in record.links if rid in contexts]
 
     def _finish(self, span: trace.Span, record: SpanRecord) -> None:
         for name, timestamp, attrs in record.events:

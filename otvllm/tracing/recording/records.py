@@ -15,6 +15,7 @@ from opentelemetry import trace
 now_ns = time.time_ns
 
 OPEN, SPANS, CLOSE = "open", "spans", "close"
+FOREIGN = "foreign"   # a finished span made by another SDK in the engine's process (export/forwarding.py)
 
 _rids = itertools.count(1)
 
@@ -27,7 +28,8 @@ def error_type(exc: BaseException) -> str:
 
 
 class SpanRecord:
-    __slots__ = ("rid", "name", "parent", "remote_parent", "start_ns", "end_ns", "attrs", "events", "error")
+    __slots__ = ("rid", "name", "parent", "remote_parent", "start_ns", "end_ns", "attrs", "events", "error",
+                 "links")
 
     def __init__(self, name: str, parent: "SpanRecord | None", start_ns: int, end_ns: int = 0,
                  attrs: dict | None = None):
@@ -40,6 +42,7 @@ class SpanRecord:
         self.attrs = attrs if attrs is not None else {}
         self.events: list[tuple[str, int, dict]] = []
         self.error: tuple[str, str, str] | None = None   # (error.type, message, traceback)
+        self.links: list[int] | None = None   # rids of records in other traces that this one relates to
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:   # the innermost failure is the one to report

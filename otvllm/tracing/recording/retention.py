@@ -101,8 +101,9 @@ class _PhaseHistory:
 
 
 class RetentionPolicy:
-    def __init__(self, every_step: bool):
+    def __init__(self, every_step: bool, first_index: int = 0):
         self.every_step = every_step
+        self.first_index = first_index   # the index of the call's (or window's) first step
         self.first = env_number("OTVLLM_TRACE_FIRST_STEPS", FIRST_STEPS, minimum=0)
         self.last = env_number("OTVLLM_TRACE_LAST_STEPS", LAST_STEPS, minimum=0)
         self.slow_factor = env_number("OTVLLM_TRACE_SLOW_FACTOR", SLOW_FACTOR, kind=float, minimum=1)
@@ -128,7 +129,7 @@ class RetentionPolicy:
             return "error"
         if self.every_step:
             return "debug"
-        if step.index < self.first:
+        if step.index - self.first_index < self.first:
             return "first"
         if step.phase == "prefill":
             return "prefill"

@@ -29,10 +29,14 @@ from otvllm.tracing import schema as S
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
-from otvllm.tracing.recording.records import CLOSE, OPEN, SPANS, SpanRecord, now_ns, remote_parent_of
+from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
+                                               remote_parent_of)
 from otvllm.tracing.recording.retention import (LAST_STEPS, RetentionPolicy, StepStats, StepStretch,
                                                  StepSummary, env_number)
 from otvllm.tracing.recording.sinks import current_sink
+
+LOOP_WINDOW_NS = 10_000_000_000   # the engine loop starts a new trace this often (while it has work)
+MAX_LINKS = 128                   # links of a step to its requests, and of a request to its steps
 
 OOM_ADVICE = ("CUDA ran out of memory: lower gpu_memory_utilization (leaves more for activations), "
               "max_num_seqs or max_num_batched_tokens (smaller batches), or max_model_len")
@@ -155,26 +159,42 @@ class _InitTrace:
 # ---- one generate call ------------------------------------------------------------------------
 
 class _Call:
-    """The state of one `generate` call."""
+    """The steps of one `generate` call, or of one window of the engine loop (serving)."""
 
-    def __init__(self, root: SpanRecord, seqs, prompts, level: TraceLevel, max_spans: int):
+    def __init__(self, root: SpanRecord, level: TraceLevel, max_spans: int, requests: dict, origins: dict,
+                 launch_index: dict, first_index: int = 0, seqs=None, links: bool = False):
         self.root = root
-        self.seqs, self.prompts = seqs, prompts
-        self.requests: dict[int, SpanRecord] = {}
-        self.prompt_of: dict[int, object] = {}
+        self.seqs = seqs                          # a generate call's sequences (None for a window)
+        self.requests = requests                  # seq id -> its open request record
+        self.origins = origins                    # seq id -> (its sequence, its prompt)
+        self.launch_index = launch_index          # id of a launched batch -> its step index
+        self.first_index = first_index            # index of this call's first step
+        self.links = links                        # steps and requests in different traces: link them
         self.stats = StepStats()
-        self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG)
+        self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG, first_index=first_index)
         self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
         self.ahead: deque[int] = deque()   # detailed steps the open stretch has not reached yet
         self.stretch = StepStretch()
         self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
-        # Spans of this call's steps: llm.generate and the request spans are always kept.
-        self.budget = max_spans - 1 - len(seqs)
-        self.launch_index: dict[int, int] = {}   # id of a launched batch -> its step index
+        # Spans of this call's steps: the root (and a generate call's request spans) are always kept.
+        self.budget = max_spans - 1 - (len(seqs) if seqs is not None else 0)
         self.steps = self.prefill_steps = self.drain_steps = 0
         self.prefill_ns = self.decode_ns = 0
+        self.last_end_ns = 0
         self.over_budget = self.dropped_spans = self.aggregates = 0
         self.detailed_indexes: set[int] = set()
+
+
+class _Serving:
+    """The engine loop's tracing state, across its windows."""
+
+    def __init__(self):
+        self.requests: dict[int, SpanRecord] = {}
+        self.origins: dict[int, object] = {}
+        self.launch_index: dict[int, int] = {}
+        self.window: _Call | None = None
+        self.windows = 0
+        self.next_index = 0
 
 
 class _StepTrace:
@@ -257,6 +277,7 @@ class EngineTracer:
         self.tokenizer = None
         self._uses_graphs = False
         self._call: _Call | None = None
+        self._serving: _Serving | None = None
         self._current_step: _StepTrace | None = None
         self._layer_hooks = []
 
@@ -280,15 +301,79 @@ class EngineTracer:
                 self._layer_hooks.append(layer.register_forward_hook(self._layer_end(sync)))
 
     # ---- serving: the engine loop's own traces ------------------------------------------------
+    #
+    # A step serves requests from many client traces, so it cannot be a child of them: steps
+    # live in the engine loop's own traces, one `engine.loop` span per window of
+    # LOOP_WINDOW_NS, and link to the request spans of their batch; request spans (children
+    # of the HTTP server span) link back to the detailed steps that served them.
 
+    @contextmanager
     def serve(self):
-        return _NULL
+        self.sink = sink = current_sink()
+        if not sink.active:
+            yield
+            return
+        self._serving = serving = _Serving()
+        failure = None
+        try:
+            yield
+        except BaseException as e:
+            failure = e
+            raise
+        finally:
+            self._close_window()
+            for seq_id in list(serving.requests):
+                self._close_request(serving.requests, serving.origins, seq_id, failure=failure,
+                                    reason="shutdown")
+            self._serving = None
+            sink.drain()
 
     def request_arrived(self, seq, prompt, parent) -> None:
-        pass
+        """A request joined the engine loop; `parent`: the HTTP server span it continues."""
+        serving = self._serving
+        if serving is None:
+            return
+        record = SpanRecord(S.REQUEST, None, seq.arrival_ns or now_ns(), attrs={
+            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
+        record.remote_parent = parent
+        serving.requests[seq.seq_id] = record
+        serving.origins[seq.seq_id] = (seq, prompt)
+        self.sink.send(OPEN, record)
 
     def request_ended(self, seq, reason: str) -> None:
-        pass
+        """A request left the engine early (aborted by its client, or ended by a stop string)."""
+        serving = self._serving
+        if serving is not None and seq.seq_id in serving.requests:
+            self._close_request(serving.requests, serving.origins, seq.seq_id, reason=reason)
+
+    def _window(self) -> _Call:
+        serving = self._serving
+        call = serving.window
+        now = now_ns()
+        if call is not None and now - call.root.start_ns > LOOP_WINDOW_NS:
+            self._close_window()
+            call = None
+        if call is None:
+            root = SpanRecord(S.ENGINE_LOOP, None, now, attrs={S.LOOP_WINDOW: serving.windows,
+                                                                S.TRACE_LEVEL: str(self.level)})
+            serving.windows += 1
+            call = _Call(root, self.level, self.max_spans, serving.requests, serving.origins,
+                         serving.launch_index, first_index=serving.next_index, links=True)
+            serving.window = self._call = call
+            self.sink.send(OPEN, root)
+        return call
+
+    def _close_window(self) -> None:
+        serving = self._serving
+        call = serving.window if serving is not None else None
+        if call is None:
+            return
+        self._finish_steps(call, failed=False)
+        call.root.end_ns = call.last_end_ns or now_ns()
+        call.root.attrs.update(self._step_totals(call))
+        serving.next_index = call.first_index + call.steps
+        serving.window = self._call = None
+        self.sink.send(CLOSE, call.root)
 
     # ---- llm.generate and request spans ---------------------------------------------------------
 
@@ -308,14 +393,14 @@ class EngineTracer:
             root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
         manager, scheduler = self.block_manager, self.scheduler
         before = (manager.num_cache_queries, manager.num_cache_hits, scheduler.num_preemptions)
-        self._call = call = _Call(root, seqs, prompts, self.level, self.max_spans)
+        self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         for seq, prompt in zip(seqs, prompts):
             request = SpanRecord(S.REQUEST, root, seq.arrival_ns or root.start_ns, attrs={
                 S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name,
                 S.SEQ_ID: seq.seq_id})
             call.requests[seq.seq_id] = request
-            call.prompt_of[seq.seq_id] = prompt
+            call.origins[seq.seq_id] = (seq, prompt)
             sink.send(OPEN, request)
         try:
             with root:
@@ -325,24 +410,28 @@ class EngineTracer:
             self._finish_steps(call, failed=root.error is not None)
             for seq in seqs:
                 if seq.seq_id in call.requests:
-                    self._close_request(call, seq, root)
+                    self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
             root.attrs.update(self._generate_totals(call, manager.num_cache_hits - before[1],
                                                     manager.num_cache_queries - before[0],
                                                     scheduler.num_preemptions - before[2]))
             sink.send(CLOSE, root)
             sink.drain()
 
-    def _close_request(self, call: _Call, seq, root: SpanRecord) -> None:
-        record = call.requests.pop(seq.seq_id)
+    def _close_request(self, requests: dict, origins: dict, seq_id: int, failure=None,
+                       reason: str | None = None) -> None:
+        """End a request's span. `failure`: what ended the call or loop before the request
+        finished (an exception, or a record's error); `reason`: why it ended early."""
+        record = requests.pop(seq_id)
+        seq, prompt = origins.pop(seq_id)
         record.end_ns = seq.finished_ns or now_ns()
         texts = self.tokenizer is not None and A.trace_content_enabled()
-        prompt = call.prompt_of.pop(seq.seq_id)
         completion = self.tokenizer.decode(seq.completion_token_ids) if texts else None
         record.attrs.update(A.request_attrs(seq, self.model_name, prompt if isinstance(prompt, str) else None,
-                                            completion))
-        if seq.finish_reason is None and root.error is not None:
-            kind, message, _ = root.error
-            record.error = (kind, f"the generate call ended before this request finished ({message or kind})", "")
+                                            completion, reason))
+        if seq.finish_reason is None and failure is not None:
+            kind, message = (failure[0], failure[1]) if isinstance(failure, tuple) else \
+                (error_type(failure), str(failure))
+            record.error = (kind, f"the run ended before this request finished ({message or kind})", "")
         self.sink.send(CLOSE, record)
 
     def _generate_totals(self, call: _Call, hits: int, queries: int, preemptions: int) -> dict:
@@ -355,7 +444,18 @@ class EngineTracer:
             S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
             S.GEN_PREFIX_HIT_RATE: hits / queries if queries else 0.0,
         }
-        attrs.update(call.stats.attrs())
+        attrs.update(self._step_totals(call))
+        if self.device.type == "cuda" and call.root.error is None:
+            snapshot = memory_snapshot(self.device)
+            attrs[S.GEN_MEM_END] = snapshot[S.MEM_ALLOCATED]
+            attrs[S.GEN_MEM_PEAK] = snapshot[S.MEM_PEAK]
+        return attrs
+
+    def _step_totals(self, call: _Call) -> dict:
+        """Step statistics over every step of a call or window, and what its trace kept."""
+        attrs = call.stats.attrs()
+        attrs.update({S.LOOP_PREFILL_STEPS: call.prefill_steps,
+                      S.LOOP_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps})
         if self.level >= TraceLevel.STEP:
             detailed = len(call.detailed_indexes)
             slowest = call.stats.slowest
@@ -366,16 +466,12 @@ class EngineTracer:
                 S.SLOWEST_STEP_DETAILED: slowest is not None and slowest.index in call.detailed_indexes,
                 S.TRACE_POLICY: f"{call.policy.describe()}; at most {self.max_spans} spans",
             })
-        if self.device.type == "cuda" and call.root.error is None:
-            snapshot = memory_snapshot(self.device)
-            attrs[S.GEN_MEM_END] = snapshot[S.MEM_ALLOCATED]
-            attrs[S.GEN_MEM_PEAK] = snapshot[S.MEM_PEAK]
         return attrs
 
     # ---- engine.step and its phases --------------------------------------------------------------
 
     def step(self):
-        call = self._call
+        call = self._window() if self._serving is not None else self._call
         if call is None:
             return _NULL
         if self.level is TraceLevel.REQUEST:
@@ -383,28 +479,33 @@ class EngineTracer:
         return _StepTrace(self, call)
 
     def _on_schedule(self, call: _Call, batch) -> None:
-        index = call.steps
+        index = call.first_index + call.steps
         if batch.seqs:
             call.launch_index[id(batch)] = index
         now = now_ns()
+        requests = call.requests
         if batch.is_prefill:
             for seq in batch.seqs:
-                call.requests[seq.seq_id].events.append(
-                    (S.EVENT_SCHEDULED, now, {S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
+                if seq.seq_id in requests:
+                    requests[seq.seq_id].events.append((S.EVENT_SCHEDULED, now, {
+                        S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
         for seq in batch.preempted:
-            call.requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index}))
+            if seq.seq_id in requests:
+                requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index}))
 
     def _on_postprocess(self, call: _Call, batch, finished) -> None:
-        index = call.launch_index.pop(id(batch), call.steps)   # events name the step that computed the token
+        # Events name the step that computed the token.
+        index = call.launch_index.pop(id(batch), call.first_index + call.steps)
         now = now_ns()
         if batch.is_prefill:
             for seq, token_index in zip(batch.seqs, batch.token_indexes):
                 if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
                     call.requests[seq.seq_id].events.append((S.EVENT_FIRST_TOKEN, now, {S.EVENT_STEP: index}))
         for f in finished:
-            call.requests[f.seq.seq_id].events.append(
-                (S.EVENT_FINISHED, now, {S.EVENT_STEP: index, S.EVENT_REASON: f.reason}))
-            self._close_request(call, f.seq, call.root)
+            if f.seq.seq_id in call.requests:
+                call.requests[f.seq.seq_id].events.append(
+                    (S.EVENT_FINISHED, now, {S.EVENT_STEP: index, S.EVENT_REASON: f.reason}))
+                self._close_request(call.requests, call.origins, f.seq.seq_id)
 
     def _end_step(self, step: _StepTrace, exc: BaseException | None) -> None:
         call = step.call
@@ -413,9 +514,10 @@ class EngineTracer:
         if not failed and (batch is None or not (batch.seqs or step.postprocessed_any)):
             self._release_gpu(step)   # all preempted, nothing done: not a step
             return
-        index = call.steps
+        index = call.first_index + call.steps
         call.steps += 1
         record = step.record
+        call.last_end_ns = record.end_ns
         duration = record.end_ns - record.start_ns
         phase = batch.phase if batch is not None else "unknown"
         if phase == "prefill":
@@ -487,6 +589,8 @@ class EngineTracer:
             S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
         step.children.extend(extra)
+        if call.links and step.batch is not None:
+            self._link(call, step)
         if step.forward is not None and step.forward.end_ns:
             try:
                 step.forward.attrs.update(memory_snapshot(self.device))
@@ -498,6 +602,22 @@ class EngineTracer:
             self._release_gpu(step)
             self._send_step(call, step)
         return True
+
+    @staticmethod
+    def _link(call: _Call, step: _StepTrace) -> None:
+        """A step and the request spans of its batch, each linked to the other (bounded)."""
+        links = []
+        for seq in step.batch.seqs:
+            request = call.requests.get(seq.seq_id)
+            if request is None:
+                continue
+            if len(links) < MAX_LINKS:
+                links.append(request.rid)
+            if request.links is None:
+                request.links = []
+            if len(request.links) < MAX_LINKS:
+                request.links.append(step.record.rid)
+        step.record.links = links
 
     def _send_timed(self, call: _Call, wait: bool) -> None:
         """Send the detailed steps whose forward has finished on the device, with its GPU time."""

@@ -112,9 +112,9 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     n_requests = total(S.GEN_NUM_REQUESTS, default=len(requests))
     prompt_tokens = total(S.GEN_PROMPT_TOKENS, S.GEN_AI_USAGE_INPUT_TOKENS)
     output_tokens = total(S.GEN_OUTPUT_TOKENS, S.GEN_AI_USAGE_OUTPUT_TOKENS)
-    n_steps = attrs.get(S.GEN_STEPS, len(steps))
-    prefill_steps = attrs.get(S.GEN_PREFILL_STEPS, len(by_phase.get("prefill", ())))
-    decode_steps = attrs.get(S.GEN_DECODE_STEPS, len(by_phase.get("decode", ())))
+    n_steps = attrs.get(S.GEN_STEPS, attrs.get(S.STEPS_COUNT, len(steps)))
+    prefill_steps = attrs.get(S.GEN_PREFILL_STEPS, attrs.get(S.LOOP_PREFILL_STEPS, len(by_phase.get("prefill", ()))))
+    decode_steps = attrs.get(S.GEN_DECODE_STEPS, attrs.get(S.LOOP_DECODE_STEPS, len(by_phase.get("decode", ()))))
     prefill_ms = attrs.get(S.GEN_PREFILL_TIME_MS, sum(s.ms for s in by_phase.get("prefill", ())))
     decode_ms = attrs.get(S.GEN_DECODE_TIME_MS, sum(s.ms for s in by_phase.get("decode", ())))
     wall_ms = gen.ms if gen is not None else sum(s.ms for s in steps)
@@ -123,7 +123,9 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
         throughput = output_tokens / (wall_ms / 1000)
 
     outcome = "Generation complete"
-    if gen is not None and gen.error is not None:
+    if gen is not None and gen.name == S.ENGINE_LOOP:
+        outcome = f"Engine loop window {gen.get(S.LOOP_WINDOW, '?')}"
+    elif gen is not None and gen.error is not None:
         verb = "interrupted" if gen.error in INTERRUPTS or gen.get(S.INTERRUPTED) else "failed"
         outcome = f"Generation {verb} ({gen.error})"
     lines = [f"  {outcome}: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
@@ -309,7 +311,7 @@ def _summarize_trace(trace: dict) -> list[str]:
         return [f"trace {trace.get('traceID', '?')}: no spans"]
     roots = [s for s in spans if s.parent is None or all(s.parent != o.id for o in spans)]
     lines = [_trace_header(trace, roots[0] if roots else spans[0], len(spans))]
-    gens = [s for s in spans if s.name == S.GENERATE]
+    gens = [s for s in spans if s.name in (S.GENERATE, S.ENGINE_LOOP)]
     inits = [s for s in spans if s.name == S.ENGINE_INIT]
     for init in inits:
         if len(inits) > 1:
@@ -317,7 +319,7 @@ def _summarize_trace(trace: dict) -> list[str]:
         lines.extend(_init_lines(init))
     for gen in gens:
         if len(gens) > 1 or inits:
-            lines.append(f" {S.GENERATE} ({_ms(gen.ms)}):")
+            lines.append(f" {gen.name} ({_ms(gen.ms)}):")
         lines.extend(_generate_lines(gen, list(gen.descendants())))
     if not gens and any(s.name == S.STEP for s in spans):
         lines.append("  (no llm.generate span in this trace; figures from the step spans)")
