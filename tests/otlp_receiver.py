@@ -78,6 +78,8 @@ class OtlpReceiver:
                         "start_ns": s.start_time_unix_nano, "end_ns": s.end_time_unix_nano,
                         "attributes": _attrs(s.attributes),
                         "events": [{"name": e.name, "attributes": _attrs(e.attributes)} for e in s.events],
+                        "links": [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
+                                  for link in s.links],
                         "status_code": s.status.code, "resource": resource, "scope_name": ss.scope.name,
                     })
         return out

@@ -19,7 +19,7 @@ steps keep their spans is decided after each step ends (retention.py).
 """
 
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 
 import torch
@@ -37,6 +37,7 @@ from otvllm.tracing.recording.sinks import current_sink
 
 LOOP_WINDOW_NS = 10_000_000_000   # the engine loop starts a new trace this often (while it has work)
 MAX_LINKS = 128                   # links of a step to its requests, and of a request to its steps
+RECENT_REQUESTS = 8192            # requests a step detailed late can still link to
 
 OOM_ADVICE = ("CUDA ran out of memory: lower gpu_memory_utilization (leaves more for activations), "
               "max_num_seqs or max_num_batched_tokens (smaller batches), or max_model_len")
@@ -191,6 +192,7 @@ class _Serving:
     def __init__(self):
         self.requests: dict[int, SpanRecord] = {}
         self.origins: dict[int, object] = {}
+        self.request_rids: OrderedDict[int, int] = OrderedDict()   # recent requests, ended or not
         self.launch_index: dict[int, int] = {}
         self.window: _Call | None = None
         self.windows = 0
@@ -337,6 +339,9 @@ class EngineTracer:
             S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
         record.remote_parent = parent
         serving.requests[seq.seq_id] = record
+        serving.request_rids[seq.seq_id] = record.rid
+        if len(serving.request_rids) > RECENT_REQUESTS:
+            serving.request_rids.popitem(last=False)
         serving.origins[seq.seq_id] = (seq, prompt)
         self.sink.send(OPEN, record)
 
@@ -603,20 +608,21 @@ class EngineTracer:
             self._send_step(call, step)
         return True
 
-    @staticmethod
-    def _link(call: _Call, step: _StepTrace) -> None:
-        """A step and the request spans of its batch, each linked to the other (bounded)."""
+    def _link(self, call: _Call, step: _StepTrace) -> None:
+        """A step and the request spans of its batch, each linked to the other (bounded). A
+        request whose span has already ended keeps the link from the step only."""
         links = []
+        request_rids = self._serving.request_rids
         for seq in step.batch.seqs:
+            rid = request_rids.get(seq.seq_id)
+            if rid is not None and len(links) < MAX_LINKS:
+                links.append(rid)
             request = call.requests.get(seq.seq_id)
-            if request is None:
-                continue
-            if len(links) < MAX_LINKS:
-                links.append(request.rid)
-            if request.links is None:
-                request.links = []
-            if len(request.links) < MAX_LINKS:
-                request.links.append(step.record.rid)
+            if request is not None:
+                if request.links is None:
+                    request.links = []
+                if len(request.links) < MAX_LINKS:
+                    request.links.append(step.record.rid)
         step.record.links = links
 
     def _send_timed(self, call: _Call, wait: bool) -> None:

@@ -1,0 +1,122 @@
+"""`otvllm serve` traces, received by a real OTLP receiver: a client's traceparent continues
+through the HTTP server span into the engine's request spans; steps live in the engine
+loop's own traces and are linked both ways to the requests they served."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from otvllm.synthetic import SYNTHETIC_NAME  # noqa: E402
+from otvllm.tracing import schema as S  # noqa: E402
+from tests.otlp_receiver import OtlpReceiver  # noqa: E402
+
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Spans of a traced server that answered traced and untraced requests, then got SIGTERM."""
+    tmp = tmp_path_factory.mktemp("serve-trace")
+    port = free_port()
+    env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1", OTVLLM_TRACE_LEVEL="step")
+    with OtlpReceiver() as receiver:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "otvllm.cli", "serve", "--port", str(port), "--device", "cpu", "--block-size", "16",
+             "--max-model-len", "256", "--otlp-endpoint", receiver.endpoint, "--trace-file", str(tmp / "t.json")],
+            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            line = ""
+            while "serving" not in line:
+                line = proc.stderr.readline()
+                assert line or proc.poll() is None, "the server exited before it was ready"
+                assert time.monotonic() < deadline, "the server did not start"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+            traced = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+
+            def ask(i):
+                return client.completions.create(model=SYNTHETIC_NAME, prompt=f"request {i}", max_tokens=24,
+                                                 temperature=0, extra_body={"ignore_eos": True},
+                                                 extra_headers=traced if i < 3 else None)
+
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(ask, range(6)))
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return receiver.spans(), answers, tmp / "t.json"
+
+
+def by_name(spans, name):
+    return [s for s in spans if s["name"] == name]
+
+
+def test_the_clients_trace_continues_into_the_engine(served):
+    spans, answers, _ = served
+    assert all(a.usage.completion_tokens == 24 for a in answers)
+    http = [s for s in spans if s["name"] == "POST /v1/completions"]
+    assert len(http) == 6
+    traced_http = [s for s in http if s["trace_id"] == CLIENT_TRACE]
+    assert len(traced_http) == 3 and all(s["parent_span_id"] == CLIENT_SPAN for s in traced_http)
+    requests = by_name(spans, S.REQUEST)
+    assert len(requests) == 6
+    http_ids = {s["span_id"]: s for s in http}
+    for request in requests:   # each request span is the child of its own HTTP span, in its trace
+        parent = http_ids[request["parent_span_id"]]
+        assert request["trace_id"] == parent["trace_id"]
+        assert request["attributes"][S.GEN_AI_USAGE_OUTPUT_TOKENS] == 24
+    assert sum(r["trace_id"] == CLIENT_TRACE for r in requests) == 3
+
+
+def test_steps_live_in_engine_loop_traces_linked_to_their_requests(served):
+    spans, _, _ = served
+    requests = {s["span_id"]: s for s in by_name(spans, S.REQUEST)}
+    loops = by_name(spans, S.ENGINE_LOOP)
+    assert loops and all(not s["parent_span_id"] for s in loops)
+    loop_traces = {s["trace_id"] for s in loops}
+    assert not loop_traces & {r["trace_id"] for r in requests.values()}
+    steps = by_name(spans, S.STEP)
+    assert steps and all(s["trace_id"] in loop_traces for s in steps)
+    # Every step links to the requests of its batch; every request links back to steps of it.
+    for step in steps:
+        linked = {link["span_id"] for link in step["links"]}
+        assert linked and linked <= set(requests), step["attributes"]
+        assert len(linked) <= step["attributes"][S.NUM_SEQS]
+    steps_by_id = {s["span_id"] for s in steps}
+    for request in requests.values():
+        back = {link["span_id"] for link in request["links"]}
+        assert back and back <= steps_by_id
+        for step in steps:   # the links agree in both directions
+            if step["span_id"] in back:
+                assert request["span_id"] in {link["span_id"] for link in step["links"]}
+    # The loop's statistics count every step it ran.
+    assert sum(s["attributes"][S.STEPS_COUNT] for s in loops) >= len(steps)
+
+
+def test_the_trace_file_holds_the_same_traces(served):
+    import json
+
+    spans, _, path = served
+    data = json.loads(path.read_text())["data"]
+    in_file = {s["spanID"] for t in data for s in t["spans"]}
+    assert {s["span_id"] for s in spans} <= in_file
+    follows = [r for t in data for s in t["spans"] for r in s["references"] if r["refType"] == "FOLLOWS_FROM"]
+    assert follows
