@@ -7,6 +7,7 @@ import time
 from concurrent import futures
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -39,15 +40,28 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver):
+        self.receiver = receiver
+
+    def Export(self, request, context):
+        with self.receiver._cond:
+            self.receiver.resource_metrics.extend(request.resource_metrics)
+            self.receiver._cond.notify_all()
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class OtlpReceiver:
-    """Collects every ResourceSpans sent to `endpoint`."""
+    """Collects every ResourceSpans (and ResourceMetrics) sent to `endpoint`."""
 
     def __init__(self):
         self.resource_spans = []
+        self.resource_metrics = []
         self.requests = 0
         self._cond = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self._servicer(), self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
@@ -82,6 +96,27 @@ class OtlpReceiver:
                                   for link in s.links],
                         "status_code": s.status.code, "resource": resource, "scope_name": ss.scope.name,
                     })
+        return out
+
+    def metrics(self) -> dict[str, list[dict]]:
+        """Metric name -> its data points as received: attributes, and for histograms the
+        bucket counts, bounds and exemplars (trace ids in hex); for sums and gauges the value."""
+        with self._cond:
+            batches = list(self.resource_metrics)
+        out: dict[str, list[dict]] = {}
+        for rm in batches:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    for p in getattr(m, kind).data_points:
+                        point = {"attributes": _attrs(p.attributes), "kind": kind,
+                                 "exemplars": [e.trace_id.hex() for e in p.exemplars]}
+                        if kind == "histogram":
+                            point.update(count=p.count, sum=p.sum, bounds=list(p.explicit_bounds),
+                                         buckets=list(p.bucket_counts))
+                        else:
+                            point["value"] = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
+                        out.setdefault(m.name, []).append(point)
         return out
 
     def wait_for(self, predicate_or_count, timeout: float = 10.0) -> list[dict]:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,7 +34,8 @@ def served(tmp_path_factory):
     """Spans of a traced server that answered traced and untraced requests, then got SIGTERM."""
     tmp = tmp_path_factory.mktemp("serve-trace")
     port = free_port()
-    env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1", OTVLLM_TRACE_LEVEL="step")
+    env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1", OTVLLM_TRACE_LEVEL="step",
+               OTEL_METRIC_EXPORT_INTERVAL="1000")
     with OtlpReceiver() as receiver:
         proc = subprocess.Popen(
             [sys.executable, "-m", "otvllm.cli", "serve", "--port", str(port), "--device", "cpu", "--block-size", "16",
@@ -56,13 +58,15 @@ def served(tmp_path_factory):
 
             with ThreadPoolExecutor(6) as pool:
                 answers = list(pool.map(ask, range(6)))
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                prometheus = response.read().decode()
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
         finally:
             if proc.poll() is None:
                 proc.kill()
-        return receiver.spans(), answers, tmp / "t.json"
+        return receiver.spans(), answers, tmp / "t.json", receiver.metrics(), prometheus
 
 
 def by_name(spans, name):
@@ -70,7 +74,7 @@ def by_name(spans, name):
 
 
 def test_the_clients_trace_continues_into_the_engine(served):
-    spans, answers, _ = served
+    spans, answers, *_ = served
     assert all(a.usage.completion_tokens == 24 for a in answers)
     http = [s for s in spans if s["name"] == "POST /v1/completions"]
     assert len(http) == 6
@@ -87,7 +91,7 @@ def test_the_clients_trace_continues_into_the_engine(served):
 
 
 def test_steps_live_in_engine_loop_traces_linked_to_their_requests(served):
-    spans, _, _ = served
+    spans, *_ = served
     requests = {s["span_id"]: s for s in by_name(spans, S.REQUEST)}
     loops = by_name(spans, S.ENGINE_LOOP)
     assert loops and all(not s["parent_span_id"] for s in loops)
@@ -114,9 +118,38 @@ def test_steps_live_in_engine_loop_traces_linked_to_their_requests(served):
 def test_the_trace_file_holds_the_same_traces(served):
     import json
 
-    spans, _, path = served
+    spans, _, path, *_ = served
     data = json.loads(path.read_text())["data"]
     in_file = {s["spanID"] for t in data for s in t["spans"]}
     assert {s["span_id"] for s in spans} <= in_file
     follows = [r for t in data for s in t["spans"] for r in s["references"] if r["refType"] == "FOLLOWS_FROM"]
     assert follows
+
+
+def test_metrics_reach_an_otlp_receiver_with_exemplars_of_the_request_traces(served):
+    spans, answers, _, metrics, _ = served
+    http_traces = {s["trace_id"] for s in spans if s["name"] == "POST /v1/completions"}
+    for name in ("gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token",
+                 "gen_ai.server.request.duration"):
+        latest = metrics[name][-1]   # cumulative: the last export holds every request
+        assert latest["kind"] == "histogram" and latest["count"] == len(answers), name
+        assert sum(latest["buckets"]) == latest["count"]
+        assert latest["exemplars"] and set(latest["exemplars"]) <= http_traces, name
+        assert latest["attributes"]["gen_ai.request.model"] == SYNTHETIC_NAME
+    tokens = {p["attributes"]["gen_ai.token.type"]: p["value"] for p in metrics["otvllm.tokens"][-2:]}
+    assert tokens["output"] == sum(a.usage.completion_tokens for a in answers)
+    assert tokens["input"] == sum(a.usage.prompt_tokens for a in answers)
+    assert metrics["otvllm.steps"][-1]["value"] > 0
+    assert metrics["otvllm.kv_cache.usage"][-1]["value"] == 0   # every request ended, its blocks freed
+
+
+def test_metrics_endpoint_is_prometheus_text(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, answers, _, _, prometheus = served
+    families = {f.name: f for f in text_string_to_metric_families(prometheus)}
+    ttft = families["gen_ai_server_time_to_first_token_seconds"]
+    count = [s.value for s in ttft.samples if s.name.endswith("_count")]
+    assert count == [len(answers)]
+    for gauge in ("otvllm_requests_running", "otvllm_requests_waiting", "otvllm_kv_cache_usage"):
+        assert gauge in families, sorted(families)

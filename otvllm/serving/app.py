@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from otvllm.serving.detokenize import TextStream
 from otvllm.serving.engine_loop import EngineLoop, QueueFull, ServerRequest
@@ -30,7 +30,8 @@ class Choice:
         self.finish_reason: str | None = None
 
 
-def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
+def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
+    """`metrics`: a ServerMetrics (served at /metrics, fed as requests end), or None."""
     tokenizer = llm.tokenizer
     engine = llm.engine
     state: dict = {}
@@ -44,6 +45,8 @@ def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
             yield
         finally:
             await asyncio.to_thread(loop.stop)
+            if metrics is not None:
+                await asyncio.to_thread(metrics.shutdown)
 
     app = FastAPI(title="otvllm", lifespan=lifespan)
 
@@ -68,6 +71,13 @@ def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
         if loop is None or loop.error is not None:
             raise APIError(503, "the engine loop is not running", kind="server_error")
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        if metrics is None:
+            raise APIError(404, "metrics are off", kind="not_found")
+        body, content_type = metrics.prometheus_text()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -128,6 +138,8 @@ def build_app(llm, model_name: str, max_queue: int) -> FastAPI:
             if reason is not None:
                 choice.finish_reason = reason
                 remaining -= 1
+                if metrics is not None:
+                    metrics.request_ended(choice.request.seq, len(choice.token_ids), time.time_ns(), reason)
             yield choice, delta, ids, logprobs
 
     def abort_unfinished(choices: list[Choice]) -> None:

@@ -31,9 +31,24 @@ def _trace_http(app) -> None:
                                        exclude_spans=["receive", "send"])
 
 
+def _metrics(args, llm, name: str):
+    """Metrics for /metrics, and over OTLP where traces go (unless OTEL_SDK_DISABLED)."""
+    from otvllm.serving.metrics import ServerMetrics
+    from otvllm.tracing.export.setup import export_settings
+    from otvllm.tracing.recording.retention import env_number
+
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in ("true", "1"):
+        return None
+    endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    settings = export_settings(endpoint=endpoint) if endpoint else None
+    interval_ms = env_number("OTEL_METRIC_EXPORT_INTERVAL", 60_000)
+    service = (settings or {}).get("service_name") or os.environ.get("OTEL_SERVICE_NAME") or "otvllm"
+    return ServerMetrics(llm.engine, name, service, settings, interval_ms)
+
+
 def serve(args, llm) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
-    app = build_app(llm, name, args.max_queue)
+    app = build_app(llm, name, args.max_queue, _metrics(args, llm, name))
     if llm.config.trace_level != "off":
         _trace_http(app)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
