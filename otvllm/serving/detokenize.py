@@ -40,9 +40,8 @@ class TextStream:
     def _delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
-            if self.text.endswith("\ufffd"):   # a character whose bytes have not all arrived
-                end = len(self.text.rstrip("\ufffd"))
-            end = min(end, max(self.emitted, len(self.text) - self.hold))
+            end = len(self.text.rstrip("\ufffd"))   # a character whose bytes have not all arrived
+            end = max(self.emitted, end - self.hold)   # text that may still begin a stop string
         delta = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return delta
