@@ -69,7 +69,7 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, st
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.6, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in response:
-            if first is None and chunk.choices and chunk.choices[0].text:
+            if first is None and chunk.choices:   # a chunk carries one step's tokens (text or not)
                 first = time.perf_counter()
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--no-stream", action="store_true")
     parser.add_argument("--trace-level", default="step")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -156,7 +157,7 @@ def main() -> None:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "otvllm.cli", "serve", "--model", model_dir, "--port", str(port), "--max-queue",
-         "100000", "--trace-level", args.trace_level, "--otlp-endpoint", endpoint, *ENGINE_ARGS],
+         "100000", "--stream-interval-ms", str(args.stream_interval_ms), "--trace-level", args.trace_level, "--otlp-endpoint", endpoint, *ENGINE_ARGS],
         env=dict(os.environ, OTEL_METRIC_EXPORT_INTERVAL="5000"))
     try:
         wait_ready(server, port)
@@ -170,7 +171,8 @@ def main() -> None:
         spans = receiver.stdout.readline().strip()
     results["server"] = summary(load, seconds)
     server_tok_s = results["server"]["output_tok_s"]
-    line = f"server ({'streaming' if not args.no_stream else 'not streaming'}, rate {args.rate}): {server_tok_s:.0f} tok/s"
+    mode = f"streaming every {args.stream_interval_ms:g} ms" if not args.no_stream else "not streaming"
+    line = f"server ({mode}, rate {args.rate}): {server_tok_s:.0f} tok/s"
     if "offline_tok_s" in results:
         results["server_over_offline"] = server_tok_s / results["offline_tok_s"]
         line += f" = {100 * results['server_over_offline']:.1f}% of offline"

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait for the engine; more get 503")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API "
                                                                   "(default: the model directory's name)")
+    serve.add_argument("--stream-interval-ms", type=float, default=0.0,
+                       help="send a streaming request's tokens at most this often after the first one "
+                            "(0: every engine step); larger chunks cost the server less at high load")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
                        help="on SIGTERM or Ctrl-C, seconds that running requests get to finish")
     _add_engine_options(serve, NAMES)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from otvllm.serving.detokenize import TextStream
@@ -17,7 +18,7 @@ from otvllm.serving.protocol import (APIError, ChatCompletionRequest, Completion
                                      now, usage)
 from otvllm.tracing.recording.records import remote_parent_of
 
-DISCONNECT_POLL_S = 0.5
+MAX_LOGPROBS = 20   # as vLLM: the top-N log-probabilities a request may ask for
 
 
 class Choice:
@@ -30,7 +31,7 @@ class Choice:
         self.finish_reason: str | None = None
 
 
-def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
+def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interval_s: float = 0.0) -> FastAPI:
     """`metrics`: a ServerMetrics (served at /metrics, fed as requests end), or None."""
     tokenizer = llm.tokenizer
     engine = llm.engine
@@ -38,7 +39,7 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = EngineLoop(llm, max_queue, asyncio.get_running_loop())
+        loop = EngineLoop(llm, max_queue, asyncio.get_running_loop(), stream_interval_s)
         loop.start()
         state["loop"] = loop
         try:
@@ -53,6 +54,12 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     kind=kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -152,16 +159,17 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
             async for _ in progress(choices, updates):
                 pass
         task = asyncio.ensure_future(consume())
+        # The body has been read: the next ASGI message is the client's disconnect (no polling).
+        disconnect = asyncio.ensure_future(request.receive())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError()
+            await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise asyncio.CancelledError()   # the client went away
         finally:
-            if not task.done():
-                task.cancel()
+            for pending in (task, disconnect):
+                if not pending.done():
+                    pending.cancel()
             abort_unfinished(choices)
 
     def sse(payload: dict) -> str:
@@ -196,6 +204,11 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
             prompts = list(prompt)
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        if body.echo:
+            raise APIError(400, "echo is not supported: the prompt is not returned with the completion", param="echo")
+        if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
+            raise APIError(400, f"logprobs={body.logprobs} is more than this server's limit of {MAX_LOGPROBS}",
+                           param="logprobs")
         params = body.sampling_params(body.max_tokens, body.logprobs)
         stops = body.stop_strings()
         choices, updates = make_choices(prompts, params, body.stream, stops)
@@ -270,6 +283,9 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None) -> FastAPI:
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         n = body.top_logprobs or 0
+        if n > MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs={n} is more than this server's limit of {MAX_LOGPROBS}",
+                           param="top_logprobs")
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
                                       n if body.logprobs else None)
         choices, updates = make_choices([ids], params, body.stream, body.stop_strings())

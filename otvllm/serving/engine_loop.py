@@ -41,13 +41,16 @@ class ServerRequest:
         self.stream = stream
         self.updates = updates          # (index, Update), on the event loop
         self.sent = 0                   # completion tokens handed over so far
-        self.done = False
+        self.sent_ns = 0                # when tokens were last handed over
 
 
 class EngineLoop:
-    def __init__(self, llm, max_queue: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, llm, max_queue: int, loop: asyncio.AbstractEventLoop, stream_interval_s: float = 0.0):
         self.engine = llm.engine
         self.max_queue = max_queue
+        # A streaming request gets its first token at once, later ones at most this often:
+        # fewer, larger chunks cost the event loop (and so the engine, through the GIL) less.
+        self.stream_interval_ns = int(stream_interval_s * 1e9)
         self.loop = loop
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue = queue.SimpleQueue()
@@ -141,10 +144,12 @@ class EngineLoop:
             request = self._active.pop(f.seq.seq_id, None)
             if request is not None:
                 news.append((request, self._update(request, f.reason)))
+        due = time.monotonic_ns() - self.stream_interval_ns
         for request in self._active.values():
-            if request.stream:
+            if request.stream and (request.sent == 0 or request.sent_ns <= due):
                 update = self._update(request, None)
                 if update.token_ids:
+                    request.sent_ns = time.monotonic_ns()
                     news.append((request, update))
         if news:
             self.loop.call_soon_threadsafe(_deliver, news)
