@@ -1,0 +1,769 @@
+"""`otvllm serve`: the OpenAI-compatible HTTP server, tested as a subprocess through the
+official `openai` client (and raw HTTP where the client would hide the wire format).
+
+Every greedy output is checked against the offline engine (`otvllm.LLM`) on the same model,
+and every token count against the model's own tokenizer (transformers.AutoTokenizer)."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from otvllm.synthetic import SYNTHETIC_NAME, synthetic_model_dir, write_model  # noqa: E402
+
+HOST = "127.0.0.1"
+BLOCK_SIZE = 16
+MAIN_MAX_MODEL_LEN = 128
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+READY_TIMEOUT_S = 120
+QUEUED_TOKENS = 250   # about 1.5 s alone on one CPU core: the burst of 12 arrives well within it
+
+
+# ---- servers ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def post_raw(port: int, path: str, body: bytes, timeout: float = 30.0) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """`otvllm serve ...` as a subprocess in its own session; stderr goes to a log file."""
+
+    def __init__(self, args: list[str], cache_dir: str, log_dir, name: str):
+        self.port = free_port()
+        self.log_path = os.path.join(str(log_dir), f"{name}-{self.port}.log")
+        env = dict(os.environ)
+        env.update({"OTVLLM_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1", "OTVLLM_TRACE_LEVEL": "off",
+                    "PYTHONUNBUFFERED": "1"})
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otvllm.cli", "serve", "--host", HOST, "--port", str(self.port),
+             "--device", "cpu", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(log_dir))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"otvllm serve exited with {self.proc.returncode} before it was ready:\n"
+                                   f"{self.log[-4000:]}")
+            try:
+                if get(self.port, "/health", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"otvllm serve was not ready within {READY_TIMEOUT_S} s:\n{self.log[-4000:]}")
+
+    def client(self, **kwargs) -> "openai.OpenAI":
+        kwargs.setdefault("max_retries", 0)   # a retried 503 or 5xx would hide what the server did
+        kwargs.setdefault("timeout", 60)
+        return openai.OpenAI(base_url=f"http://{HOST}:{self.port}/v1", api_key="unused", **kwargs)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("otvllm-cache"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(cache_dir) -> str:
+    """The synthetic model, created here once so that the servers find it in the shared cache."""
+    old = os.environ.get("OTVLLM_CACHE_DIR")
+    os.environ["OTVLLM_CACHE_DIR"] = cache_dir
+    try:
+        return synthetic_model_dir()
+    finally:
+        if old is None:
+            del os.environ["OTVLLM_CACHE_DIR"]
+        else:
+            os.environ["OTVLLM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory) -> str:
+    """A small random model whose byte-level tokenizer has a chat template."""
+    path = str(tmp_path_factory.mktemp("chat-model") / "tiny-chat-dir")
+    write_model(path, seed=3)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["chat_template"] = CHAT_TEMPLATE
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def _start(args, cache_dir, tmp_path_factory, name):
+    server = Server(args, cache_dir, tmp_path_factory.mktemp(name), name)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(synthetic_dir, cache_dir, tmp_path_factory):
+    """The synthetic model (no --model), max_model_len 128, up to 8 running requests."""
+    s = _start(["--block-size", str(BLOCK_SIZE), "--max-model-len", str(MAIN_MAX_MODEL_LEN),
+                "--max-num-seqs", "8"], cache_dir, tmp_path_factory, "main")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_dir, cache_dir, tmp_path_factory):
+    s = _start(["--model", chat_dir, "--served-model-name", "tiny-chat", "--block-size", str(BLOCK_SIZE),
+                "--max-model-len", "512"], cache_dir, tmp_path_factory, "chat")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def queue_server(synthetic_dir, cache_dir, tmp_path_factory):
+    """One running request at a time, at most 2 waiting."""
+    s = _start(["--block-size", str(BLOCK_SIZE), "--max-num-seqs", "1", "--max-queue", "2"],
+               cache_dir, tmp_path_factory, "queue")
+    yield s
+    s.stop()
+
+
+# ---- references -----------------------------------------------------------------------------
+
+class Reference:
+    """The offline engine and the tokenizer of one model directory."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        from otvllm import LLM
+        self.llm = LLM(model_dir, device="cpu", trace_level="off", kvcache_block_size=BLOCK_SIZE,
+                       max_num_seqs=8, max_model_len=2048)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def generate(self, prompt, max_tokens: int, **params):
+        """One request alone, greedy unless told otherwise."""
+        from otvllm import SamplingParams
+        params.setdefault("temperature", 0.0)
+        return self.llm.generate([prompt], SamplingParams(max_tokens=max_tokens, **params), use_tqdm=False)[0]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def ref(synthetic_dir) -> Reference:
+    return Reference(synthetic_dir)
+
+
+@pytest.fixture(scope="module")
+def chat_ref(chat_dir) -> Reference:
+    return Reference(chat_dir)
+
+
+def assert_error_body(body: dict, status: int | None = None):
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    assert isinstance(error["message"], str) and error["message"], error
+
+
+def error_of(exc: "openai.APIStatusError") -> dict:
+    body = exc.response.json()
+    assert_error_body(body)
+    return body["error"]
+
+
+def assert_still_serving(server: Server, ref: Reference | None = None):
+    assert get(server.port, "/health")[0] == 200
+    if ref is not None:
+        expected = ref.generate("still there?", 8, ignore_eos=True)
+        got = server.client().completions.create(model=SYNTHETIC_NAME, prompt="still there?", max_tokens=8,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == expected.text
+
+
+# ---- startup, health, models ------------------------------------------------------------------
+
+def test_ready_line_health_and_models(server):
+    assert f"otvllm: serving {SYNTHETIC_NAME} on http://{HOST}:{server.port}" in server.log
+    assert get(server.port, "/health")[0] == 200
+    models = server.client().models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [SYNTHETIC_NAME]
+    assert models.data[0].object == "model"
+    status, body = get(server.port, "/v1/models")
+    assert status == 200
+    body = json.loads(body)
+    assert body["object"] == "list" and body["data"][0]["id"] == SYNTHETIC_NAME
+
+
+# ---- completions --------------------------------------------------------------------------------
+
+def test_greedy_completion_matches_the_offline_engine(server, ref):
+    client = server.client()
+    prompt = "hello world"
+    expected = ref.generate(prompt, 24)
+    out = client.completions.create(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert out.object == "text_completion" and out.model == SYNTHETIC_NAME
+    assert len(out.choices) == 1 and out.choices[0].index == 0
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == ref.count(prompt) == len(expected.prompt_token_ids)
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    again = client.completions.create(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert again.choices[0].text == out.choices[0].text
+
+
+def test_max_tokens_defaults_to_16(server, ref):
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt="default length", temperature=0,
+                                             extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16
+    assert out.choices[0].finish_reason == "length"
+    assert out.choices[0].text == ref.generate("default length", 16, ignore_eos=True).text
+
+
+def test_a_list_of_prompts_gives_one_choice_per_prompt_in_order(server, ref):
+    prompts = ["first prompt", "the second, longer prompt", "3"]
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompts, max_tokens=12, temperature=0)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    by_index = {c.index: c for c in out.choices}
+    total_completion = 0
+    for i, p in enumerate(prompts):
+        expected = ref.generate(p, 12)
+        assert by_index[i].text == expected.text, f"prompt {i}"
+        assert by_index[i].finish_reason == expected.finish_reason
+        total_completion += len(expected.token_ids)
+    assert out.usage.prompt_tokens == sum(ref.count(p) for p in prompts)
+    assert out.usage.completion_tokens == total_completion
+    assert out.usage.total_tokens == out.usage.prompt_tokens + total_completion
+
+
+def test_token_id_prompts_decode_byte_level_and_honour_ignore_eos(server, ref):
+    client = server.client()
+    ids = ref.tokenizer.encode("token ids in", add_special_tokens=False)
+    k = 20
+    expected = ref.generate(ids, k, ignore_eos=True)
+    out = client.completions.create(model=SYNTHETIC_NAME, prompt=ids, max_tokens=k, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert len(out.choices) == 1
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == k
+    assert out.choices[0].finish_reason == "length"
+    assert out.choices[0].text == ref.decode(expected.token_ids) == expected.text
+
+    other = [5, 200, 17, 99, 255, 0, 42]
+    expected_other = ref.generate(other, k, ignore_eos=True)
+    both = client.completions.create(model=SYNTHETIC_NAME, prompt=[ids, other], max_tokens=k, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    by_index = {c.index: c for c in both.choices}
+    assert sorted(by_index) == [0, 1]
+    assert by_index[0].text == expected.text
+    assert by_index[1].text == ref.decode(expected_other.token_ids)
+    assert all(c.finish_reason == "length" for c in both.choices)
+    assert both.usage.prompt_tokens == len(ids) + len(other)
+    assert both.usage.completion_tokens == 2 * k
+
+
+def test_streaming_concatenation_equals_the_non_streamed_text(server, ref):
+    client = server.client()
+    prompt = "stream me"   # the noise model emits partial UTF-8 sequences: the stream must hold them back
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=64, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs)
+    assert whole.choices[0].text == ref.generate(prompt, 64, ignore_eos=True).text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) > 1, "a stream of 64 tokens came in one chunk"
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    finish = [c.choices[0].finish_reason for c in text_chunks if c.choices[0].finish_reason]
+    assert finish == ["length"]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.prompt_tokens == ref.count(prompt)
+    assert last.usage.completion_tokens == 64
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 64
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_streaming_a_list_of_prompts_keeps_the_choices_apart(server, ref):
+    prompts = ["one stream", "another stream"]
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompts, max_tokens=20, temperature=0,
+                  extra_body={"ignore_eos": True})
+    chunks = list(server.client().completions.create(stream=True, **kwargs))
+    texts = {0: "", 1: ""}
+    finish = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    for i, p in enumerate(prompts):
+        assert texts[i] == ref.generate(p, 20, ignore_eos=True).text, f"prompt {i}"
+    assert finish == {0: "length", 1: "length"}
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(server):
+    chunks = list(server.client().completions.create(model=SYNTHETIC_NAME, prompt="abc", max_tokens=5,
+                                                     temperature=0, stream=True,
+                                                     extra_body={"ignore_eos": True}))
+    assert chunks and all(c.choices for c in chunks)
+    assert all(getattr(c, "usage", None) is None for c in chunks)
+
+
+def test_raw_stream_is_server_sent_events_ending_with_done(server, ref):
+    body = json.dumps({"model": SYNTHETIC_NAME, "prompt": "raw", "max_tokens": 6, "temperature": 0,
+                       "stream": True, "ignore_eos": True}).encode()
+    status, headers, raw = post_raw(server.port, "/v1/completions", body)
+    assert status == 200
+    assert headers.get("content-type", headers.get("Content-Type", "")).startswith("text/event-stream")
+    events = [line for line in raw.decode().split("\n") if line.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"]) == \
+        ref.generate("raw", 6, ignore_eos=True).text
+
+
+def _stop_candidates(text: str, start: int = 6) -> list[str]:
+    """2-character substrings of `text` (from `start` on, no replacement character): the first
+    that is plain printable ASCII, the first of all, and the first that ends in a multi-byte
+    character (whose first bytes arrive as an incomplete character)."""
+    pairs = [text[i:i + 2] for i in range(start, len(text) - 2)]
+    pairs = [p for p in pairs if "\ufffd" not in p and p.strip()]
+    picks = [[p for p in pairs if p.isascii() and p.isprintable()][:1],
+             pairs[:1],
+             [p for p in pairs if ord(p[1]) >= 0x80][:1]]
+    found = list(dict.fromkeys(p for pick in picks for p in pick))
+    assert found, f"no usable stop string in {text!r}"
+    return found
+
+
+def test_stop_strings_cut_the_text_before_them(server, ref):
+    client = server.client()
+    prompt = "stop here"
+    full = ref.generate(prompt, 48, ignore_eos=True).text
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=48, temperature=0,
+                  extra_body={"ignore_eos": True})
+    for stop in _stop_candidates(full):
+        cut = full[:full.index(stop)]
+        for stop_param in (stop, [stop], ["\x00never-there\x00", stop]):
+            out = client.completions.create(stop=stop_param, **kwargs)
+            assert out.choices[0].text == cut, f"stop={stop_param!r}"
+            assert out.choices[0].finish_reason == "stop"
+            assert out.usage.completion_tokens < 48
+        streamed = list(client.completions.create(stop=[stop], stream=True, **kwargs))
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == cut, f"streamed, stop={stop!r}"
+        assert [c.choices[0].finish_reason for c in streamed
+                if c.choices and c.choices[0].finish_reason] == ["stop"]
+    absent = client.completions.create(stop=["\x00never-there\x00"], **kwargs)
+    assert absent.choices[0].text == full and absent.choices[0].finish_reason == "length"
+
+
+def test_completion_logprobs(server, ref):
+    prompt = "log probabilities"
+    n, k = 3, 8
+    expected = ref.generate(prompt, k, ignore_eos=True, logprobs=n)
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=k, temperature=0,
+                                             logprobs=n, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text == expected.text
+    lp = choice.logprobs
+    assert lp is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == k
+    assert all(isinstance(t, str) for t in lp.tokens)
+    assert all(b >= a for a, b in zip(lp.text_offset, lp.text_offset[1:]))
+    full_rows = 0
+    for i, (chosen, top, ref_entry, ref_id) in enumerate(zip(lp.token_logprobs, lp.top_logprobs,
+                                                            expected.logprobs, expected.token_ids)):
+        assert chosen <= 0
+        assert chosen == pytest.approx(ref_entry[ref_id], abs=1e-3), f"token {i}"
+        # Keyed by token text, so distinct byte tokens that decode alike ("\ufffd") may share a key.
+        ref_top = sorted(ref_entry.values(), reverse=True)[:n]
+        assert 1 <= len(top) <= n, f"token {i}: {top}"
+        for value in top.values():
+            assert any(value == pytest.approx(r, abs=1e-3) for r in ref_top), f"token {i}: {top} vs {ref_top}"
+        assert max(top.values()) <= chosen + 1e-4   # greedy: nothing is more likely than the chosen token
+        full_rows += len(top) == n
+    assert full_rows > 0, "no token had its top-N logprobs"
+
+
+def test_no_logprobs_unless_asked(server):
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt="x", max_tokens=3, temperature=0)
+    assert out.choices[0].logprobs is None
+
+
+def test_sampling_parameters_reach_the_sampler(server, ref):
+    client = server.client()
+    prompt = "sampling"
+    greedy = ref.generate(prompt, 24, ignore_eos=True).text
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=24)
+
+    def text(**params):
+        extra = {"ignore_eos": True}
+        extra.update(params.pop("extra", {}))
+        return client.completions.create(extra_body=extra, **kwargs, **params).choices[0].text
+
+    seeded = text(temperature=1.0, seed=1234)
+    assert text(temperature=1.0, seed=1234) == seeded                 # a seed makes sampling reproducible
+    assert text(temperature=1.0, seed=4321) != seeded                 # ... and it is used
+    assert seeded != greedy                                           # temperature 1 is not greedy
+    assert text(temperature=1.0, seed=7, extra={"top_k": 1}) == greedy    # top_k reaches the sampler
+    assert text(temperature=1.0, seed=7, top_p=1e-6) == greedy            # and so does top_p
+
+
+def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
+    prompts = [f"concurrent request number {i} " + "x" * (3 * i) for i in range(8)]
+    expected = [ref.generate(p, 24) for p in prompts]
+    client = server.client()
+
+    def one(p):
+        return client.completions.create(model=SYNTHETIC_NAME, prompt=p, max_tokens=24, temperature=0)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, prompts))
+    for i, (out, exp) in enumerate(zip(results, expected)):
+        assert out.choices[0].text == exp.text, f"request {i}"
+        assert out.choices[0].finish_reason == exp.finish_reason, f"request {i}"
+        assert out.usage.completion_tokens == len(exp.token_ids), f"request {i}"
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc_type, status, words", [
+    (dict(model="no-such-model"), "NotFoundError", 404, ["no-such-model"]),
+    (dict(prompt="p" * 300), "BadRequestError", 400, [str(MAIN_MAX_MODEL_LEN)]),
+    (dict(max_tokens=0), "BadRequestError", 400, ["max_tokens"]),
+    (dict(max_tokens=-5), "BadRequestError", 400, ["max_tokens"]),
+    (dict(n=2), "BadRequestError", 400, ["n"]),
+    (dict(temperature=-1), "BadRequestError", 400, ["temperature"]),
+    (dict(prompt=[3, 99999]), "BadRequestError", 400, ["99999"]),
+    (dict(prompt=""), "BadRequestError", 400, []),
+    (dict(echo=True), "BadRequestError", 400, ["echo"]),
+    (dict(logprobs=21), "BadRequestError", 400, ["logprobs", "20"]),
+], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-2", "temperature-negative",
+        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit"])
+def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):
+    request = dict(model=SYNTHETIC_NAME, prompt="hello", max_tokens=4)
+    request.update(kwargs)
+    with pytest.raises(getattr(openai, exc_type)) as info:
+        server.client().completions.create(**request)
+    assert info.value.status_code == status
+    message = error_of(info.value)["message"]
+    for word in words:
+        assert word in message, message
+    assert_still_serving(server)
+
+
+def test_bad_streamed_request_is_an_error_not_a_broken_stream(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        list(server.client().completions.create(model=SYNTHETIC_NAME, prompt="hello", max_tokens=0, stream=True))
+    assert info.value.status_code == 400
+    error_of(info.value)
+
+
+def test_unknown_path_is_a_404_with_an_openai_error_body(server):
+    status, raw = get(server.port, "/v1/nothing")
+    assert status == 404, raw
+    body = json.loads(raw)
+    assert_error_body(body)
+    assert "/v1/nothing" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [b'{"model": "x", "prompt": ', b"not json at all", b""],
+                         ids=["truncated", "garbage", "empty"])
+def test_malformed_json_is_a_400_with_an_openai_error_body(server, ref, body):
+    status, _, raw = post_raw(server.port, "/v1/completions", body)
+    assert status == 400, raw
+    assert_error_body(json.loads(raw))
+    assert_still_serving(server, ref)
+
+
+def test_chat_without_a_chat_template_is_a_400(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=SYNTHETIC_NAME, max_tokens=4,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert "chat template" in error_of(info.value)["message"]
+    assert_still_serving(server)
+
+
+# ---- chat -----------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
+
+
+def chat_prompt_ids(chat_ref: Reference, messages) -> list[int]:
+    text = chat_ref.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return chat_ref.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_served_model_name(chat_server, chat_dir):
+    assert [m.id for m in chat_server.client().models.list().data] == ["tiny-chat"]
+    assert f"otvllm: serving tiny-chat on http://{HOST}:{chat_server.port}" in chat_server.log
+    with pytest.raises(openai.NotFoundError):
+        chat_server.client().completions.create(model=os.path.basename(chat_dir), prompt="hi", max_tokens=2)
+
+
+def test_chat_completion_goes_through_the_chat_template(chat_server, chat_ref):
+    ids = chat_prompt_ids(chat_ref, MESSAGES)
+    expected = chat_ref.generate(ids, 20)
+    out = chat_server.client().chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=20,
+                                                       temperature=0)
+    assert out.object == "chat.completion" and out.model == "tiny-chat"
+    assert len(out.choices) == 1
+    message = out.choices[0].message
+    assert message.role == "assistant"
+    assert message.content == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.total_tokens == len(ids) + len(expected.token_ids)
+
+
+def test_chat_max_completion_tokens(chat_server, chat_ref):
+    client = chat_server.client()
+    for key in ("max_completion_tokens", "max_tokens"):
+        out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, temperature=0,
+                                             extra_body={"ignore_eos": True}, **{key: 7})
+        assert out.usage.completion_tokens == 7, key
+        assert out.choices[0].finish_reason == "length", key
+        assert out.choices[0].message.content == chat_ref.generate(chat_prompt_ids(chat_ref, MESSAGES), 7,
+                                                                   ignore_eos=True).text
+
+
+def test_chat_stream_deltas_concatenate_to_the_non_streamed_message(chat_server, chat_ref):
+    client = chat_server.client()
+    kwargs = dict(model="tiny-chat", messages=MESSAGES, max_tokens=40, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert len(deltas) > 1
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    assert {d.role for d in deltas if d.role} <= {"assistant"}
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 40
+    assert chunks[-1].usage.prompt_tokens == len(chat_prompt_ids(chat_ref, MESSAGES))
+
+
+def test_chat_logprobs(chat_server, chat_ref):
+    k, n = 6, 2
+    expected = chat_ref.generate(chat_prompt_ids(chat_ref, MESSAGES), k, ignore_eos=True, logprobs=n)
+    out = chat_server.client().chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=k,
+                                                       temperature=0, logprobs=True, top_logprobs=n,
+                                                       extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == k
+    for i, (entry, ref_entry, ref_id) in enumerate(zip(content, expected.logprobs, expected.token_ids)):
+        assert entry.logprob == pytest.approx(ref_entry[ref_id], abs=1e-3), f"token {i}"
+        assert len(entry.top_logprobs) == n
+        assert max(t.logprob for t in entry.top_logprobs) == pytest.approx(entry.logprob, abs=1e-4)
+    plain = chat_server.client().chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2,
+                                                         temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("kwargs, exc_type", [
+    (dict(messages=[]), "BadRequestError"),
+    (dict(n=2), "BadRequestError"),
+    (dict(temperature=-1), "BadRequestError"),
+    (dict(max_tokens=0), "BadRequestError"),
+    (dict(model="synthetic-qwen3-v1"), "NotFoundError"),
+], ids=["empty-messages", "n-2", "temperature-negative", "max-tokens-0", "unknown-model"])
+def test_bad_chat_requests(chat_server, kwargs, exc_type):
+    request = dict(model="tiny-chat", messages=MESSAGES, max_tokens=4)
+    request.update(kwargs)
+    with pytest.raises(getattr(openai, exc_type)) as info:
+        chat_server.client().chat.completions.create(**request)
+    error_of(info.value)
+    assert get(chat_server.port, "/health")[0] == 200
+
+
+def test_malformed_chat_json(chat_server):
+    status, _, raw = post_raw(chat_server.port, "/v1/chat/completions", b'{"messages": [')
+    assert status == 400
+    assert_error_body(json.loads(raw))
+
+
+# ---- queue limit and client disconnects (one running request at a time) ------------------------------
+
+def _read_sse_events(resp, count: int) -> list[str]:
+    events = []
+    while len(events) < count:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            events.append(line)
+    return events
+
+
+def test_client_disconnect_aborts_the_request(queue_server, ref):
+    # 3000 tokens would hold the one running slot for many seconds; dropping the client must free it.
+    body = json.dumps({"model": SYNTHETIC_NAME, "prompt": "a very long story", "max_tokens": 3000,
+                       "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    conn = http.client.HTTPConnection(HOST, queue_server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = _read_sse_events(resp, 3)
+    assert len(events) == 3 and "[DONE]" not in events[-1]
+    resp.close()
+    conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+    expected = ref.generate("after the disconnect", 16, ignore_eos=True)
+    start = time.monotonic()
+    out = queue_server.client(timeout=20).completions.create(
+        model=SYNTHETIC_NAME, prompt="after the disconnect", max_tokens=16, temperature=0,
+        extra_body={"ignore_eos": True})
+    elapsed = time.monotonic() - start
+    assert out.choices[0].text == expected.text
+    assert out.usage.completion_tokens == 16
+    assert elapsed < 10, f"the next request waited {elapsed:.1f} s: the disconnected one kept running"
+
+
+def test_queue_limit_rejects_with_503(queue_server, ref):
+    client = queue_server.client(timeout=60)
+
+    def one(i):
+        try:
+            return client.completions.create(model=SYNTHETIC_NAME, prompt=f"queued {i}", max_tokens=QUEUED_TOKENS,
+                                             temperature=0, extra_body={"ignore_eos": True})
+        except openai.APIStatusError as e:
+            return e
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert time.monotonic() - start < 60
+    rejected = [r for r in results if isinstance(r, openai.APIStatusError)]
+    done = [r for r in results if not isinstance(r, openai.APIStatusError)]
+    assert all(r.status_code == 503 for r in rejected), [(r.status_code, r.message) for r in rejected]
+    assert isinstance(rejected[0], openai.InternalServerError) if rejected else True
+    for r in rejected:
+        error_of(r)
+    # 1 running + 2 waiting take the burst (it arrives within a fraction of the time one request runs).
+    assert len(rejected) >= 8, f"{len(rejected)} of 12 rejected"
+    assert 2 <= len(done) <= 4, f"{len(done)} of 12 completed"
+    for r in done:
+        assert r.usage.completion_tokens == QUEUED_TOKENS and r.choices[0].finish_reason == "length"
+    first_done = next(i for i, r in enumerate(results) if not isinstance(r, openai.APIStatusError))
+    assert done[0].choices[0].text == ref.generate(f"queued {first_done}", QUEUED_TOKENS, ignore_eos=True).text
+    assert_still_serving(queue_server, ref)
+
+
+# ---- SIGTERM: drain, refuse, exit 0 --------------------------------------------------------------------
+
+def test_sigterm_drains_the_in_flight_stream_then_exits_0(synthetic_dir, cache_dir, tmp_path_factory, ref):
+    server = _start(["--block-size", str(BLOCK_SIZE)], cache_dir, tmp_path_factory, "sigterm")
+    try:
+        k = 600
+        prompt = "drain me"
+        started = threading.Event()
+        result: dict = {}
+
+        def stream():
+            try:
+                chunks = []
+                for c in server.client(timeout=60).completions.create(
+                        model=SYNTHETIC_NAME, prompt=prompt, max_tokens=k, temperature=0, stream=True,
+                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+                    chunks.append(c)
+                    if len(chunks) >= 3:
+                        started.set()
+                result["chunks"] = chunks
+            except BaseException as e:   # reported by the main thread
+                result["error"] = e
+            finally:
+                started.set()
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert started.wait(30), "the stream never started"
+        assert "error" not in result, result.get("error")
+        os.kill(server.proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+
+        # New connections are refused once shutdown has begun (give it a moment to close the socket).
+        refused, in_flight_when_refused = False, False
+        while time.monotonic() - sent < 5 and not refused:
+            try:
+                socket.create_connection((HOST, server.port), timeout=1).close()
+                time.sleep(0.1)
+            except (ConnectionRefusedError, ConnectionResetError):
+                refused = True
+                in_flight_when_refused = reader.is_alive()
+        assert refused, "the server still accepted connections 5 s after SIGTERM"
+        assert in_flight_when_refused, "the stream ended before the listening socket closed: nothing drained"
+
+        reader.join(60)
+        assert not reader.is_alive(), "the in-flight stream did not finish"
+        assert "error" not in result, f"the in-flight stream broke: {result.get('error')!r}"
+        chunks = result["chunks"]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == k
+        assert text == ref.generate(prompt, k, ignore_eos=True).text
+        code = server.proc.wait(timeout=max(1.0, 30 - (time.monotonic() - sent)))
+        assert code == 0, f"exit code {code}:\n{server.log[-3000:]}"
+    finally:
+        server.stop()
