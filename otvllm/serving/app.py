@@ -181,6 +181,38 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
     def completion_tokens(choices: list[Choice]) -> int:
         return sum(len(c.token_ids) for c in choices)
 
+    def chunker(kind: str, prefix: str):
+        """The response (or stream chunk) maker of one request: its id, time, model."""
+        rid, created = new_id(prefix), now()
+
+        def chunk(choices_payload: list, usage_payload=None) -> dict:
+            out = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": choices_payload}
+            if usage_payload is not None:
+                out["usage"] = usage_payload
+            return out
+        return chunk
+
+    def streamed(choices: list[Choice], updates: asyncio.Queue, chunk, entry, stream_options,
+                 opening: list | None = None) -> StreamingResponse:
+        """Server-sent events: a chunk per choice and update (`entry` makes its choice payload),
+        the usage last when asked for, then [DONE]. A client that goes away aborts its requests."""
+        include_usage = stream_options is not None and stream_options.include_usage
+
+        async def events():
+            try:
+                if opening:
+                    yield sse(chunk(opening))
+                async for choice, delta, ids, logprobs in progress(choices, updates):
+                    if delta or ids or choice.finish_reason is not None:
+                        yield sse(chunk([entry(choice, delta, ids, logprobs)]))
+                if include_usage:
+                    yield sse(chunk([], usage(prompt_tokens(choices), completion_tokens(choices))))
+                yield "data: [DONE]\n\n"
+            finally:
+                abort_unfinished(choices)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     # ---- /v1/completions ------------------------------------------------------------------------
 
     def completion_logprobs(choice: Choice, ids: list[int], logprobs: list, n: int, offset: int) -> dict:
@@ -212,38 +244,20 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         params = body.sampling_params(body.max_tokens, body.logprobs)
         stops = body.stop_strings()
         choices, updates = make_choices(prompts, params, body.stream, stops)
-        rid, created = new_id("cmpl"), now()
+        chunk = chunker("text_completion", "cmpl")
         n = body.logprobs or 0
-
-        def chunk(choices_payload: list, usage_payload=None) -> dict:
-            out = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": choices_payload}
-            if usage_payload is not None:
-                out["usage"] = usage_payload
-            return out
-
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            offsets = [0] * len(choices)
 
-            async def events():
-                offsets = [0] * len(choices)
-                try:
-                    async for choice, delta, ids, logprobs in progress(choices, updates):
-                        if not delta and not ids and choice.finish_reason is None:
-                            continue
-                        i = choice.request.index
-                        entry = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
-                        if body.logprobs is not None:
-                            entry["logprobs"] = completion_logprobs(choice, ids, logprobs, n, offsets[i])
-                        offsets[i] += len(delta)
-                        yield sse(chunk([entry]))
-                    if include_usage:
-                        yield sse(chunk([], usage(prompt_tokens(choices), completion_tokens(choices))))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    abort_unfinished(choices)
+            def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
+                i = choice.request.index
+                out = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
+                if body.logprobs is not None:
+                    out["logprobs"] = completion_logprobs(choice, ids, logprobs, n, offsets[i])
+                offsets[i] += len(delta)
+                return out
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return streamed(choices, updates, chunk, entry, body.stream_options)
 
         await run_to_end(request, choices, updates)
         payload = []
@@ -289,40 +303,20 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
                                       n if body.logprobs else None)
         choices, updates = make_choices([ids], params, body.stream, body.stop_strings())
-        rid, created = new_id("chatcmpl"), now()
-
-        def chunk(choices_payload: list, usage_payload=None) -> dict:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": choices_payload}
-            if usage_payload is not None:
-                out["usage"] = usage_payload
-            return out
-
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
+                return {"index": 0, "delta": {"content": delta} if delta else {},
+                        "logprobs": chat_logprobs(ids, logprobs, n) if body.logprobs else None,
+                        "finish_reason": choice.finish_reason}
 
-            async def events():
-                try:
-                    yield sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}]))
-                    async for choice, delta, ids, logprobs in progress(choices, updates):
-                        if not delta and not ids and choice.finish_reason is None:
-                            continue
-                        entry = {"index": 0, "delta": {"content": delta} if delta else {},
-                                 "logprobs": chat_logprobs(ids, logprobs, n) if body.logprobs else None,
-                                 "finish_reason": choice.finish_reason}
-                        yield sse(chunk([entry]))
-                    if include_usage:
-                        yield sse(chunk([], usage(prompt_tokens(choices), completion_tokens(choices))))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    abort_unfinished(choices)
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+            opening = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}]
+            return streamed(choices, updates, chunker("chat.completion.chunk", "chatcmpl"), entry,
+                            body.stream_options, opening)
 
         await run_to_end(request, choices, updates)
         choice = choices[0]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
                              "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs
                              else None, "finish_reason": choice.finish_reason}],
