@@ -25,6 +25,7 @@ class EngineConfig:
     attention_backend: str = "auto"        # auto | torch | triton | flash_attn
     trace_level: str | None = None         # None: OTVLLM_TRACE_LEVEL, else "step"
     cudagraph_max_batch_size: int = 512
+    max_logprobs: int = 20                 # the most top log-probabilities a request may ask for
     seed: int = 0
     hf_config: object = field(default=None, repr=False)
 

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass
 
 
@@ -15,6 +16,10 @@ class SamplingParams:
     logprobs: int | None = None  # return the top-N log-probabilities of each generated token
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -25,6 +30,12 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        stop = self.stop_token_ids
+        if stop is not None and (isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__")):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {stop!r}")
+        self.stop_token_ids = list(stop or [])
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {bad[0]!r}")

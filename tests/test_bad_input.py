@@ -120,3 +120,34 @@ def test_a_missing_projection_is_named_in_checkpoint_terms(tmp_path, qwen3_dir):
     save_file(weights, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 weight\\(s\\) the model needs: model.layers.1.self_attn.k_proj.weight"):
         LLM(str(tmp_path / "m"), device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(top_p="0.5"), "top_p must be a finite number"),
+    (dict(stop_token_ids="abc"), "stop_token_ids must be a list of token ids"),
+    (dict(stop_token_ids=[1, "2"]), "stop_token_ids must hold token ids"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must hold token ids"),
+    (dict(seed=True), "seed must be an integer"),
+])
+def test_sampling_params_are_checked_when_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_logprobs_over_the_engine_limit_is_refused_before_any_work(llm):
+    steps = llm.engine.step_index
+    with pytest.raises(ValueError, match="request 1: logprobs=21 is more than the engine allows \\(max_logprobs=20"):
+        llm.generate([[1, 2], [3, 4]], [GREEDY, SamplingParams(max_tokens=4, logprobs=21)], use_tqdm=False)
+    assert llm.engine.step_index == steps   # nothing ran
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(llm):
+    """top_k larger than the vocabulary (even 2**63) means no top-k filter: same as top_k=-1."""
+    prompts = [[5, 6, 7]]
+    huge = llm.generate(prompts, SamplingParams(temperature=1.0, top_k=2**63, seed=3, max_tokens=8,
+                                                ignore_eos=True), use_tqdm=False)
+    off = llm.generate(prompts, SamplingParams(temperature=1.0, top_k=-1, seed=3, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)
+    assert huge[0].token_ids == off[0].token_ids

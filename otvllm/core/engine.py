@@ -116,6 +116,9 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.spec.vocab_size)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if params.logprobs is not None and params.logprobs > min(cfg.max_logprobs, self.spec.vocab_size):
+            raise ValueError(f"logprobs={params.logprobs} is more than the engine allows (max_logprobs="
+                             f"{cfg.max_logprobs}, vocabulary {self.spec.vocab_size})")
         total = len(prompt_token_ids) + params.max_tokens
         if total > cfg.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens plus max_tokens={params.max_tokens} is "

@@ -33,7 +33,7 @@ class SamplingBatch:
         logprob_rows = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
             temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_ks=torch.tensor([p.top_k if p.top_k != -1 else vocab_size for p in params]).to(device)
+            top_ks=torch.tensor([min(p.top_k, vocab_size) if p.top_k != -1 else vocab_size for p in params]).to(device)
             if use_top_k else None,
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
             all_greedy=all(t == 0 for t in temps),

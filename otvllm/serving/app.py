@@ -18,7 +18,6 @@ from otvllm.serving.protocol import (APIError, ChatCompletionRequest, Completion
                                      now, usage)
 from otvllm.tracing.recording.records import remote_parent_of
 
-MAX_LOGPROBS = 20   # as vLLM: the top-N log-probabilities a request may ask for
 
 
 class Choice:
@@ -238,9 +237,6 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             raise APIError(400, "prompt is empty", param="prompt")
         if body.echo:
             raise APIError(400, "echo is not supported: the prompt is not returned with the completion", param="echo")
-        if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
-            raise APIError(400, f"logprobs={body.logprobs} is more than this server's limit of {MAX_LOGPROBS}",
-                           param="logprobs")
         params = body.sampling_params(body.max_tokens, body.logprobs)
         stops = body.stop_strings()
         choices, updates = make_choices(prompts, params, body.stream, stops)
@@ -297,9 +293,6 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         n = body.top_logprobs or 0
-        if n > MAX_LOGPROBS:
-            raise APIError(400, f"top_logprobs={n} is more than this server's limit of {MAX_LOGPROBS}",
-                           param="top_logprobs")
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
                                       n if body.logprobs else None)
         choices, updates = make_choices([ids], params, body.stream, body.stop_strings())
