@@ -26,6 +26,10 @@ ARG TORCH_SPEC=torch
 ARG OTVLLM_EXTRAS=""
 # Debian packages to add (the GPU build adds a C compiler for Triton).
 ARG EXTRA_APT_PACKAGES=""
+# Further pip requirements, space-separated, installed with the dependencies. The compose
+# CPU image adds "openai>=1.40" (the spec of otvllm's `test` extra) for scripts/loadgen.py,
+# without the rest of that extra (pytest, triton, ...).
+ARG EXTRA_PIP_PACKAGES=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -47,12 +51,13 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 WORKDIR /opt/otvllm
 
 # 2. The other dependencies, read from the project metadata alone (no sources yet), so
-#    this layer is reused until pyproject.toml changes.
+#    this layer is reused until pyproject.toml (or a build argument) changes.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = [e.strip() for e in '${OTVLLM_EXTRAS}'.split(',') if e.strip()]; \
 deps = list(p['dependencies']) + [d for e in extras for d in p['optional-dependencies'][e]]; \
+deps += '${EXTRA_PIP_PACKAGES}'.split(); \
 open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
     && cat /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \

@@ -3,32 +3,53 @@
 #
 #   scripts/compose-smoke.sh
 #
-# 1. builds the otvllm image and starts jaeger + otel-collector;
-# 2. waits for Jaeger's UI (:16686) and the Collector's health_check (:13133);
-# 3. runs the demo generation (`docker compose run --rm otvllm`);
-# 4. polls Jaeger's HTTP query API (/api/v3/services, /api/v3/traces) until one trace
-#    of service "otvllm" holds spans named llm.generate, engine.step and model.forward;
-# 5. prints PASS or FAIL and always tears the stack down (`docker compose down -v`).
+# 1. builds the otvllm image and starts the whole default stack (`docker compose up -d`):
+#    jaeger, otel-collector, prometheus, grafana, otvllm (serve) and loadgen;
+# 2. waits for the Collector's health_check (:13133), Jaeger's UI (:16686), Prometheus
+#    (:9090/-/ready), Grafana (:3000/api/health) and the server's GET /health (:8000);
+# 3. sends one completion through the server (POST /v1/completions) and checks the answer;
+# 4. polls Jaeger's HTTP query API (/api/v3/services, /api/v3/traces) until one trace of
+#    service "otvllm-loadgen" holds the load generator's client span and otvllm's spans
+#    "request" and "POST /v1/completions" (client -> server -> request in one trace);
+# 5. polls Prometheus (/api/v1/query) until otvllm's metrics are there
+#    (gen_ai_server_time_to_first_token_seconds_count, otvllm_tokens_total) along with the
+#    spanmetrics series of Jaeger's Monitor tab, and /api/v1/query_exemplars until a TTFT
+#    bucket carries an exemplar (a trace id); then asks Jaeger's Monitor API
+#    (/api/metrics/calls) for the server's call rate;
+# 6. checks that Grafana serves the provisioned dashboard (uid "otvllm") to an anonymous
+#    viewer;
+# 7. prints PASS or FAIL and always tears the stack down (`docker compose down -v`).
 #
 # Environment:
 #   COMPOSE_PROJECT_NAME  compose project to use (default otvllm-smoke, so a stack you
 #                         started yourself under the default name is left alone; the
-#                         host ports 16686/4317/4318/13133 must be free all the same)
-#   SMOKE_TIMEOUT         seconds to wait for each stage (default 180)
-#   KEEP_STACK=1          leave the stack running at the end (to look at it in the UI)
-#   JAEGER_URL            default http://localhost:16686
-#   COLLECTOR_HEALTH_URL  default http://localhost:13133/
+#                         host ports 8000/3000/9090/16686/4317/4318/13133 on 127.0.0.1
+#                         must be free all the same)
+#   SMOKE_TIMEOUT         seconds to wait for each stage (default 240)
+#   KEEP_STACK=1          leave the stack running at the end (to look at it in the UIs)
+#   OTVLLM_URL            default http://127.0.0.1:8000
+#   JAEGER_URL            default http://127.0.0.1:16686
+#   PROMETHEUS_URL        default http://127.0.0.1:9090
+#   GRAFANA_URL           default http://127.0.0.1:3000
+#   COLLECTOR_HEALTH_URL  default http://127.0.0.1:13133/
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-otvllm-smoke}"
-SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-180}"
+SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-240}"
 KEEP_STACK="${KEEP_STACK:-0}"
-JAEGER_URL="${JAEGER_URL:-http://localhost:16686}"
-COLLECTOR_HEALTH_URL="${COLLECTOR_HEALTH_URL:-http://localhost:13133/}"
+OTVLLM_URL="${OTVLLM_URL:-http://127.0.0.1:8000}"
+JAEGER_URL="${JAEGER_URL:-http://127.0.0.1:16686}"
+PROMETHEUS_URL="${PROMETHEUS_URL:-http://127.0.0.1:9090}"
+GRAFANA_URL="${GRAFANA_URL:-http://127.0.0.1:3000}"
+COLLECTOR_HEALTH_URL="${COLLECTOR_HEALTH_URL:-http://127.0.0.1:13133/}"
 SERVICE_NAME="otvllm"
-REQUIRED_SPANS=(llm.generate engine.step model.forward)
+LOADGEN_SERVICE_NAME="otvllm-loadgen"
+# Spans of otvllm that must share a trace with a span of the load generator.
+REQUIRED_SPANS=(request "POST /v1/completions")
+PROMETHEUS_METRICS=(gen_ai_server_time_to_first_token_seconds_count otvllm_tokens_total traces_span_metrics_calls_total)
+GRAFANA_DASHBOARD_UID="otvllm"
 
 log() { printf '[compose-smoke] %s\n' "$*" >&2; }
 
@@ -57,8 +78,8 @@ cleanup() {
     local rc=$?
     if [[ "$STACK_STARTED" == 1 ]]; then
         if [[ "$rc" != 0 ]]; then
-            log "last Collector and Jaeger logs:"
-            docker compose logs --no-color --tail 60 otel-collector jaeger >&2 || true
+            log "last logs of the stack:"
+            docker compose logs --no-color --tail 40 otvllm loadgen otel-collector jaeger prometheus grafana >&2 || true
         fi
         if [[ "$KEEP_STACK" == 1 ]]; then
             log "KEEP_STACK=1: leaving project $COMPOSE_PROJECT_NAME running (docker compose -p $COMPOSE_PROJECT_NAME down -v)"
@@ -95,15 +116,34 @@ wait_http() {
     log "$name is up"
 }
 
+# poll NAME COMMAND...: run COMMAND every 3 s until it succeeds, at most SMOKE_TIMEOUT
+# seconds. COMMAND prints one status line (kept for the failure message or the log).
+poll() {
+    local name=$1
+    shift
+    local deadline=$((SECONDS + SMOKE_TIMEOUT))
+    local status="nothing checked yet"
+    log "polling: $name"
+    while ((SECONDS < deadline)); do
+        if status="$("$@" 2>&1)"; then
+            log "$name: $status"
+            return 0
+        fi
+        sleep 3
+    done
+    fail "$name: not within ${SMOKE_TIMEOUT}s ($status)"
+}
+
 # Reads a Jaeger /api/v3/traces response on stdin. The body is
-#   {"result": {"resourceSpans": [{"resource": {...}, "scopeSpans": [{"scope": {...},
-#     "spans": [{"traceId": ..., "spanId": ..., "name": ..., ...}]}]}]}}
+#   {"result": {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", ...}]},
+#     "scopeSpans": [{"scope": {...}, "spans": [{"traceId": ..., "name": ..., ...}]}]}]}}
 # (OTLP JSON in a `result` wrapper, one resourceSpans entry per trace and resource), or
 # an {"error": {...}} object (404 "No traces found" while nothing has arrived yet).
-# Exits 0 when one trace holds every span name given as argument.
+# argv: CLIENT_SERVICE SERVER_SERVICE SPAN_NAME... Exits 0 when one trace holds a span of
+# CLIENT_SERVICE and every SPAN_NAME as a span of SERVER_SERVICE.
 CHECK_TRACES_PY='
 import json, sys
-required = set(sys.argv[1:])
+client, server, required = sys.argv[1], sys.argv[2], set(sys.argv[3:])
 try:
     body = json.load(sys.stdin)
 except ValueError:
@@ -112,72 +152,174 @@ except ValueError:
 if "error" in body and "result" not in body:
     print("no trace yet: %s" % body["error"].get("message", body["error"]))
     sys.exit(1)
+
+def service_of(resource):
+    for kv in resource.get("attributes") or []:
+        if kv.get("key") == "service.name":
+            value = kv.get("value") or {}
+            return value.get("stringValue") or value.get("string_value")
+    return None
+
 result = body.get("result") or {}
-names_by_trace = {}
+by_trace = {}
 for rs in result.get("resourceSpans") or result.get("resource_spans") or []:
+    service = service_of(rs.get("resource") or {})
     for ss in rs.get("scopeSpans") or rs.get("scope_spans") or []:
         for span in ss.get("spans") or []:
             trace_id = span.get("traceId") or span.get("trace_id") or "?"
-            names_by_trace.setdefault(trace_id, set()).add(span.get("name"))
-for trace_id, names in names_by_trace.items():
-    if required <= names:
-        print("trace %s: %d span names, including %s"
-              % (trace_id, len(names), ", ".join(sorted(required))))
+            by_trace.setdefault(trace_id, set()).add((service, span.get("name")))
+for trace_id, spans in by_trace.items():
+    services = {s for s, _ in spans}
+    server_names = {n for s, n in spans if s == server}
+    if client in services and required <= server_names:
+        print("trace %s: %d spans of %s, %s (%s)"
+              % (trace_id, len(spans), client, server, ", ".join(sorted(server_names))))
         sys.exit(0)
-seen = sorted(set().union(*names_by_trace.values())) if names_by_trace else []
-print("%d trace(s), none with all of %s; span names seen: %s"
-      % (len(names_by_trace), sorted(required), seen))
+seen = sorted({"%s/%s" % sn for spans in by_trace.values() for sn in spans})
+print("%d trace(s), none with a %s span and %s spans %s; seen: %s"
+      % (len(by_trace), client, server, sorted(required), seen[:30]))
 sys.exit(1)
 '
+
+# Reads a Prometheus /api/v1/query (or /api/v1/query_exemplars) answer on stdin; exits 0
+# when it succeeded with a non-empty result.
+CHECK_PROMETHEUS_PY='
+import json, sys
+what = sys.argv[1]
+try:
+    body = json.load(sys.stdin)
+except ValueError:
+    print("%s: response is not JSON" % what)
+    sys.exit(1)
+if body.get("status") != "success":
+    print("%s: %s" % (what, body.get("error", body)))
+    sys.exit(1)
+data = body.get("data")
+result = data.get("result") if isinstance(data, dict) else data
+if not result:
+    print("%s: no series yet" % what)
+    sys.exit(1)
+if isinstance(data, dict):
+    print("%s: %d series" % (what, len(result)))
+else:
+    exemplars = [e for series in result for e in series.get("exemplars") or []]
+    if not exemplars:
+        print("%s: series without exemplars" % what)
+        sys.exit(1)
+    labels = exemplars[-1].get("labels") or {}
+    print("%s: %d exemplars, e.g. trace_id=%s" % (what, len(exemplars), labels.get("trace_id", labels)))
+'
+
+# Reads a Jaeger /api/metrics/calls answer (the Monitor tab API); exits 0 when one
+# series has points.
+CHECK_MONITOR_PY='
+import json, sys
+try:
+    body = json.load(sys.stdin)
+except ValueError:
+    print("response is not JSON")
+    sys.exit(1)
+if body.get("errors") or body.get("error"):
+    print("error: %s" % (body.get("errors") or body.get("error")))
+    sys.exit(1)
+points = lambda m: m.get("metricPoints") or m.get("metric_points") or []
+metrics = [m for m in body.get("metrics") or [] if points(m)]
+if not metrics:
+    print("no call-rate series yet (%s)" % (body.get("name") or "empty answer"))
+    sys.exit(1)
+print("%s: %d series, %d points" % (body.get("name"), len(metrics), sum(len(points(m)) for m in metrics)))
+'
+
+check_completion() {
+    local model
+    model="$(curl -fsS --max-time 10 "$OTVLLM_URL/v1/models" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')" || return 1
+    curl -fsS --max-time 120 -H 'Content-Type: application/json' -o "$WORK_DIR/completion.json" \
+        -d "{\"model\": \"$model\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}" \
+        "$OTVLLM_URL/v1/completions" || return 1
+    python3 -c 'import json, sys
+body = json.load(open(sys.argv[1]))
+choice, usage = body["choices"][0], body["usage"]
+assert isinstance(choice["text"], str) and usage["completion_tokens"] >= 1, body
+print("model %s: %d prompt tokens -> %d tokens (%s)"
+      % (body["model"], usage["prompt_tokens"], usage["completion_tokens"], choice["finish_reason"]))' \
+        "$WORK_DIR/completion.json"
+}
+
+check_jaeger_trace() {
+    local services
+    services="$(curl -sS --max-time 5 "$JAEGER_URL/api/v3/services" 2>/dev/null || true)"
+    if ! grep -q "\"$LOADGEN_SERVICE_NAME\"" <<<"$services" || ! grep -q "\"$SERVICE_NAME\"" <<<"$services"; then
+        echo "services $LOADGEN_SERVICE_NAME and $SERVICE_NAME not both in /api/v3/services yet: ${services:-no answer}"
+        return 1
+    fi
+    # 404 with an error body until a trace matches: no curl -f here.
+    # (query.serviceName etc. are the current names; Jaeger 2.x before 2.19 only knew the
+    # snake_case forms, which 2.19+ still accept as deprecated aliases.)
+    rm -f "$WORK_DIR/traces.json"
+    curl -sS --max-time 10 -o "$WORK_DIR/traces.json" -G "$JAEGER_URL/api/v3/traces" \
+        --data-urlencode "query.serviceName=$LOADGEN_SERVICE_NAME" \
+        --data-urlencode "query.startTimeMin=$START_MIN" \
+        --data-urlencode "query.startTimeMax=$(rfc3339 300)" \
+        --data-urlencode "query.searchDepth=20" 2>/dev/null || true
+    if [[ ! -s "$WORK_DIR/traces.json" ]]; then
+        echo "no answer from $JAEGER_URL/api/v3/traces"
+        return 1
+    fi
+    python3 -c "$CHECK_TRACES_PY" "$LOADGEN_SERVICE_NAME" "$SERVICE_NAME" "${REQUIRED_SPANS[@]}" <"$WORK_DIR/traces.json"
+}
+
+check_prometheus_metric() {
+    curl -sS --max-time 5 -G "$PROMETHEUS_URL/api/v1/query" --data-urlencode "query=$1" |
+        python3 -c "$CHECK_PROMETHEUS_PY" "$1"
+}
+
+check_prometheus_exemplars() {
+    local now
+    now="$(date +%s)"
+    curl -sS --max-time 5 -G "$PROMETHEUS_URL/api/v1/query_exemplars" \
+        --data-urlencode "query=gen_ai_server_time_to_first_token_seconds_bucket" \
+        --data-urlencode "start=$((now - 900))" --data-urlencode "end=$((now + 60))" |
+        python3 -c "$CHECK_PROMETHEUS_PY" "exemplars of gen_ai_server_time_to_first_token_seconds_bucket"
+}
+
+check_jaeger_monitor() {
+    curl -sS --max-time 10 -G "$JAEGER_URL/api/metrics/calls" \
+        --data-urlencode "service=$SERVICE_NAME" --data-urlencode "spanKind=server" \
+        --data-urlencode "lookback=900000" --data-urlencode "step=15000" --data-urlencode "ratePer=60000" |
+        python3 -c "$CHECK_MONITOR_PY"
+}
+
+check_grafana_dashboard() {
+    curl -fsS --max-time 5 "$GRAFANA_URL/api/dashboards/uid/$GRAFANA_DASHBOARD_UID" |
+        python3 -c 'import json, sys
+body = json.load(sys.stdin)
+dashboard = body["dashboard"]
+print("dashboard %r: %d panels" % (dashboard["title"], len(dashboard.get("panels") or [])))'
+}
 
 log "building the otvllm image"
 docker compose build otvllm
 
 STACK_STARTED=1
-log "starting jaeger and otel-collector (project $COMPOSE_PROJECT_NAME)"
-docker compose up -d jaeger otel-collector
-
-wait_http "Jaeger UI" "$JAEGER_URL/"
-wait_http "Collector health_check" "$COLLECTOR_HEALTH_URL"
-
 # Generous window around the run: container and host clocks may differ a little.
 START_MIN="$(rfc3339 -300)"
+log "starting the stack (project $COMPOSE_PROJECT_NAME)"
+docker compose up -d
 
-log "running the demo generation: docker compose run --rm otvllm"
-if ! docker compose run --rm otvllm; then
-    fail "the otvllm demo container exited with an error"
-fi
+wait_http "Collector health_check" "$COLLECTOR_HEALTH_URL"
+wait_http "Jaeger UI" "$JAEGER_URL/"
+wait_http "Prometheus" "$PROMETHEUS_URL/-/ready"
+wait_http "Grafana" "$GRAFANA_URL/api/health"
+wait_http "otvllm server" "$OTVLLM_URL/health"
 
-log "polling $JAEGER_URL/api/v3 for a trace of service $SERVICE_NAME"
-deadline=$((SECONDS + SMOKE_TIMEOUT))
-status="nothing checked yet"
-found=0
-while ((SECONDS < deadline)); do
-    services="$(curl -sS --max-time 5 "$JAEGER_URL/api/v3/services" 2>/dev/null || true)"
-    if ! grep -q "\"$SERVICE_NAME\"" <<<"$services"; then
-        status="service $SERVICE_NAME not in /api/v3/services yet: ${services:-no answer}"
-    else
-        # 404 with an error body until a trace matches: no curl -f here.
-        # (query.serviceName etc. are the current names; Jaeger 2.x before 2.19 only
-        # knew the snake_case forms, which 2.19+ still accept as deprecated aliases.)
-        rm -f "$WORK_DIR/traces.json"
-        curl -sS --max-time 10 -o "$WORK_DIR/traces.json" -G "$JAEGER_URL/api/v3/traces" \
-            --data-urlencode "query.serviceName=$SERVICE_NAME" \
-            --data-urlencode "query.startTimeMin=$START_MIN" \
-            --data-urlencode "query.startTimeMax=$(rfc3339 300)" \
-            --data-urlencode "query.searchDepth=20" 2>/dev/null || true
-        if [[ ! -s "$WORK_DIR/traces.json" ]]; then
-            status="no answer from $JAEGER_URL/api/v3/traces"
-        elif status="$(python3 -c "$CHECK_TRACES_PY" "${REQUIRED_SPANS[@]}" <"$WORK_DIR/traces.json" 2>&1)"; then
-            found=1
-            break
-        fi
-    fi
-    sleep 3
+poll "a completion through the server" check_completion
+poll "a loadgen trace in Jaeger with otvllm's ${REQUIRED_SPANS[*]} spans" check_jaeger_trace
+for metric in "${PROMETHEUS_METRICS[@]}"; do
+    poll "Prometheus has $metric" check_prometheus_metric "$metric"
 done
+poll "Prometheus keeps exemplars of TTFT buckets" check_prometheus_exemplars
+poll "Jaeger's Monitor tab API has otvllm's call rate" check_jaeger_monitor
+poll "Grafana serves the provisioned dashboard" check_grafana_dashboard
 
-if [[ "$found" != 1 ]]; then
-    fail "no complete otvllm trace in Jaeger after ${SMOKE_TIMEOUT}s ($status)"
-fi
-log "$status"
-echo "PASS: otvllm trace with ${REQUIRED_SPANS[*]} reached Jaeger via the Collector ($JAEGER_URL)"
+echo "PASS: server health, a completion, a loadgen -> otvllm trace in Jaeger ($JAEGER_URL), metrics and exemplars in Prometheus ($PROMETHEUS_URL), Jaeger Monitor, Grafana dashboard ($GRAFANA_URL)"
