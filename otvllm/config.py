@@ -1,3 +1,4 @@
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -26,6 +27,7 @@ class EngineConfig:
     trace_level: str | None = None         # None: OTVLLM_TRACE_LEVEL, else "step"
     cudagraph_max_batch_size: int = 512
     max_logprobs: int = 20                 # the most top log-probabilities a request may ask for
+    cpu_threads: int | None = None         # CPU device: torch threads; None: OMP_NUM_THREADS, else cores - 1
     seed: int = 0
     hf_config: object = field(default=None, repr=False)
 
@@ -35,6 +37,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
+                                             or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads!r}")
         if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
             raise ValueError(f"num_kvcache_blocks must be a positive integer, got {self.num_kvcache_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -60,6 +65,17 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(model=model, **kwargs)
+
+    def resolve_cpu_threads(self) -> int:
+        """Threads for the CPU device: `cpu_threads`, else OMP_NUM_THREADS, else one fewer than
+        the usable cores (one is left for the export process and the OS), at most 8."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        value = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, cores - 1))
 
     @property
     def torch_device(self) -> torch.device:

@@ -10,20 +10,22 @@ from otvllm.core.engine import LLMEngine
 from otvllm.core.sequence import Sequence
 from otvllm.outputs import RequestOutput
 from otvllm.sampling_params import SamplingParams
+from otvllm.synthetic import SYNTHETIC_MODEL, resolve_model
 
 Prompt = str | list[int]
 
 
 class LLM:
-    """An inference engine over one model directory.
+    """An inference engine over one model directory (or "synthetic", the built-in tiny random
+    Qwen3 with a byte-level tokenizer, whose output is noise: the default).
 
     Every keyword is an `EngineConfig` field (max_num_seqs, max_num_batched_tokens,
     max_model_len, kvcache_block_size, num_kvcache_blocks, gpu_memory_utilization,
     enforce_eager, tensor_parallel_size, device, dtype, trace_level, ...).
     """
 
-    def __init__(self, model: str, **kwargs):
-        self.config = EngineConfig.from_kwargs(model, **kwargs)
+    def __init__(self, model: str = SYNTHETIC_MODEL, **kwargs):
+        self.config = EngineConfig.from_kwargs(resolve_model(model), **kwargs)
         self.engine = LLMEngine(self.config)
         self._lock = threading.Lock()   # one generate call at a time: the engine has one batch
         self._owner: int | None = None

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 SYNTHETIC_NAME = "synthetic-qwen3-v1"
+SYNTHETIC_MODEL = "synthetic"   # what `LLM()`, `LLM("synthetic")` and the CLI's default model mean
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -73,3 +74,11 @@ def synthetic_model_dir() -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def resolve_model(model: str) -> str:
+    """A model directory: `model` itself, or the synthetic model's for the name "synthetic"
+    (unless a directory of that name exists here)."""
+    if model == SYNTHETIC_MODEL and not os.path.isdir(model):
+        return synthetic_model_dir()
+    return model

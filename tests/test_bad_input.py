@@ -151,3 +151,38 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token(llm):
     off = llm.generate(prompts, SamplingParams(temperature=1.0, top_k=-1, seed=3, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert huge[0].token_ids == off[0].token_ids
+
+
+def test_the_synthetic_model_is_reachable_by_name(tmp_path):
+    """`LLM()` and `LLM("synthetic")` serve the built-in model; its threads on CPU are chosen
+    (OMP_NUM_THREADS when set) and reported on engine.init. In a subprocess: torch's thread
+    count is process-wide."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "memory = InMemorySpanExporter(); provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(memory)); trace.set_tracer_provider(provider)\n"
+        "from otvllm import LLM, SamplingParams\n"
+        "from otvllm.synthetic import SYNTHETIC_NAME\n"
+        "a, b = LLM(device='cpu'), LLM('synthetic', device='cpu')\n"
+        "assert a.config.model == b.config.model and a.config.model.endswith(SYNTHETIC_NAME), a.config.model\n"
+        "out = a.generate('hi', SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)\n"
+        "assert len(out[0].token_ids) == 3\n"
+        "init = [s for s in memory.get_finished_spans() if s.name == 'engine.init'][0]\n"
+        "print(a.config.cpu_threads, torch.get_num_threads(), init.attributes['otvllm.config.cpu_threads'])\n")
+    env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="3")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "3", "3"]
+
+
+@pytest.mark.parametrize("threads", [0, "2", True])
+def test_cpu_threads_must_be_a_positive_integer(qwen3_dir, threads):
+    with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
+        LLM(qwen3_dir, device="cpu", cpu_threads=threads)

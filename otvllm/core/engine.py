@@ -8,6 +8,8 @@ the device computes, and the next step's input tokens are read from the device."
 import time
 from dataclasses import dataclass
 
+import torch
+
 from otvllm.config import EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
@@ -41,6 +43,9 @@ class LLMEngine:
         self.in_flight: InFlight | None = None
         self.tracer = make_tracer(level, config.torch_device, config.model)
         with self.tracer.init(config) as init:
+            if config.torch_device.type == "cpu":
+                config.cpu_threads = config.resolve_cpu_threads()
+                torch.set_num_threads(config.cpu_threads)
             arch, config.hf_config = read_config(config.model)
             self.spec = model_spec(arch, config.hf_config)
             self._fit_max_model_len()

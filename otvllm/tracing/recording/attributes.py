@@ -18,7 +18,7 @@ def shape(t: torch.Tensor | None) -> list[int]:
 def config_attrs(config) -> dict:
     keys = ("model", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
             "num_kvcache_blocks", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-            "device", "dtype", "attention_backend", "trace_level")
+            "device", "dtype", "attention_backend", "trace_level", "cpu_threads", "max_logprobs")
     return {S.CONFIG_PREFIX + k: getattr(config, k) for k in keys if getattr(config, k) is not None}
 
 
