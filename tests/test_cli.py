@@ -1,6 +1,7 @@
 """The command line: generate with a trace file, the trace summary, and one-line errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -75,3 +76,35 @@ def test_invalid_trace_level_variable_is_reported(tmp_path):
     result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path, env_extra={"OTVLLM_TRACE_LEVEL": "loud"})
     assert result.returncode == 2
     assert "invalid trace level 'loud'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"data": 5}', "not a Jaeger JSON trace file"),
+    ("[1, 2]", "not a Jaeger JSON trace file"),
+    ('{"data": [{"traceID": "ab", "spans": [{"operationName": "x"}]}]}', "spanID"),
+    ("not json", "not JSON"),
+])
+def test_trace_summary_of_a_malformed_file_is_one_line_naming_it(content, problem, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    result = run_cli("trace", "summary", str(path), tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and problem in lines[0], lines
+
+
+def test_trace_summary_reads_several_files_and_the_latest(qwen3_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--model", qwen3_dir, "--max-tokens", "2", "--device", "cpu", "--block-size", "16",
+            "--max-model-len", "128", "--no-progress"]
+    assert main(args + ["--prompt", "first"]) == 0
+    assert main(args + ["--prompt", "second", "--num-prompts", "2"]) == 0
+    files = sorted(tmp_path.glob("otvllm-trace-*.json"), key=os.path.getmtime)
+    assert len(files) == 2
+    capsys.readouterr()
+    assert main(["trace", "summary", *map(str, files)]) == 0
+    both = capsys.readouterr().out
+    assert "requests=1" in both and "requests=3" in both
+    assert main(["trace", "summary", "--latest"]) == 0
+    latest = capsys.readouterr().out
+    assert latest.startswith(files[-1].name) and "requests=3" in latest and "requests=1" not in latest
