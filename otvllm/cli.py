@@ -37,7 +37,8 @@ def _add_engine_options(parser: argparse.ArgumentParser, trace_levels) -> None:
     parser.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384)
-    parser.add_argument("--max-model-len", type=_positive_int, default=4096)
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="longest prompt plus output (default: the model's limit, at most 4096)")
     parser.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size")
     parser.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

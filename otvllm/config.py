@@ -5,6 +5,7 @@ import torch
 
 from otvllm.tracing.level import TraceLevel
 
+DEFAULT_MAX_MODEL_LEN = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -15,7 +16,7 @@ class EngineConfig:
     model: str
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
-    max_model_len: int = 4096
+    max_model_len: int | None = None       # None: the model's limit, at most DEFAULT_MAX_MODEL_LEN
     kvcache_block_size: int = 256
     num_kvcache_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or max_num_seqs (CPU)
     gpu_memory_utilization: float = 0.9
@@ -33,15 +34,23 @@ class EngineConfig:
 
     def __post_init__(self):
         self.trace_level = str(TraceLevel.parse(self.trace_level))
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
+                     "num_kvcache_blocks", "tensor_parallel_size", "cudagraph_max_batch_size", "max_logprobs",
+                     "cpu_threads"):
             value = getattr(self, name)
+            optional = name in ("max_model_len", "num_kvcache_blocks", "cpu_threads")
+            if value is None and optional:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
-                                             or self.cpu_threads < 1):
-            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads!r}")
-        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
-            raise ValueError(f"num_kvcache_blocks must be a positive integer, got {self.num_kvcache_blocks}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        for name in ("device", "dtype", "attention_backend"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:

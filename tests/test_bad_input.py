@@ -186,3 +186,25 @@ def test_the_synthetic_model_is_reachable_by_name(tmp_path):
 def test_cpu_threads_must_be_a_positive_integer(qwen3_dir, threads):
     with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
         LLM(qwen3_dir, device="cpu", cpu_threads=threads)
+
+
+def test_max_model_len_defaults_to_the_models_limit_and_beyond_it_is_refused(qwen3_dir):
+    config = json.load(open(os.path.join(qwen3_dir, "config.json")))
+    limit = config["max_position_embeddings"]
+    assert LLM(qwen3_dir, device="cpu", trace_level="off").config.max_model_len == min(limit, 4096)
+    with pytest.raises(ValueError, match=f"max_model_len={limit + 1} is more than the model allows "
+                                         f"\\(max_position_embeddings={limit}"):
+        LLM(qwen3_dir, device="cpu", max_model_len=limit + 1, max_num_batched_tokens=2 * limit)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_num_seqs", "8", "max_num_seqs must be a positive integer"),
+    ("max_logprobs", 0, "max_logprobs must be a positive integer"),
+    ("enforce_eager", "yes", "enforce_eager must be True or False"),
+    ("gpu_memory_utilization", "0.5", "gpu_memory_utilization must be a number"),
+    ("device", 5, "device must be a string"),
+    ("num_kvcache_blocks", 2.5, "num_kvcache_blocks must be a positive integer"),
+])
+def test_engine_options_of_the_wrong_type_are_named(qwen3_dir, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(qwen3_dir, **{option: value})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otvllm.config import EngineConfig
+from otvllm.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
@@ -89,11 +89,18 @@ class LLMEngine:
                                    self.block_manager, self.eos_token_ids)
 
     def _fit_max_model_len(self) -> None:
+        """None: the model's limit, at most DEFAULT_MAX_MODEL_LEN; a value past the model's
+        limit is refused (the positions were never trained, or the window would be exceeded)."""
         cfg, spec = self.config, self.spec
-        limits = [cfg.max_model_len, spec.max_position_embeddings]
-        if spec.sliding_window:
-            limits.append(spec.sliding_window)   # within the window, full attention is sliding attention
-        cfg.max_model_len = min(limits)
+        limits = {"max_position_embeddings": spec.max_position_embeddings}
+        if spec.sliding_window:   # within the window, full attention is sliding attention
+            limits["sliding_window"] = spec.sliding_window
+        name, limit = min(limits.items(), key=lambda item: item[1])
+        if cfg.max_model_len is None:
+            cfg.max_model_len = min(DEFAULT_MAX_MODEL_LEN, limit)
+        elif cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model allows ({name}={limit} "
+                             f"in {cfg.model}/config.json): lower max_model_len")
         if cfg.max_num_batched_tokens < cfg.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens={cfg.max_num_batched_tokens} is below max_model_len={cfg.max_model_len}: "
