@@ -285,7 +285,10 @@ def test_long_generations_keep_first_last_and_outlier_steps(qwen3_dir, monkeypat
     assert set(range(16)) | {99 - i for i in range(8)} <= set(kept)
     assert a[S.TRACE_STEPS_OVER_BUDGET] == 0 and a[S.TRACE_SPANS_DROPPED] == 0
     reasons = {s["attributes"][S.STEP_INDEX]: s["attributes"][S.STEP_DETAIL_REASON] for s in steps}
-    assert reasons[0] == "first" and reasons[99] == "last"
+    assert reasons[0] == "first"
+    # The last steps are detailed as "last" unless another reason (a slow step) came first.
+    assert {reasons[99 - i] for i in range(8)} <= {"last", "slow", "slowest_so_far"}
+    assert "last" in reasons.values()
     assert set(reasons.values()) <= {"first", "last", "slow", "slowest_so_far"}
     assert "last 8 steps" in a[S.TRACE_POLICY]
 
