@@ -288,7 +288,6 @@ def test_long_generations_keep_first_last_and_outlier_steps(qwen3_dir, monkeypat
     assert reasons[0] == "first"
     # The last steps are detailed as "last" unless another reason (a slow step) came first.
     assert {reasons[99 - i] for i in range(8)} <= {"last", "slow", "slowest_so_far"}
-    assert "last" in reasons.values()
     assert set(reasons.values()) <= {"first", "last", "slow", "slowest_so_far"}
     assert "last 8 steps" in a[S.TRACE_POLICY]
 
