@@ -208,3 +208,53 @@ def test_max_model_len_defaults_to_the_models_limit_and_beyond_it_is_refused(qwe
 def test_engine_options_of_the_wrong_type_are_named(qwen3_dir, option, value, message):
     with pytest.raises(ValueError, match=message):
         LLM(qwen3_dir, **{option: value})
+
+
+def _broken_copy(tmp_path, qwen3_dir, edit):
+    shutil.copytree(qwen3_dir, tmp_path / "m")
+    edit(tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+def _set_config(**fields):
+    def edit(model):
+        path = model / "config.json"
+        config = json.loads(path.read_text())
+        config.update(fields)
+        path.write_text(json.dumps(config))
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json must hold a JSON object, it holds a list"),
+    (lambda m: (m / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    (_set_config(vocab_size=-1), "config.json: vocab_size must be a positive integer, got -1"),
+    (_set_config(num_attention_heads=0), "config.json: num_attention_heads must be a positive integer, got 0"),
+    (_set_config(hidden_size="wide"), "config.json: hidden_size must be a positive integer, got 'wide'"),
+    (_set_config(num_attention_heads=4, num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
+], ids=["list", "not-json", "vocab-negative", "heads-zero", "wrong-type", "heads-do-not-group"])
+def test_a_bad_config_is_named_with_its_file_and_field(tmp_path, qwen3_dir, edit, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")):
+        LLM(_broken_copy(tmp_path, qwen3_dir, edit), device="cpu")
+
+
+def test_a_truncated_checkpoint_names_the_file(tmp_path, qwen3_dir):
+    def truncate(model):
+        for name in os.listdir(model):
+            if name.endswith(".safetensors"):
+                data = (model / name).read_bytes()
+                (model / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="\\.safetensors: cannot read the weights"):
+        LLM(_broken_copy(tmp_path, qwen3_dir, truncate), device="cpu")
+
+
+def test_the_cli_reports_a_bad_config_in_one_line(tmp_path, qwen3_dir):
+    import subprocess
+    import sys
+
+    model = _broken_copy(tmp_path, qwen3_dir, _set_config(vocab_size=-1))
+    result = subprocess.run([sys.executable, "-m", "otvllm.cli", "generate", "--model", model, "--prompt", "hi",
+                             "--device", "cpu", "--trace-level", "off"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("otvllm: error: ") and "vocab_size must be a positive integer" in lines[-1]

@@ -4,7 +4,7 @@ import glob
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from otvllm.layers.basic import MergedLinear
 from otvllm.models.decoder import DecoderForCausalLM
@@ -47,23 +47,30 @@ def load_weights(model: DecoderForCausalLM, model_dir: str) -> None:
         raise ValueError(f"{model_dir!r} has no *.safetensors weight files")
     filled: set[str] = set()
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if model.spec.tie_word_embeddings and name == "lm_head.weight":
-                    continue
-                target = _target(model, name)
-                if target is None:
-                    continue
-                tensor = f.get_tensor(name)
-                if tensor.shape != target.shape:
-                    raise ValueError(f"weight {name} has shape {list(tensor.shape)} in {os.path.basename(path)}, "
-                                     f"the model expects {list(target.shape)}: config.json does not match the weights")
-                target.copy_(tensor)
-                filled.add(name)
+        try:
+            _load_file(model, path, filled)
+        except (SafetensorError, OSError) as e:   # a truncated or corrupt file
+            raise ValueError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
     missing = sorted(checkpoint_names(model) - filled)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{model_dir!r} lacks {len(missing)} weight(s) the model needs: {shown}")
+
+
+def _load_file(model: DecoderForCausalLM, path: str, filled: set[str]) -> None:
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name in f.keys():
+            if model.spec.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            target = _target(model, name)
+            if target is None:
+                continue
+            tensor = f.get_tensor(name)
+            if tensor.shape != target.shape:
+                raise ValueError(f"weight {name} has shape {list(tensor.shape)} in {os.path.basename(path)}, "
+                                 f"the model expects {list(target.shape)}: config.json does not match the weights")
+            target.copy_(tensor)
+            filled.add(name)
 
 
 def build_model(spec: ModelSpec, model_dir: str, dtype: torch.dtype, device: torch.device,

@@ -46,15 +46,46 @@ def read_config(model_dir: str):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{model_dir!r} has no config.json: expected a Hugging Face format model directory")
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, it holds a {type(raw).__name__}")
     architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [str(architectures)]
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise ValueError(f"unsupported architecture {', '.join(architectures) or '(none in config.json)'} "
                          f"in {model_dir!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_fields(path, raw)
     from transformers import AutoConfig
-    return arch, AutoConfig.from_pretrained(model_dir)
+    try:
+        return arch, AutoConfig.from_pretrained(model_dir)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} could not be read as a {arch} config: {e}") from None
+
+
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def _check_fields(path: str, raw: dict) -> None:
+    """The sizes the engine builds from: positive integers, and heads that group evenly."""
+    for name in _POSITIVE_INTS:
+        value = raw.get(name)
+        if value is None and name in ("num_key_value_heads", "head_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {name} must be a positive integer, got {value!r}")
+    heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv_heads:
+        raise ValueError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{path}: rms_norm_eps must be a positive number, got {eps!r}")
 
 
 def _rope_parameters(cfg) -> dict:
