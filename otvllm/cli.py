@@ -33,18 +33,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_engine_options(parser: argparse.ArgumentParser, trace_levels) -> None:
     parser.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384)
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384,
+                        help="tokens one prefill step may compute")
     parser.add_argument("--max-model-len", type=_positive_int, default=None,
                         help="longest prompt plus output (default: the model's limit, at most 4096)")
-    parser.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size")
+    parser.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size",
+                        help="KV-cache block (page) size in tokens")
     parser.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of the GPU's memory the engine may use")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto")
+    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto",
+                        help="attention kernels")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--trace-level", choices=trace_levels, default=None,
                         help="default: OTVLLM_TRACE_LEVEL, else step")
@@ -53,19 +66,24 @@ def _add_engine_options(parser: argparse.ArgumentParser, trace_levels) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from otvllm.tracing.level import NAMES
 
-    parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from otvllm import __version__
 
-    gen = commands.add_parser("generate", help="generate text and trace the run",
+    parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
+    parser.add_argument("--version", action="version", version=f"otvllm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = _ShowDefaults
+
+    gen = commands.add_parser("generate", help="generate text and trace the run", formatter_class=defaults,
                               description="Generate for the given prompts. With no --model, a built-in "
                                           "synthetic model (tiny random Qwen3, output is noise) is used.")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     gen.add_argument("--num-prompts", type=_positive_int, default=0,
                      help="add N random prompts (lengths 16-128 tokens), e.g. to exercise batching")
-    gen.add_argument("--max-tokens", type=_positive_int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 is greedy (the library's SamplingParams default is 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    gen.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens; -1: all")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     _add_engine_options(gen, NAMES)
@@ -74,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace-file", default=None, help="write the trace as Jaeger JSON to this file")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    serve = commands.add_parser("serve", help="serve an OpenAI-compatible API",
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible API", formatter_class=defaults,
                                 description="Serve /v1/completions and /v1/chat/completions over HTTP. With no "
                                             "--model, the built-in synthetic model is served.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--max-queue", type=_positive_int, default=1024,
                        help="requests that may wait for the engine; more get 503")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API "

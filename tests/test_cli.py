@@ -108,3 +108,15 @@ def test_trace_summary_reads_several_files_and_the_latest(qwen3_dir, tmp_path, m
     assert main(["trace", "summary", "--latest"]) == 0
     latest = capsys.readouterr().out
     assert latest.startswith(files[-1].name) and "requests=3" in latest and "requests=1" not in latest
+
+
+def test_version_module_entry_point_and_help_with_defaults(tmp_path):
+    from otvllm import __version__
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    version = subprocess.run([sys.executable, "-m", "otvllm", "--version"], capture_output=True, text=True, env=env,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"otvllm {__version__}"
+    help_text = subprocess.run([sys.executable, "-m", "otvllm", "generate", "--help"], capture_output=True, text=True,
+                               env=env, timeout=60).stdout
+    assert "--max-tokens MAX_TOKENS" in help_text and "(default: 64)" in help_text
