@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Sequence
 
-from otvllm.tracing.recording.records import FOREIGN, SPANS
+from otvllm.tracing.recording.records import FOREIGN
 
 # Control messages from the parent, besides the records' own (records.OPEN, SPANS, CLOSE).
 FLUSH, SHUTDOWN = "flush", "shutdown"
@@ -100,7 +100,6 @@ class _Exporting:
         for processor in self.processors:
             self.provider.add_span_processor(processor)
         self.builder = SpanBuilder(self.provider.get_tracer(TRACER_NAME, settings["version"]))
-        self.interrupted = 0
 
     def handle(self, kind: str, payload) -> None:
         if isinstance(payload, bytes):   # an open or close record, pickled when it was sent
@@ -110,18 +109,16 @@ class _Exporting:
             span = rebuild(payload, self.resource)
             for processor in self.processors:
                 processor.on_end(span)
-            self.builder.built += 1
             return
         self.builder.handle(kind, payload)
 
     def end_open(self, kind: str, message: str) -> None:
-        self.interrupted += self.builder.end_open(kind, message)
+        self.builder.end_open(kind, message)
 
     def write_file(self) -> dict | None:
         if self.file is None:
             return None
-        result = {"path": self.file.path, "spans": self.file.spans, "dropped": self.file.dropped, "error": None,
-                  "interrupted": self.interrupted}
+        result = {"path": self.file.path, "spans": self.file.spans, "dropped": self.file.dropped, "error": None}
         try:
             self.file.write()
         except Exception as e:
@@ -156,7 +153,6 @@ def main() -> None:
     logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     exporting = _Exporting(pickle.load(stdin))
-    received = 0
     while True:
         try:
             messages = pickle.load(stdin)
@@ -171,10 +167,8 @@ def main() -> None:
                     exporting.end_open("TracingShutdown", "tracing was shut down while this span was open")
                 _reply(stdout, ("file", exporting.write_file()))
                 _reply(stdout, ("network", exporting.flush_network()))
-                _reply(stdout, ("done", {"received": received, "built": exporting.builder.built}))
                 os._exit(0)   # do not wait for exporter threads stuck on a hung collector
             if kind == FLUSH:
                 _reply(stdout, ("network", exporting.flush_network()))
                 continue
             exporting.handle(kind, payload)
-            received += len(payload) if kind == SPANS else 0

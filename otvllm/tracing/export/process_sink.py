@@ -46,7 +46,6 @@ class ProcessSink:
     active = True
 
     def __init__(self, settings: dict):
-        self.settings = settings
         self.endpoint_label = settings.get("endpoint_label")
         self.trace_file = settings.get("trace_file")
         self.timeout_s = settings["timeout_s"]
@@ -140,22 +139,17 @@ class ProcessSink:
 
     def close(self) -> dict:
         """Stop the export process; returns what happened to the trace file and the network export."""
-        report = {"file": None, "network": None, "file_timeout": False, "network_timeout": False,
-                  "exited": False}
+        report = {"file": None, "network": None, "file_timeout": False}
         if self._closed:
             return report
         self._closed = True
         self._queue.append((SHUTDOWN, None))
         self._wake.set()
         self._writer.join(FILE_WRITE_TIMEOUT_S)
-        deadline = {"file": FILE_WRITE_TIMEOUT_S, "network": self.network_wait_s, "done": 2.0}
-        for expected in ("file", "network", "done"):
-            kind, result = self._reply(deadline[expected])
-            if kind == "timeout":
-                report[f"{expected}_timeout"] = True
-                break
-            if kind == "exited":
-                report["exited"] = True
+        for expected, wait_s in (("file", FILE_WRITE_TIMEOUT_S), ("network", self.network_wait_s)):
+            kind, result = self._reply(wait_s)
+            if kind != expected:   # it did not answer in time, or it exited
+                report["file_timeout"] = kind == "timeout" and expected == "file"
                 break
             report[kind] = result
         try:

@@ -30,7 +30,6 @@ class SpanBuilder:
         self.default_parent = default_parent   # context for roots without a recorded parent
         self._open: dict[int, trace.Span] = {}
         self._contexts: OrderedDict[int, SpanContext] = OrderedDict()
-        self.built = 0
 
     def handle(self, kind: str, payload) -> None:
         if kind == SPANS:
@@ -82,21 +81,13 @@ class SpanBuilder:
                                                     "exception.stacktrace": stack}, timestamp=record.end_ns)
             span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}" if message else kind))
         span.end(end_time=max(record.end_ns, record.start_ns))
-        self.built += 1
 
-    @property
-    def open_count(self) -> int:
-        return len(self._open)
-
-    def end_open(self, kind: str, message: str) -> int:
-        """End every open span as interrupted (the run died before closing it); returns how many."""
+    def end_open(self, kind: str, message: str) -> None:
+        """End every open span as interrupted (the run died before closing it)."""
         end = now_ns()
         for span in self._open.values():
             span.set_attribute(S.ERROR_TYPE, kind)
             span.set_attribute(S.INTERRUPTED, True)
             span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}"))
             span.end(end_time=end)
-            self.built += 1
-        n = len(self._open)
         self._open.clear()
-        return n
