@@ -335,15 +335,11 @@ class EngineTracer:
         serving = self._serving
         if serving is None:
             return
-        record = SpanRecord(S.REQUEST, None, seq.arrival_ns or now_ns(), attrs={
-            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
-        record.remote_parent = parent
-        serving.requests[seq.seq_id] = record
+        record = self._open_request(serving.requests, serving.origins, seq, prompt, None, seq.arrival_ns or now_ns(),
+                                    remote_parent=parent)
         serving.request_rids[seq.seq_id] = record.rid
         if len(serving.request_rids) > RECENT_REQUESTS:
             serving.request_rids.popitem(last=False)
-        serving.origins[seq.seq_id] = (seq, prompt)
-        self.sink.send(OPEN, record)
 
     def request_ended(self, seq, reason: str) -> None:
         """A request left the engine early (aborted by its client, or ended by a stop string)."""
@@ -376,6 +372,8 @@ class EngineTracer:
         self._finish_steps(call, failed=False)
         call.root.end_ns = call.last_end_ns or now_ns()
         call.root.attrs.update(self._step_totals(call))
+        call.root.attrs.update({S.LOOP_PREFILL_STEPS: call.prefill_steps,
+                                S.LOOP_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps})
         serving.next_index = call.first_index + call.steps
         serving.window = self._call = None
         self.sink.send(CLOSE, call.root)
@@ -401,12 +399,7 @@ class EngineTracer:
         self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         for seq, prompt in zip(seqs, prompts):
-            request = SpanRecord(S.REQUEST, root, seq.arrival_ns or root.start_ns, attrs={
-                S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name,
-                S.SEQ_ID: seq.seq_id})
-            call.requests[seq.seq_id] = request
-            call.origins[seq.seq_id] = (seq, prompt)
-            sink.send(OPEN, request)
+            self._open_request(call.requests, call.origins, seq, prompt, root, seq.arrival_ns or root.start_ns)
         try:
             with root:
                 yield
@@ -421,6 +414,17 @@ class EngineTracer:
                                                     scheduler.num_preemptions - before[2]))
             sink.send(CLOSE, root)
             sink.drain()
+
+    def _open_request(self, requests: dict, origins: dict, seq, prompt, parent: SpanRecord | None, start_ns: int,
+                      remote_parent=None) -> SpanRecord:
+        """Announce a request's span (its attributes come when it ends)."""
+        record = SpanRecord(S.REQUEST, parent, start_ns, attrs={
+            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
+        record.remote_parent = remote_parent
+        requests[seq.seq_id] = record
+        origins[seq.seq_id] = (seq, prompt)
+        self.sink.send(OPEN, record)
+        return record
 
     def _close_request(self, requests: dict, origins: dict, seq_id: int, failure=None,
                        reason: str | None = None) -> None:
@@ -459,8 +463,6 @@ class EngineTracer:
     def _step_totals(self, call: _Call) -> dict:
         """Step statistics over every step of a call or window, and what its trace kept."""
         attrs = call.stats.attrs()
-        attrs.update({S.LOOP_PREFILL_STEPS: call.prefill_steps,
-                      S.LOOP_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps})
         if self.level >= TraceLevel.STEP:
             detailed = len(call.detailed_indexes)
             slowest = call.stats.slowest
