@@ -181,8 +181,7 @@ def _check_generate_args(args):
 
     if not args.prompt and not args.num_prompts:
         raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
+    _check_model(args)
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
 
@@ -193,9 +192,13 @@ def _generate(args) -> int:
     return _traced_run(args, attrs, default_trace_file=True, body=lambda: _run(args, params))
 
 
-def _serve(args) -> int:
+def _check_model(args) -> None:
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
+
+
+def _serve(args) -> int:
+    _check_model(args)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     from otvllm.serving.server import serve

@@ -92,11 +92,12 @@ class LLM:
 
     def _make_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
         try:
-            return self.engine.make_sequence(self._tokenize(prompt), params)
+            return self.engine.make_sequence(self.tokenize(prompt), params)
         except ValueError as e:
             raise ValueError(f"request {index}: {e}") from None
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids (a string through the model's tokenizer); ValueError if it has none."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("empty prompt: a prompt needs at least one token")

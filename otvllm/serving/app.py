@@ -9,15 +9,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otvllm.serving.detokenize import TextStream
 from otvllm.serving.engine_loop import EngineLoop, QueueFull, ServerRequest
 from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
                                      now, usage)
 from otvllm.tracing.recording.records import remote_parent_of
-
 
 
 class Choice:
@@ -100,13 +99,8 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         parent = remote_parent_of()   # the HTTP server span, when the server is traced
         choices = []
         for index, prompt in enumerate(prompts):
-            ids = prompt
-            if isinstance(prompt, str):
-                if tokenizer is None:
-                    raise APIError(400, "the model has no tokenizer: send prompts as token ids", param="prompt")
-                ids = tokenizer.encode(prompt)
             try:
-                seq = engine.make_sequence(list(ids), params)
+                seq = engine.make_sequence(llm.tokenize(prompt), params)
                 seq.arrival_ns = time.time_ns()
             except ValueError as e:
                 where = f"prompt {index}: " if len(prompts) > 1 else ""
@@ -309,10 +303,10 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
 
         await run_to_end(request, choices, updates)
         choice = choices[0]
-        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
-                             "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs
-                             else None, "finish_reason": choice.finish_reason}],
-                "usage": usage(prompt_tokens(choices), completion_tokens(choices))}
+        return chunker("chat.completion", "chatcmpl")(
+            [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
+              "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs else None,
+              "finish_reason": choice.finish_reason}],
+            usage(prompt_tokens(choices), completion_tokens(choices)))
 
     return app
