@@ -35,7 +35,7 @@ def _metrics(args, llm, name: str):
     """Metrics for /metrics, and over OTLP where traces go (unless OTEL_SDK_DISABLED)."""
     from otvllm.serving.metrics import ServerMetrics
     from otvllm.tracing.export.setup import export_settings
-    from otvllm.tracing.recording.retention import env_number
+    from otvllm.tracing.env import env_number
 
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in ("true", "1"):
         return None

@@ -12,7 +12,6 @@ import queue
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 
 from otvllm.tracing.export.process import FLUSH, SHUTDOWN

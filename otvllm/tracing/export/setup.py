@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from otvllm.tracing.export.process_sink import ProcessSink
 from otvllm.tracing.export.trace_file import check_trace_path, file_mode
-from otvllm.tracing.recording.retention import env_number
+from otvllm.tracing.env import env_number
 from otvllm.tracing.recording.sinks import set_sink
 
 DEFAULT_EXPORT_TIMEOUT_S = 5.0

@@ -9,11 +9,11 @@ become one aggregate span each (StepStretch), so the timeline has no holes."""
 
 import heapq
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
 
 from otvllm.tracing import schema as S
+from otvllm.tracing.env import env_number
 
 FIRST_STEPS = 16
 LAST_STEPS = 8
@@ -21,20 +21,6 @@ SLOW_FACTOR = 3.0
 SLOWEST_KEPT = 8            # the slowest steps so far, per phase
 MEDIAN_WINDOW = 64          # steps of a phase in the running median
 STRETCH_MAX_NS = 2_000_000_000   # an aggregate span is closed after this long, to stay live
-
-
-def env_number(name: str, default, kind=int, minimum=1):
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = kind(value)
-    except ValueError:
-        number = None
-    if number is None or not math.isfinite(number) or number < minimum:
-        raise ValueError(f"{name} must be a {'number' if kind is float else 'an integer'} >= {minimum}, "
-                         f"got {value!r}")
-    return number
 
 
 @dataclass(slots=True)

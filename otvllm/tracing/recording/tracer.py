@@ -26,13 +26,13 @@ import torch
 from opentelemetry import context as otel_context
 
 from otvllm.tracing import schema as S
+from otvllm.tracing.env import env_number
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
 from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
                                                remote_parent_of)
-from otvllm.tracing.recording.retention import (LAST_STEPS, RetentionPolicy, StepStats, StepStretch,
-                                                 StepSummary, env_number)
+from otvllm.tracing.recording.retention import RetentionPolicy, StepStats, StepStretch, StepSummary
 from otvllm.tracing.recording.sinks import current_sink
 
 LOOP_WINDOW_NS = 10_000_000_000   # the engine loop starts a new trace this often (while it has work)
