@@ -3,14 +3,20 @@ on the same workload, same machine, same engine settings.
 
 Workload: nano-vllm's (benchmarks/throughput.py: 256 requests of 100-1024 random token ids,
 100-1024 output tokens, ignore EOS, temperature 0.6). First the offline engine runs it in a
-subprocess (a warm-up run, then a timed one). Then a server starts with step-level tracing
-exported over OTLP to a receiver in another process, and metrics on; after a warm-up of the
-workload's prompts with 32 tokens each, a client sends the workload at `--rate` requests/s
-(Poisson arrivals; `inf`: all at once, the saturation point) through the OpenAI API with
-the official `openai` client, streaming, and measures time to first token, time per output
-token and end-to-end latency per request, and output tokens per second overall.
+subprocess (a warm-up run, then a timed one). Then, for each stream interval among the
+modes, a server starts with step-level tracing exported over OTLP to a receiver in another
+process, and metrics on; after a warm-up (the workload's prompt lengths with 32 tokens
+each), a client sends the workload at `--rate` requests/s (Poisson arrivals; `inf`: all at
+once, the saturation point) once per mode, each time with fresh token ids so that no run
+finds an earlier one in the prefix cache, and measures time to first token (streaming),
+time per output token and end-to-end latency per request, and output tokens per second
+from the first request sent to the last response read.
 
-    python benchmarks/serving.py [--rate inf] [--num-seqs 256] [--no-stream] [--json OUT]
+The client speaks the OpenAI API over aiohttp with bodies encoded before the clock starts,
+as vLLM's serving benchmark does: the `openai` client's own work per request (about 7 ms on
+the H200's host for a 500-token prompt) would otherwise be what is measured.
+
+    python benchmarks/serving.py [--rate inf] [--num-seqs 256] [--modes nostream,stream,stream@50] [--json OUT]
 """
 
 import argparse
@@ -60,25 +66,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def one_request(client, model: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
+async def one_request(session, url: str, body: bytes, stream: bool, start_at: float) -> dict:
+    """One completion request, sent at `start_at` (perf_counter); streaming responses are read
+    line by line and only the usage chunk is parsed, so the client costs little per token."""
+    delay = start_at - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
     start = time.perf_counter()
     first = None
-    if stream:
-        tokens = 0
-        response = await client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.6, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        async for chunk in response:
-            if first is None and chunk.choices:   # a chunk carries one step's tokens (text or not)
-                first = time.perf_counter()
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-    else:
-        response = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                   temperature=0.6, extra_body={"ignore_eos": True})
-        tokens = response.usage.completion_tokens
+    tokens = 0
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+        if stream:
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                if b'"usage":{' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        else:
+            tokens = (await response.json())["usage"]["completion_tokens"]
     end = time.perf_counter()
-    result = {"e2e_s": end - start, "tokens": tokens}
+    result = {"e2e_s": end - start, "tokens": tokens, "start": start, "end": end}
     if first is not None:
         result["ttft_s"] = first - start
         if tokens > 1:
@@ -87,19 +98,31 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, st
 
 
 async def run_load(base_url: str, model: str, prompts, max_tokens, rate: float, stream: bool) -> tuple[list, float]:
-    import openai
+    """Open loop: request i is sent at its Poisson arrival time whatever the server's state.
+    Bodies are encoded before the clock starts. The time is from the first request sent to
+    the last response read."""
+    import aiohttp
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
-    rng = random.Random(1)
-    tasks = []
-    start = time.perf_counter()
+    bodies = []
     for prompt, n in zip(prompts, max_tokens):
-        tasks.append(asyncio.create_task(one_request(client, model, prompt, n, stream)))
+        request = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.6, "ignore_eos": True,
+                   "stream": stream}
+        if stream:
+            request["stream_options"] = {"include_usage": True}
+        bodies.append(json.dumps(request).encode())
+    rng = random.Random(1)
+    offsets, t = [], 0.0
+    for _ in bodies:
+        offsets.append(t)
         if rate != float("inf"):
-            await asyncio.sleep(rng.expovariate(rate))
-    results = await asyncio.gather(*tasks)
-    seconds = time.perf_counter() - start
-    await client.close()
+            t += rng.expovariate(rate)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        begin = time.perf_counter() + 0.05
+        url = f"{base_url}/completions"
+        results = await asyncio.gather(*(one_request(session, url, body, stream, begin + offset)
+                                         for body, offset in zip(bodies, offsets)))
+    seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
     return results, seconds
 
 
@@ -128,60 +151,101 @@ def summary(results: list[dict], seconds: float) -> dict:
     return out
 
 
+def fresh_tokens(prompts: list[list[int]], variant: int) -> list[list[int]]:
+    """The same prompt lengths with other token ids, so a run finds nothing of an earlier
+    run in the prefix cache (offline generate resets its cache between warm-up and run)."""
+    return [[(t + 7919 * variant) % 10000 for t in p] for p in prompts]
+
+
+def parse_mode(mode: str) -> tuple[bool, float]:
+    """'nostream' | 'stream' | 'stream@MS' (stream, the server sending at most every MS ms)."""
+    if mode == "nostream":
+        return False, 0.0
+    if mode == "stream" or mode.startswith("stream@"):
+        return True, float(mode.partition("@")[2] or 0)
+    raise SystemExit(f"--modes: unknown mode {mode!r}: use nostream, stream or stream@MS")
+
+
+def start_server(model_dir: str, interval_ms: float, args, endpoint: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    command = [sys.executable, "-m", "otvllm.cli", "serve", "--model", model_dir, "--port", str(port),
+               "--max-queue", "100000", "--stream-interval-ms", str(interval_ms), "--trace-level", args.trace_level,
+               "--otlp-endpoint", endpoint, *ENGINE_ARGS]
+    if args.trace_file:
+        command += ["--trace-file", f"{args.trace_file}.{interval_ms:g}ms.json"]
+    return subprocess.Popen(command, env=dict(os.environ, OTEL_METRIC_EXPORT_INTERVAL="5000")), port
+
+
+def report(label: str, result: dict, offline_tok_s: float | None) -> None:
+    line = f"server, {label}: {result['output_tok_s']:.0f} tok/s"
+    if offline_tok_s:
+        line += f" = {100 * result['output_tok_s'] / offline_tok_s:.1f}% of offline"
+    print(line, flush=True)
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        if key in result:
+            v = result[key]
+            print(f"  {key[:-2]:5s} p50 {1e3 * v['p50']:9.1f} ms  p99 {1e3 * v['p99']:9.1f} ms  "
+                  f"mean {1e3 * v['mean']:9.1f} ms", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="/tmp/otvllm-bench-qwen3-0.6b")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--rate", type=float, default=float("inf"), help="requests per second (inf: all at once)")
-    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--modes", default="nostream,stream,stream@50",
+                        help="comma-separated: nostream, stream (a chunk per engine step), stream@MS (the "
+                             "server's --stream-interval-ms MS); one server per interval")
     parser.add_argument("--trace-level", default="step")
     parser.add_argument("--skip-offline", action="store_true")
-    parser.add_argument("--stream-interval-ms", type=float, default=0.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--trace-file", default=None, help="each server also writes its trace to PREFIX.<interval>.json")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    by_interval: dict[float, list[str]] = {}
+    for mode in modes:
+        by_interval.setdefault(parse_mode(mode)[1], []).append(mode)
 
     model_dir = make_model(args.model_dir)
     prompts, max_tokens = workload(args.num_seqs)
     results: dict = {"workload": {"requests": len(prompts), "output_tokens": sum(max_tokens)}, "rate": args.rate,
-                     "stream": not args.no_stream}
+                     "server": {}}
+    offline_tok_s = None
     if not args.skip_offline:
         code = OFFLINE.format(root=ROOT, n=args.num_seqs, model=model_dir)
         offline = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                             text=True).stdout.strip().splitlines()[-1])
-        results["offline_tok_s"] = offline["tokens"] / offline["seconds"]
-        print(f"offline generate: {results['offline_tok_s']:.0f} tok/s ({offline['seconds']:.2f} s)", flush=True)
+        offline_tok_s = results["offline_tok_s"] = offline["tokens"] / offline["seconds"]
+        print(f"offline generate: {offline_tok_s:.0f} tok/s ({offline['seconds']:.2f} s)", flush=True)
 
     receiver = subprocess.Popen([sys.executable, "-m", "tests.otlp_receiver"], cwd=ROOT, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "otvllm.cli", "serve", "--model", model_dir, "--port", str(port), "--max-queue",
-         "100000", "--stream-interval-ms", str(args.stream_interval_ms), "--trace-level", args.trace_level, "--otlp-endpoint", endpoint, *ENGINE_ARGS],
-        env=dict(os.environ, OTEL_METRIC_EXPORT_INTERVAL="5000"))
+    name = os.path.basename(os.path.normpath(model_dir))
+    variant = 0
     try:
-        wait_ready(server, port)
-        base_url, name = f"http://127.0.0.1:{port}/v1", os.path.basename(os.path.normpath(model_dir))
-        asyncio.run(run_load(base_url, name, prompts, [min(n, 32) for n in max_tokens], float("inf"), False))
-        load, seconds = asyncio.run(run_load(base_url, name, prompts, max_tokens, args.rate, not args.no_stream))
+        for interval_ms, interval_modes in by_interval.items():
+            server, port = start_server(model_dir, interval_ms, args, endpoint)
+            try:
+                wait_ready(server, port)
+                base_url = f"http://127.0.0.1:{port}/v1"
+                variant += 1   # warm-up: compiles and captures what the run will use
+                asyncio.run(run_load(base_url, name, fresh_tokens(prompts, variant), [min(n, 32) for n in max_tokens],
+                                     float("inf"), False))
+                for mode in interval_modes:
+                    variant += 1
+                    load, seconds = asyncio.run(run_load(base_url, name, fresh_tokens(prompts, variant), max_tokens,
+                                                         args.rate, parse_mode(mode)[0]))
+                    result = results["server"][mode] = summary(load, seconds)
+                    if offline_tok_s:
+                        result["over_offline"] = result["output_tok_s"] / offline_tok_s
+                    report(f"{mode}, rate {args.rate}", result, offline_tok_s)
+            finally:
+                server.terminate()
+                server.wait(timeout=120)
     finally:
-        server.terminate()
-        server.wait(timeout=120)
         receiver.stdin.close()
-        spans = receiver.stdout.readline().strip()
-    results["server"] = summary(load, seconds)
-    server_tok_s = results["server"]["output_tok_s"]
-    mode = f"streaming every {args.stream_interval_ms:g} ms" if not args.no_stream else "not streaming"
-    line = f"server ({mode}, rate {args.rate}): {server_tok_s:.0f} tok/s"
-    if "offline_tok_s" in results:
-        results["server_over_offline"] = server_tok_s / results["offline_tok_s"]
-        line += f" = {100 * results['server_over_offline']:.1f}% of offline"
-    print(line)
-    for key in ("ttft_s", "tpot_s", "e2e_s"):
-        if key in results["server"]:
-            v = results["server"][key]
-            print(f"  {key[:-2]:5s} p50 {1e3 * v['p50']:9.1f} ms  p99 {1e3 * v['p99']:9.1f} ms  mean {1e3 * v['mean']:9.1f} ms")
-    print(f"OTLP receiver got {spans} spans")
+        print(f"OTLP receiver got {receiver.stdout.readline().strip()} spans")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
