@@ -153,7 +153,8 @@ class ModelRunner:
             inputs = self._prepare_prefill(batch.seqs)
         else:
             inputs = self._prepare_decode(batch.seqs, previous_tokens)
-        inputs.sampling = SamplingBatch.from_seqs(batch.seqs, self.spec.vocab_size, self.device)
+        inputs.sampling = SamplingBatch.from_params([s.params for s in batch.seqs], [len(s) for s in batch.seqs],
+                                                    self.spec.vocab_size, self.device)
         return inputs
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:

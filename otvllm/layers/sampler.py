@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from otvllm.core.sequence import Sequence
-
 
 @dataclass
 class SamplingBatch:
@@ -25,8 +23,10 @@ class SamplingBatch:
     temperature_max: float
 
     @classmethod
-    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
-        params = [s.params for s in seqs]
+    def from_params(cls, params: list, positions: list[int], vocab_size: int,
+                    device: torch.device) -> "SamplingBatch":
+        """`params`: each row's SamplingParams; `positions`: the position of the token each row
+        samples (its sequence's length), which seeds a seeded row."""
         temps = [p.temperature for p in params]
         use_top_k = any(p.top_k != -1 for p in params)
         use_top_p = any(p.top_p < 1.0 for p in params)
@@ -38,8 +38,8 @@ class SamplingBatch:
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
             all_greedy=all(t == 0 for t in temps),
             any_greedy=any(t == 0 for t in temps),
-            seeded_rows=[(i, _position_seed(s.params.seed, len(s)))
-                         for i, s in enumerate(seqs) if s.params.seed is not None and s.params.temperature > 0],
+            seeded_rows=[(i, _position_seed(p.seed, positions[i]))
+                         for i, p in enumerate(params) if p.seed is not None and p.temperature > 0],
             num_logprobs=max((n for _, n in logprob_rows), default=0),
             logprob_rows=logprob_rows,
             num_greedy=temps.count(0),
