@@ -1,10 +1,13 @@
 """What arrives over the wire at a real OTLP/gRPC receiver when otvllm configures tracing itself."""
 
 import io
+import json
+import os
 import time
 from contextlib import redirect_stderr
 
 import pytest
+import torch
 
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import configure
@@ -193,6 +196,23 @@ def test_model_load_and_kv_cache_spans(step_run):
     assert kv[S.BLOCKS_TOTAL] == blocks and kv[S.BLOCK_SIZE] == BLOCK
     assert kv[S.KV_CACHE_SHAPE] == [2, spec.num_layers, blocks, BLOCK, spec.num_kv_heads, spec.head_dim]
     assert kv[S.KV_CACHE_BYTES] == 2 * spec.num_layers * blocks * BLOCK * spec.num_kv_heads * spec.head_dim * 4
+
+
+def test_engine_init_reports_the_config_as_start_up_resolved_it(qwen3_dir):
+    # max_model_len and the KV blocks left to start-up; the CPU cache holds max_num_seqs sequences.
+    spans, _, llm = traced_run(qwen3_dir, level="request", max_model_len=None, max_num_batched_tokens=4096,
+                               max_num_seqs=2)
+    init = by_name(spans, S.ENGINE_INIT)[0]["attributes"]
+    config = {key.removeprefix(S.CONFIG_PREFIX): value for key, value in init.items()
+              if key.startswith(S.CONFIG_PREFIX)}
+    limit = json.load(open(os.path.join(qwen3_dir, "config.json")))["max_position_embeddings"]
+    assert config["max_model_len"] == min(limit, 4096)
+    blocks = llm.engine.block_manager.num_blocks
+    assert config["num_kvcache_blocks"] == blocks == 2 * -(-config["max_model_len"] // BLOCK)
+    assert (config["device"], config["dtype"], config["attention_backend"]) == ("cpu", "float32", "torch")
+    assert (config["enforce_eager"], config["cuda_graphs"]) == (False, False)
+    assert config["cpu_threads"] == torch.get_num_threads()
+    assert (config["trace_level"], config["kvcache_block_size"], config["max_num_seqs"]) == ("request", BLOCK, 2)
 
 
 def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
