@@ -38,6 +38,8 @@ class EngineConfig:
               "max_num_seqs sequences of max_model_len within a fixed memory budget)")
     gpu_memory_utilization: float = _option(0.9, "share of the GPU's memory the engine may use")
     enforce_eager: bool = _option(False, "no CUDA graphs")
+    torch_compile: bool | None = _option(
+        None, "fuse the small layers and the sampler with torch.compile (default: on CUDA, not on CPU)")
     tensor_parallel_size: int = _option(1, "GPUs the model is split over (only 1 for now)")
     device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     dtype: str | None = _option(

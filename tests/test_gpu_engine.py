@@ -128,3 +128,28 @@ def test_memory_and_gpu_time_attributes(qwen3_dir):
     assert kv.attributes[S.MEM_ALLOCATED] >= kv.attributes[S.KV_CACHE_BYTES]
     generate = [s for s in spans if s.name == S.GENERATE][0]
     assert generate.attributes[S.GEN_MEM_PEAK] >= generate.attributes[S.GEN_MEM_END] > 0
+
+
+def test_start_up_on_cuda_resolves_dtype_graphs_and_compile(qwen3_dir):
+    resolved = gpu_llm(qwen3_dir).engine.resolved
+    # The tiny checkpoint is float32: on CUDA the engine computes in bfloat16 unless asked.
+    assert (resolved.device, resolved.dtype) == ("cuda", "bfloat16")
+    assert resolved.attention_backend in ("triton", "flash_attn")
+    assert (resolved.cuda_graphs, resolved.torch_compile, resolved.cpu_threads) == (True, True, None)
+    eager = gpu_llm(qwen3_dir, enforce_eager=True, torch_compile=False).engine.resolved
+    assert (eager.cuda_graphs, eager.torch_compile) == (False, False)
+
+
+def test_a_cpu_engine_made_after_a_cuda_engine_compiles_nothing(qwen3_dir):
+    """torch.compile is each engine's choice: a CUDA engine's compiled layers and sampler do
+    not leak into a CPU engine of the same process (it would compile them for the CPU)."""
+    from torch._dynamo.utils import counters
+
+    cuda = gpu_llm(qwen3_dir)
+    cuda.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    cpu = LLM(qwen3_dir, device="cpu", kvcache_block_size=16, max_model_len=256, trace_level="off")
+    frames = counters["frames"]["total"]
+    params = [GREEDY, SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)]
+    outputs = cpu.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert counters["frames"]["total"] == frames
+    assert outputs[0].token_ids == hf_greedy(qwen3_dir, PROMPTS[0], GREEDY.max_tokens)

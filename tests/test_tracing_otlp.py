@@ -210,7 +210,7 @@ def test_engine_init_reports_the_config_as_start_up_resolved_it(qwen3_dir):
     blocks = llm.engine.block_manager.num_blocks
     assert config["num_kvcache_blocks"] == blocks == 2 * -(-config["max_model_len"] // BLOCK)
     assert (config["device"], config["dtype"], config["attention_backend"]) == ("cpu", "float32", "torch")
-    assert (config["enforce_eager"], config["cuda_graphs"]) == (False, False)
+    assert (config["enforce_eager"], config["cuda_graphs"], config["torch_compile"]) == (False, False, False)
     assert config["cpu_threads"] == torch.get_num_threads()
     assert (config["trace_level"], config["kvcache_block_size"], config["max_num_seqs"]) == ("request", BLOCK, 2)
 

@@ -9,8 +9,8 @@ from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
-from otvllm.layers.basic import use_compiled_kernels
-from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch, use_compiled_sampler
+from otvllm.layers.basic import Kernels, use_kernels
+from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend
@@ -37,7 +37,7 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.dtype = config.torch_dtype
         self.backend = AttentionBackend(config.attention_backend)
-        self.sampler = Sampler()
+        self.sampler = Sampler(compiled=config.torch_compile)
         self.model = None
         self.graphs: DecodeGraphs | None = None
         self.kv_cache: torch.Tensor | None = None
@@ -46,14 +46,12 @@ class ModelRunner:
     # ---- start-up -------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        if self.device.type == "cuda":
-            use_compiled_kernels(True)
-            use_compiled_sampler(True)
         self.model = build_model(self.spec, self.config.model, self.dtype, self.device,
                                  max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
-        if self.device.type == "cuda":
+        if self.config.torch_compile:
+            use_kernels(self.model, Kernels.compiled())
             self.sampler.warm_up(self.spec.vocab_size, self.dtype, self.device)
 
     def capture_cuda_graphs(self) -> None:

@@ -27,6 +27,7 @@ class ResolvedConfig:
     gpu_memory_utilization: float
     enforce_eager: bool                # also at trace level debug: per-layer spans need the eager forward
     cuda_graphs: bool                  # decode steps replay CUDA graphs
+    torch_compile: bool                # the small layers and the sampler are fused by torch.compile
     tensor_parallel_size: int
     cudagraph_max_batch_size: int
     max_logprobs: int
@@ -63,6 +64,7 @@ def resolve_config(config: EngineConfig, spec: ModelSpec, level: TraceLevel, dev
         enforce_eager=enforce_eager,
         # The torch reference syncs with the host (.tolist()), which a graph cannot capture.
         cuda_graphs=on_cuda and not enforce_eager and backend != "torch",
+        torch_compile=on_cuda if config.torch_compile is None else config.torch_compile,
         cpu_threads=None if on_cuda else _cpu_threads(config),
     )
     as_given = {f.name: getattr(config, f.name) for f in fields(ResolvedConfig) if f.name not in decided}

@@ -100,24 +100,18 @@ def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.
     return (logits.float() / temperatures[:, None] + gumbel).argmax(dim=-1)
 
 
-_sample_kernels = {"gumbel_max": gumbel_max}
-
-
-def use_compiled_sampler(enabled: bool) -> None:
-    """Fuse `gumbel_max` with torch.compile (CUDA), or go back to eager."""
-    if enabled != (_sample_kernels["gumbel_max"] is not gumbel_max):
-        _sample_kernels["gumbel_max"] = torch.compile(gumbel_max, dynamic=True) if enabled else gumbel_max
-
-
 class Sampler:
-    @staticmethod
-    def warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, compiled: bool = False):
+        # Fused into one kernel by torch.compile, or the plain function.
+        self.gumbel_max = torch.compile(gumbel_max, dynamic=True) if compiled else gumbel_max
+
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the fused sampling kernel now for one row, two rows (any count from there on
         is one dynamic shape): torch.compile treats a size of 1 apart, and the last steps of a run
         decode a single sequence, which would otherwise compile in the middle of serving."""
         for rows in (1, 2):
             logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
-            _sample_kernels["gumbel_max"](logits, torch.ones(rows, device=device))
+            self.gumbel_max(logits, torch.ones(rows, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
@@ -133,7 +127,7 @@ class Sampler:
         if batch.top_ks is not None or batch.top_ps is not None:
             logits = _filter_top_k_top_p(logits.float() / temps[:, None], batch.top_ks, batch.top_ps)
             temps = torch.ones_like(temps)
-        sampled = _sample_kernels["gumbel_max"](logits, temps)
+        sampled = self.gumbel_max(logits, temps)
         for row, seed in batch.seeded_rows:
             gen = torch.Generator(device=logits.device).manual_seed(seed)
             uniform = torch.rand(1, logits.shape[1], device=logits.device, generator=gen)
