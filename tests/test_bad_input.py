@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from otvllm import LLM, SamplingParams
+from tests.helpers import make_llm
 from tests.reference import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -14,7 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(qwen3_dir):
-    return LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+    return make_llm(qwen3_dir, max_model_len=128)
 
 
 def test_missing_model_directory(tmp_path):

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from otvllm import LLM, EngineConfig, SamplingParams
+from otvllm import EngineConfig, SamplingParams
 from otvllm.core.engine import LLMEngine
+from tests.helpers import make_llm
 from tests.reference import hf_greedy
 
 
@@ -54,9 +55,8 @@ def test_the_compile_choice_is_each_engines_own(qwen3_dir, monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    small = dict(kvcache_block_size=16, max_model_len=128, max_num_seqs=4, device="cpu", trace_level="off")
-    compiling = LLM(qwen3_dir, torch_compile=True, **small)
-    plain = LLM(qwen3_dir, **small)                     # on CPU the default is not to compile
+    compiling = make_llm(qwen3_dir, torch_compile=True, trace_level="off")
+    plain = make_llm(qwen3_dir, trace_level="off")       # on CPU the default is not to compile
     assert (compiling.engine.resolved.torch_compile, plain.engine.resolved.torch_compile) == (True, False)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     params = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
@@ -68,7 +68,7 @@ def test_the_compile_choice_is_each_engines_own(qwen3_dir, monkeypatch):
     compiled = compiling.generate(prompts, params, use_tqdm=False)
     assert {"rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary", "gumbel_max"} <= set(calls)
     calls.clear()
-    again = LLM(qwen3_dir, **small).generate(prompts, params, use_tqdm=False)   # made after a compiling one
+    again = make_llm(qwen3_dir, trace_level="off").generate(prompts, params, use_tqdm=False)   # made after one
     assert calls == []
     assert [o.token_ids for o in first] == [o.token_ids for o in compiled] == [o.token_ids for o in again]
     assert first[0].token_ids == hf_greedy(qwen3_dir, prompts[0], 4)

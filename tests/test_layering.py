@@ -1,6 +1,7 @@
 """Layers point down: ops import nothing of otvllm's above them, layers only ops, models only
-layers and ops; no two modules import each other, even through others. Read from the source
-(every import statement, including those inside functions and under TYPE_CHECKING)."""
+layers and ops; no two modules import each other, even through others; test modules share
+code through tests/helpers.py only. Read from the source (every import statement, including
+those inside functions and under TYPE_CHECKING)."""
 
 import ast
 import pathlib
@@ -86,3 +87,14 @@ def test_the_clis_parser_does_not_import_torch():
     code = ("import sys\nfrom otvllm.cli import build_parser\nbuild_parser()\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_test_modules_share_code_through_helpers_not_each_other():
+    tests = pathlib.Path(__file__).parent
+    wrong = []
+    for path in tests.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            wrong += [(path.name, n) for n in names if n.startswith(("tests.test_", "tests.conftest"))]
+    assert wrong == []

@@ -9,9 +9,10 @@ from contextlib import redirect_stderr
 import pytest
 import torch
 
-from otvllm import LLM, SamplingParams
+from otvllm import SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
+from tests.helpers import make_llm
 from tests.otlp_receiver import HangingReceiver, OtlpReceiver, closed_port
 
 BLOCK = 16
@@ -19,19 +20,12 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[7] * 20, [9] * 35, [11] * 3]
 
 
-def make_llm(model_dir, level="step", **kwargs):
-    settings = dict(kvcache_block_size=BLOCK, max_model_len=128, max_num_batched_tokens=256, device="cpu",
-                    trace_level=level)
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
-
-
 def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs):
     """Generate with tracing exported to a fresh receiver; returns (spans, outputs, llm)."""
     with OtlpReceiver() as receiver:
         session = configure(endpoint=receiver.endpoint, service_name="otvllm-test")
         try:
-            llm = make_llm(model_dir, level, **kwargs)
+            llm = make_llm(model_dir, trace_level=level, **kwargs)
             outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
             report = session.shutdown()
@@ -319,14 +313,14 @@ def test_span_budget_caps_a_trace_and_counts_what_it_left_out(qwen3_dir, monkeyp
 
 
 def _timed_generate(model_dir, endpoint, timeout_s):
-    llm = make_llm(model_dir, level="off")
+    llm = make_llm(model_dir, trace_level="off")
     start = time.perf_counter()
     llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     untraced = time.perf_counter() - start
     stderr = io.StringIO()
     session = configure(endpoint=endpoint, timeout_s=timeout_s)
     try:
-        llm = make_llm(model_dir, level="step")
+        llm = make_llm(model_dir, trace_level="step")
         start = time.perf_counter()
         outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         traced = time.perf_counter() - start
