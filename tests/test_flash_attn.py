@@ -8,7 +8,8 @@ import torch
 from otvllm import SamplingParams
 from otvllm.ops import attention_torch as ref
 from otvllm.ops import flash_attn4
-from tests.helpers import make_llm, random_prompts, record_graph_use
+from otvllm.tracing import schema as S
+from tests.helpers import make_llm, random_prompts, record_graph_use, recorded_spans
 from tests.paged_cases import REAL_SHAPES, block_tables, cu, paged_inputs, rand_lens, tol
 from tests.reference import hf_greedy
 
@@ -107,8 +108,12 @@ FA4 = dict(device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_
 
 
 def test_auto_chooses_flash_attn_and_shows_it_on_init(qwen3_dir):
-    llm = make_llm(qwen3_dir, **FA4, kvcache_block_size=128)
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, **FA4, kvcache_block_size=128, trace_level="request")
     assert llm.engine.runner.backend.name == "flash_attn"
+    spans = {s.name: s.attributes for s in memory.get_finished_spans()}
+    assert spans[S.ENGINE_INIT][S.CONFIG_PREFIX + "attention_backend"] == "flash_attn"
+    assert spans[S.MODEL_LOAD][S.ATTENTION_BACKEND] == "flash_attn"
 
 
 @pytest.mark.parametrize("block_size", [16, 128, 256])

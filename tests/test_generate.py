@@ -1,5 +1,9 @@
 """otvllm's outputs against transformers' own generate and forward, in float32 on CPU."""
 
+import glob
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -167,11 +171,15 @@ def test_outputs_keep_input_order_with_different_lengths(qwen3_dir):
     assert all(o.metrics["time_to_first_token_ms"] >= 0 for o in outs)
 
 
-def test_float16_cpu_is_close_to_float32(qwen3_dir):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_cpu_is_close_to_float32(qwen3_dir, dtype):
     # Half precision runs through the same paths; its first tokens agree with float32.
     prompt = random_prompts([12], seed=14)[0]
-    out16 = make_llm(qwen3_dir, dtype="bfloat16").generate([prompt], GREEDY, use_tqdm=False)[0]
-    assert out16.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
+    llm = make_llm(qwen3_dir, dtype=dtype)
+    assert {p.dtype for p in llm.engine.runner.model.parameters()} == {getattr(torch, dtype)}
+    assert llm.engine.runner.kv_cache.dtype == getattr(torch, dtype)
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
     assert torch.get_default_dtype() == torch.float32
 
 
@@ -186,10 +194,19 @@ def test_reset_prefix_cache_forgets_finished_prompts(qwen3_dir):
     assert again.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
 
 
-def test_sharded_checkpoint_loads_from_several_files(model_dirs):
-    import glob
-    import os
-    assert len(glob.glob(os.path.join(model_dirs("llama"), "*.safetensors"))) > 1
+def test_sharded_checkpoint_loads_from_every_file(model_dirs, tmp_path):
+    """The llama variant is saved in several safetensors files: outputs equal transformers'
+    only if every file was read, and without its last file the load names what is missing."""
+    model_dir = model_dirs("llama")
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    assert len(files) > 1
+    prompt = random_prompts([9], seed=16)[0]
+    out = make_llm(model_dir).generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial, ignore=shutil.ignore_patterns(os.path.basename(files[-1])))
+    with pytest.raises(ValueError, match="lacks [0-9]+ weight\\(s\\) the model needs"):
+        make_llm(str(partial))
 
 
 def test_a_stop_mid_batch_leaves_the_other_requests_intact(qwen3_dir):
