@@ -53,7 +53,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.resolved, self.spec)
             init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))
             init.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache, attrs=lambda _: A.kv_cache_attrs(self.runner))
-            init.decided(self.resolved)
+            init.decided(self.resolved)   # now with the number of KV blocks
             if self.resolved.cuda_graphs:
                 init.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs,
                            attrs=lambda _: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes)})
