@@ -165,7 +165,7 @@ def main() -> None:
               attention_backend=args.attention_backend, kvcache_block_size=args.block_size, trace_level="off")
     engine = llm.engine
     print(f"otvllm: {engine.runner.backend.name} attention, {engine.block_manager.num_blocks} KV blocks of "
-          f"{engine.config.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}", flush=True)
+          f"{engine.resolved.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}", flush=True)
     # Warm-up: the workload's own prefill batches and a few decode steps, so that the kernels'
     # per-shape specialisations (Triton specialises integer arguments) compile outside the timing.
     run_otvllm(llm, prompts, [min(n, 32) for n in max_tokens], "off", 1)

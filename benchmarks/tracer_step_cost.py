@@ -67,7 +67,8 @@ def main() -> None:
     ids = torch.zeros(len(seqs), dtype=torch.long)
     ctx = ForwardContext(is_prefill=False, slot_mapping=ids, context_lens=ids,
                          block_tables=torch.zeros(len(seqs), 8, dtype=torch.int32))
-    inputs = ModelInputs(ids, ids, ctx, None, SamplingBatch.from_seqs(seqs, 1000, torch.device("cpu")))
+    sampling = SamplingBatch.from_params([s.params for s in seqs], [len(s) for s in seqs], 1000, torch.device("cpu"))
+    inputs = ModelInputs(ids, ids, ctx, None, sampling)
     logits = torch.zeros(len(seqs), 1000)
     previous = InFlight(batch)
 

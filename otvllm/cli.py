@@ -42,30 +42,27 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_engine_options(parser: argparse.ArgumentParser, trace_levels) -> None:
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """--model, then one option per EngineConfig field, with the field's name (or flag), type,
+    default, choices and help."""
+    from otvllm.config import field_kind, option_fields
+
     parser.add_argument("--model", help="Hugging Face format model directory (default: the synthetic model)")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=16384,
-                        help="tokens one prefill step may compute")
-    parser.add_argument("--max-model-len", type=_positive_int, default=None,
-                        help="longest prompt plus output (default: the model's limit, at most 4096)")
-    parser.add_argument("--block-size", type=_positive_int, default=256, dest="kvcache_block_size",
-                        help="KV-cache block (page) size in tokens")
-    parser.add_argument("--num-kvcache-blocks", type=_positive_int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="share of the GPU's memory the engine may use")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "triton", "flash_attn"), default="auto",
-                        help="attention kernels")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--trace-level", choices=trace_levels, default=None,
-                        help="default: OTVLLM_TRACE_LEVEL, else step")
+    for f in option_fields():
+        kind, _ = field_kind(f)
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        common = dict(dest=f.name, default=f.default, help=f.metadata["help"])
+        if kind is bool:
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, **common)
+        else:
+            choices = f.metadata["choices"]
+            metavar = None if choices else flag.removeprefix("--").replace("-", "_").upper()
+            parser.add_argument(flag, type=_positive_int if kind is int else kind, choices=choices,
+                                metavar=metavar, **common)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from otvllm.tracing.level import NAMES
-
     from otvllm import __version__
 
     parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
@@ -86,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens; -1: all")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
-    _add_engine_options(gen, NAMES)
+    _add_engine_options(gen)
     gen.add_argument("--otlp-endpoint", default=None,
                      help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
     gen.add_argument("--trace-file", default=None, help="write the trace as Jaeger JSON to this file")
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(0: every engine step); larger chunks cost the server less at high load")
     serve.add_argument("--drain-timeout", type=float, default=60.0,
                        help="on SIGTERM or Ctrl-C, seconds that running requests get to finish")
-    _add_engine_options(serve, NAMES)
+    _add_engine_options(serve)
     serve.add_argument("--otlp-endpoint", default=None,
                        help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, no trace is exported")
     serve.add_argument("--trace-file", default=None, help="also write the trace as Jaeger JSON to this file")
@@ -193,8 +190,18 @@ def _generate(args) -> int:
 
 
 def _check_model(args) -> None:
+    """The model directory and the engine options, before anything starts."""
+    from otvllm.config import EngineConfig
+    from otvllm.synthetic import SYNTHETIC_MODEL
+
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
+    EngineConfig(model=args.model or SYNTHETIC_MODEL, **_engine_options(args))
+
+
+def _engine_options(args) -> dict:
+    from otvllm.config import option_fields
+    return {f.name: getattr(args, f.name) for f in option_fields()}
 
 
 def _serve(args) -> int:
@@ -266,11 +273,7 @@ def _make_llm(args):
         model = synthetic_model_dir()
         print(f"using the built-in synthetic model at {model} (random weights: its output is noise)",
               file=sys.stderr)
-    return LLM(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_model_len=args.max_model_len, kvcache_block_size=args.kvcache_block_size,
-               num_kvcache_blocks=args.num_kvcache_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-               device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-               enforce_eager=args.enforce_eager, trace_level=args.trace_level)
+    return LLM(model, **_engine_options(args))
 
 
 def _run(args, params) -> int:

@@ -1,91 +1,112 @@
-import os
-from dataclasses import dataclass, field, fields
+"""The engine's settings as the user gives them, checked when made and never changed afterwards.
 
-import torch
+What start-up decides from them (the model's length limit, the KV blocks, the dtype, the
+attention backend, ...) is a `ResolvedConfig` (core/resolved_config.py). Each field carries its
+help (and choices, and CLI flag where it is not the field's name) in its metadata: the CLI
+builds its engine options from them. No torch at import: the CLI's argument parsing reads this.
+"""
 
+import math
+import typing
+from dataclasses import Field, dataclass, field, fields
+
+from otvllm.ops import ATTENTION_BACKENDS
+from otvllm.tracing.level import NAMES as TRACE_LEVELS
 from otvllm.tracing.level import TraceLevel
 
 DEFAULT_MAX_MODEL_LEN = 4096
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
+AUTO = "auto"
 
 
-@dataclass
+def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Engine settings. `LLM(model, **kwargs)` takes every field as a keyword."""
 
     model: str
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 16384
-    max_model_len: int | None = None       # None: the model's limit, at most DEFAULT_MAX_MODEL_LEN
-    kvcache_block_size: int = 256
-    num_kvcache_blocks: int | None = None  # None: sized from gpu_memory_utilization (CUDA) or max_num_seqs (CPU)
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    device: str | None = None              # None: cuda when available, else cpu
-    dtype: str | None = None               # None: the checkpoint's dtype on CUDA, float32 on CPU
-    attention_backend: str = "auto"        # auto | torch | triton | flash_attn
-    trace_level: str | None = None         # None: OTVLLM_TRACE_LEVEL, else "step"
-    cudagraph_max_batch_size: int = 512
-    max_logprobs: int = 20                 # the most top log-probabilities a request may ask for
-    cpu_threads: int | None = None         # CPU device: torch threads; None: OMP_NUM_THREADS, else cores - 1
-    seed: int = 0
-    hf_config: object = field(default=None, repr=False)
+    max_num_seqs: int = _option(256, "sequences in one batch")
+    max_num_batched_tokens: int = _option(16384, "tokens one prefill step may compute")
+    max_model_len: int | None = _option(
+        None, f"longest prompt plus output (default: the model's limit, at most {DEFAULT_MAX_MODEL_LEN})")
+    kvcache_block_size: int = _option(256, "KV-cache block (page) size in tokens", flag="--block-size")
+    num_kvcache_blocks: int | None = _option(
+        None, "KV-cache blocks (default: what gpu_memory_utilization leaves room for on CUDA; on CPU, "
+              "max_num_seqs sequences of max_model_len within a fixed memory budget)")
+    gpu_memory_utilization: float = _option(0.9, "share of the GPU's memory the engine may use")
+    enforce_eager: bool = _option(False, "no CUDA graphs")
+    torch_compile: bool | None = _option(
+        None, "fuse the small layers and the sampler with torch.compile (default: on CUDA, not on CPU)")
+    tensor_parallel_size: int = _option(1, "GPUs the model is split over (only 1 for now)")
+    device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    dtype: str | None = _option(
+        None, "the weights' and activations' dtype (default: the checkpoint's float16 or bfloat16 on CUDA, "
+              "else bfloat16; float32 on CPU)",
+        choices=DTYPES)
+    attention_backend: str = _option(
+        AUTO, "attention kernels (auto: flash_attn where it can serve the model, else triton on CUDA, "
+              "else torch)", choices=(AUTO, *ATTENTION_BACKENDS))
+    trace_level: str | None = _option(None, "trace detail (default: OTVLLM_TRACE_LEVEL, else step)",
+                                         choices=TRACE_LEVELS)
+    cudagraph_max_batch_size: int = _option(512, "largest decode batch replayed from a CUDA graph")
+    max_logprobs: int = _option(20, "the most top log-probabilities a request may ask for")
+    cpu_threads: int | None = _option(
+        None, "on CPU, torch's threads (default: OMP_NUM_THREADS, else one fewer than the usable cores, "
+              "at most 8)")
 
     def __post_init__(self):
-        self.trace_level = str(TraceLevel.parse(self.trace_level))
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
-                     "num_kvcache_blocks", "tensor_parallel_size", "cudagraph_max_batch_size", "max_logprobs",
-                     "cpu_threads"):
-            value = getattr(self, name)
-            optional = name in ("max_model_len", "num_kvcache_blocks", "cpu_threads")
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
-        for name in ("device", "dtype", "attention_backend"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {value!r}")
-        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
-            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {self.gpu_memory_utilization!r}")
+        TraceLevel.parse(self.trace_level)   # names OTVLLM_TRACE_LEVEL when that is what is wrong
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: use 1")
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "triton", "flash_attn"):
-            raise ValueError(f"attention_backend must be auto, torch, triton or flash_attn, "
-                             f"got {self.attention_backend!r}")
+        if self.device is not None:
+            if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+                raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            import torch   # here, not at the top: see the module's docstring
+            if self.device.startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
-        known = {f.name for f in fields(cls)} - {"model", "hf_config"}
+        known = {f.name for f in option_fields()}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(model=model, **kwargs)
 
-    def resolve_cpu_threads(self) -> int:
-        """Threads for the CPU device: `cpu_threads`, else OMP_NUM_THREADS, else one fewer than
-        the usable cores (one is left for the export process and the OS), at most 8."""
-        if self.cpu_threads is not None:
-            return self.cpu_threads
-        value = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(8, cores - 1))
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+def option_fields() -> list[Field]:
+    """The engine options: every field but the model."""
+    return [f for f in fields(EngineConfig) if f.name != "model"]
+
+
+def field_kind(f: Field) -> tuple[type, bool]:
+    """(int, float, bool or str; whether None is allowed) from the field's annotation."""
+    args = typing.get_args(f.type)
+    if not args:
+        return f.type, False
+    return next(a for a in args if a is not type(None)), type(None) in args
+
+
+def _check_field(f: Field, value) -> None:
+    kind, optional = field_kind(f)
+    if value is None and optional:
+        return
+    name = f.name
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -21,7 +21,8 @@ class LLM:
 
     Every keyword is an `EngineConfig` field (max_num_seqs, max_num_batched_tokens,
     max_model_len, kvcache_block_size, num_kvcache_blocks, gpu_memory_utilization,
-    enforce_eager, tensor_parallel_size, device, dtype, trace_level, ...).
+    enforce_eager, tensor_parallel_size, device, dtype, trace_level, ...). `config` is that
+    config as given; what start-up decided from it is `engine.resolved`.
     """
 
     def __init__(self, model: str = SYNTHETIC_MODEL, **kwargs):

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from otvllm import LLM, SamplingParams
+from tests.helpers import make_llm
 from tests.reference import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -14,7 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(qwen3_dir):
-    return LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+    return make_llm(qwen3_dir, max_model_len=128)
 
 
 def test_missing_model_directory(tmp_path):
@@ -175,7 +176,7 @@ def test_the_synthetic_model_is_reachable_by_name(tmp_path):
         "out = a.generate('hi', SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)\n"
         "assert len(out[0].token_ids) == 3\n"
         "init = [s for s in memory.get_finished_spans() if s.name == 'engine.init'][0]\n"
-        "print(a.config.cpu_threads, torch.get_num_threads(), init.attributes['otvllm.config.cpu_threads'])\n")
+        "print(a.engine.resolved.cpu_threads, torch.get_num_threads(), init.attributes['otvllm.config.cpu_threads'])\n")
     env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="3")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -191,7 +192,7 @@ def test_cpu_threads_must_be_a_positive_integer(qwen3_dir, threads):
 def test_max_model_len_defaults_to_the_models_limit_and_beyond_it_is_refused(qwen3_dir):
     config = json.load(open(os.path.join(qwen3_dir, "config.json")))
     limit = config["max_position_embeddings"]
-    assert LLM(qwen3_dir, device="cpu", trace_level="off").config.max_model_len == min(limit, 4096)
+    assert LLM(qwen3_dir, device="cpu", trace_level="off").engine.resolved.max_model_len == min(limit, 4096)
     with pytest.raises(ValueError, match=f"max_model_len={limit + 1} is more than the model allows "
                                          f"\\(max_position_embeddings={limit}"):
         LLM(qwen3_dir, device="cpu", max_model_len=limit + 1, max_num_batched_tokens=2 * limit)

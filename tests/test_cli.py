@@ -120,3 +120,62 @@ def test_version_module_entry_point_and_help_with_defaults(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "otvllm", "generate", "--help"], capture_output=True, text=True,
                                env=env, timeout=60).stdout
     assert "--max-tokens MAX_TOKENS" in help_text and "(default: 64)" in help_text
+
+
+def test_every_engine_option_is_a_field_of_the_config(tmp_path, capsys):
+    """generate and serve take one option per EngineConfig field, with its default and help."""
+    from otvllm.cli import build_parser
+    from otvllm.config import option_fields
+
+    parser = build_parser()
+    for command in (["generate"], ["serve"]):
+        args = vars(parser.parse_args(command))
+        assert {f.name: args[f.name] for f in option_fields()} == {f.name: f.default for f in option_fields()}
+        with pytest.raises(SystemExit):
+            parser.parse_args(command + ["--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        for f in option_fields():
+            assert (f.metadata["flag"] or "--" + f.name.replace("_", "-")) in help_text
+            assert " ".join(f.metadata["help"].split()) in help_text
+            if f.metadata["choices"]:
+                assert "{" + ",".join(f.metadata["choices"]) + "}" in help_text
+
+
+def test_engine_options_reach_the_engine(qwen3_dir, tmp_path):
+    trace = tmp_path / "run.json"
+    assert main(["generate", "--model", qwen3_dir, "--prompt", "x", "--max-tokens", "2", "--device", "cpu",
+                 "--block-size", "16", "--max-model-len", "128", "--max-num-seqs", "3", "--max-logprobs", "7",
+                 "--cudagraph-max-batch-size", "5", "--no-torch-compile", "--trace-file", str(trace),
+                 "--no-progress"]) == 0
+    spans = [s for t in json.loads(trace.read_text())["data"] for s in t["spans"]]
+    init = {tag["key"]: tag["value"] for tag in next(s for s in spans if s["operationName"] == S.ENGINE_INIT)["tags"]}
+    decided = {key: init[S.CONFIG_PREFIX + key] for key in
+               ("kvcache_block_size", "max_model_len", "max_num_seqs", "max_logprobs", "cudagraph_max_batch_size",
+                "torch_compile")}
+    assert decided == {"kvcache_block_size": 16, "max_model_len": 128, "max_num_seqs": 3, "max_logprobs": 7,
+                       "cudagraph_max_batch_size": 5, "torch_compile": False}
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1], got 1.5"),
+    (["--gpu-memory-utilization", "nan"], "gpu_memory_utilization must be a number, got nan"),
+    (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
+])
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_engine_options_are_checked_before_anything_starts(qwen3_dir, tmp_path, command, option, message):
+    """A value only the config can judge: one line, exit 2, and no trace file left behind."""
+    import otvllm
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OTVLLM_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.path.dirname(os.path.dirname(otvllm.__file__))}
+    args = [sys.executable, "-m", "otvllm", command, "--model", qwen3_dir, *option]
+    if command == "generate":
+        args += ["--prompt", "hi"]
+    else:
+        args += ["--trace-file", str(tmp_path / "serve.json"), "--port", "0"]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("otvllm: error: ") and message in lines[0]
+    assert os.listdir(tmp_path) == []

@@ -5,13 +5,13 @@ block sizes, decode replayed from a CUDA graph, and the engine's outputs with it
 import pytest
 import torch
 
-from otvllm import LLM, SamplingParams
+from otvllm import SamplingParams
 from otvllm.ops import attention_torch as ref
 from otvllm.ops import flash_attn4
+from otvllm.tracing import schema as S
+from tests.helpers import make_llm, random_prompts, record_graph_use, recorded_spans
 from tests.paged_cases import REAL_SHAPES, block_tables, cu, paged_inputs, rand_lens, tol
 from tests.reference import hf_greedy
-from tests.test_generate import random_prompts
-from tests.test_gpu_engine import record_graph_use
 
 
 def _why_skip() -> str | None:
@@ -104,23 +104,21 @@ def test_decode_in_a_cuda_graph(block_size):
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = random_prompts([1, 7, 16, 33, 50, 130, 300], seed=21)
-
-
-def fa4_llm(model_dir, **kwargs):
-    settings = dict(dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=2048, device="cuda",
-                    gpu_memory_utilization=0.3, trace_level="off")
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
+FA4 = dict(device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=2048)
 
 
 def test_auto_chooses_flash_attn_and_shows_it_on_init(qwen3_dir):
-    llm = fa4_llm(qwen3_dir, kvcache_block_size=128)
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, **FA4, kvcache_block_size=128, trace_level="request")
     assert llm.engine.runner.backend.name == "flash_attn"
+    spans = {s.name: s.attributes for s in memory.get_finished_spans()}
+    assert spans[S.ENGINE_INIT][S.CONFIG_PREFIX + "attention_backend"] == "flash_attn"
+    assert spans[S.MODEL_LOAD][S.ATTENTION_BACKEND] == "flash_attn"
 
 
 @pytest.mark.parametrize("block_size", [16, 128, 256])
 def test_engine_first_tokens_match_float32_reference(qwen3_dir, block_size):
-    outputs = fa4_llm(qwen3_dir, attention_backend="flash_attn", kvcache_block_size=block_size).generate(
+    outputs = make_llm(qwen3_dir, **FA4, attention_backend="flash_attn", kvcache_block_size=block_size).generate(
         PROMPTS, GREEDY, use_tqdm=False)
     # bf16 against transformers' float32: the first greedy token may flip on a near tie.
     agree = sum(out.token_ids[0] == hf_greedy(qwen3_dir, p, 1)[0] for p, out in zip(PROMPTS, outputs))
@@ -141,12 +139,13 @@ def _assert_close_distributions(a, b, atol=0.1):
 
 def test_engine_logprobs_close_to_triton(qwen3_dir):
     """Same bf16 weights, two attention backends: the first-token distributions agree to bf16 rounding."""
-    _assert_close_distributions(_first_token_logprobs(fa4_llm(qwen3_dir, attention_backend="flash_attn")),
-                                _first_token_logprobs(fa4_llm(qwen3_dir, attention_backend="triton")))
+    fa4, triton = (make_llm(qwen3_dir, **FA4, attention_backend=name, kvcache_block_size=256)
+                   for name in ("flash_attn", "triton"))
+    _assert_close_distributions(_first_token_logprobs(fa4), _first_token_logprobs(triton))
 
 
 def test_prefix_cached_prefill_keeps_the_distribution(qwen3_dir):
-    llm = fa4_llm(qwen3_dir, attention_backend="flash_attn", kvcache_block_size=128)
+    llm = make_llm(qwen3_dir, **FA4, attention_backend="flash_attn", kvcache_block_size=128)
     first = _first_token_logprobs(llm)
     hits = llm.engine.block_manager.num_cache_hits
     again = _first_token_logprobs(llm)   # the same prompts: their full blocks come from the cache
@@ -155,8 +154,8 @@ def test_prefix_cached_prefill_keeps_the_distribution(qwen3_dir):
 
 
 def test_cuda_graphs_agree_with_eager(qwen3_dir):
-    graphs = fa4_llm(qwen3_dir, attention_backend="flash_attn", kvcache_block_size=128)
-    eager = fa4_llm(qwen3_dir, attention_backend="flash_attn", kvcache_block_size=128, enforce_eager=True)
+    graphs = make_llm(qwen3_dir, **FA4, attention_backend="flash_attn", kvcache_block_size=128)
+    eager = make_llm(qwen3_dir, **FA4, attention_backend="flash_attn", kvcache_block_size=128, enforce_eager=True)
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     replayed = record_graph_use(graphs)
     a = graphs.generate(PROMPTS, GREEDY, use_tqdm=False)

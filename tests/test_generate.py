@@ -1,26 +1,17 @@
 """otvllm's outputs against transformers' own generate and forward, in float32 on CPU."""
 
-import random
+import glob
+import os
+import shutil
 
 import pytest
 import torch
 
-from otvllm import LLM, SamplingParams
-from tests.conftest import MODEL_VARIANTS
+from otvllm import SamplingParams
+from tests.helpers import MODEL_VARIANTS, make_llm, random_prompts
 from tests.reference import hf_greedy, hf_logprobs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-
-
-def random_prompts(lengths, vocab=256, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
-
-
-def small_llm(model_dir, **kwargs):
-    settings = dict(kvcache_block_size=16, max_model_len=256, max_num_batched_tokens=512, device="cpu")
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
 
 
 @pytest.mark.parametrize("variant", sorted(MODEL_VARIANTS))
@@ -28,7 +19,7 @@ def test_greedy_matches_transformers(model_dirs, variant):
     model_dir = model_dirs(variant)
     prompts = random_prompts([1, 7, 16, 33, 50])
     # max_num_seqs=3: later prompts are admitted while earlier ones decode (mixed batches).
-    outputs = small_llm(model_dir, max_num_seqs=3).generate(prompts, GREEDY, use_tqdm=False)
+    outputs = make_llm(model_dir, max_num_seqs=3).generate(prompts, GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == prompts
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
@@ -36,7 +27,7 @@ def test_greedy_matches_transformers(model_dirs, variant):
 
 
 def test_string_prompts_are_tokenized_and_decoded(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     out = llm.generate(["hello world", "otvllm"], GREEDY, use_tqdm=False)
     tok = llm.tokenizer
     assert out[0].prompt_token_ids == tok.encode("hello world")
@@ -48,7 +39,7 @@ def test_string_prompts_are_tokenized_and_decoded(qwen3_dir):
 def test_logprobs_match_transformers_log_softmax(qwen3_dir):
     prompts = random_prompts([5, 21], seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=4)
-    for prompt, out in zip(prompts, small_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)):
+    for prompt, out in zip(prompts, make_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)):
         ref = hf_logprobs(qwen3_dir, prompt + out.token_ids)
         assert len(out.logprobs) == len(out.token_ids)
         for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -60,12 +51,12 @@ def test_logprobs_match_transformers_log_softmax(qwen3_dir):
 
 
 def test_no_logprobs_unless_asked(qwen3_dir):
-    out = small_llm(qwen3_dir).generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
+    out = make_llm(qwen3_dir).generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]
     assert out.logprobs is None
 
 
 def test_prefix_cache_hits_keep_outputs(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     shared = random_prompts([48], seed=2)[0]                       # three full blocks of 16
     prompts = [shared + tail for tail in random_prompts([5, 9, 17, 3], seed=3)]
     first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0]
@@ -82,7 +73,7 @@ def test_prefix_cache_hits_keep_outputs(qwen3_dir):
 
 
 def test_whole_prompt_cached_still_computes_last_token(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompt = random_prompts([32], seed=4)[0]                       # exactly two blocks
     a = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     b = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
@@ -93,8 +84,8 @@ def test_whole_prompt_cached_still_computes_last_token(qwen3_dir):
 def test_preemption_gives_unconstrained_outputs(qwen3_dir):
     prompts = random_prompts([20, 24, 28, 30, 18, 26], seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    roomy = small_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
-    tight = small_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=6)
+    roomy = make_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    tight = make_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=6)
     constrained = tight.generate(prompts, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
     assert sum(o.num_preemptions for o in constrained) == tight.engine.scheduler.num_preemptions
@@ -103,7 +94,7 @@ def test_preemption_gives_unconstrained_outputs(qwen3_dir):
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompt = random_prompts([10], seed=6)[0]
     seeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=1234)
     alone = llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids
@@ -118,8 +109,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(qwen3_dir):
 def test_seeded_sampling_survives_preemption(qwen3_dir):
     prompts = random_prompts([20, 24, 28, 30], seed=8)
     params = [SamplingParams(temperature=0.8, max_tokens=30, ignore_eos=True, seed=i) for i in range(4)]
-    roomy = small_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
-    tight = small_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=5)
+    roomy = make_llm(qwen3_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    tight = make_llm(qwen3_dir, max_model_len=64, num_kvcache_blocks=5)
     constrained = tight.generate(prompts, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in constrained] == [o.token_ids for o in roomy]
@@ -127,7 +118,7 @@ def test_seeded_sampling_survives_preemption(qwen3_dir):
 
 def test_sampling_differs_from_greedy(qwen3_dir):
     prompt = random_prompts([10], seed=9)[0]
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     greedy = llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
     hot = SamplingParams(temperature=5.0, max_tokens=12, ignore_eos=True, seed=0)
     assert llm.generate([prompt], hot, use_tqdm=False)[0].token_ids != greedy
@@ -135,7 +126,7 @@ def test_sampling_differs_from_greedy(qwen3_dir):
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(qwen3_dir):
     prompts = random_prompts([4, 13], seed=10)
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     greedy = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     top_k = SamplingParams(temperature=1.0, top_k=1, max_tokens=12, ignore_eos=True)
     top_p = SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, ignore_eos=True)
@@ -146,7 +137,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(qwen3_dir):
 def test_top_k_samples_only_among_the_k_most_likely(qwen3_dir):
     prompt = random_prompts([8], seed=11)[0]
     params = SamplingParams(temperature=3.0, top_k=3, max_tokens=20, ignore_eos=True, logprobs=3, seed=5)
-    out = small_llm(qwen3_dir).generate([prompt], params, use_tqdm=False)[0]
+    out = make_llm(qwen3_dir).generate([prompt], params, use_tqdm=False)[0]
     # `logprobs` holds the 3 most likely tokens plus the chosen one: it never adds a 4th.
     assert all(len(entry) == 3 for entry in out.logprobs)
     ref = hf_logprobs(qwen3_dir, prompt + out.token_ids)
@@ -155,7 +146,7 @@ def test_top_k_samples_only_among_the_k_most_likely(qwen3_dir):
 
 
 def test_eos_and_stop_tokens_finish_with_stop(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompt = random_prompts([6], seed=12)[0]
     free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids
     stop_at = free[4]
@@ -174,22 +165,26 @@ def test_eos_and_stop_tokens_finish_with_stop(qwen3_dir):
 def test_outputs_keep_input_order_with_different_lengths(qwen3_dir):
     prompts = random_prompts([30, 2, 15], seed=13)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 1)]
-    outs = small_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)
+    outs = make_llm(qwen3_dir).generate(prompts, params, use_tqdm=False)
     assert [len(o.token_ids) for o in outs] == [3, 9, 1]
     assert [o.request_id for o in outs] == [0, 1, 2]
     assert all(o.metrics["time_to_first_token_ms"] >= 0 for o in outs)
 
 
-def test_float16_cpu_is_close_to_float32(qwen3_dir):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_cpu_is_close_to_float32(qwen3_dir, dtype):
     # Half precision runs through the same paths; its first tokens agree with float32.
     prompt = random_prompts([12], seed=14)[0]
-    out16 = small_llm(qwen3_dir, dtype="bfloat16").generate([prompt], GREEDY, use_tqdm=False)[0]
-    assert out16.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
+    llm = make_llm(qwen3_dir, dtype=dtype)
+    assert {p.dtype for p in llm.engine.runner.model.parameters()} == {getattr(torch, dtype)}
+    assert llm.engine.runner.kv_cache.dtype == getattr(torch, dtype)
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.token_ids[:2] == hf_greedy(qwen3_dir, prompt, 2)
     assert torch.get_default_dtype() == torch.float32
 
 
 def test_reset_prefix_cache_forgets_finished_prompts(qwen3_dir):
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompt = random_prompts([40], seed=15)[0]
     llm.generate([prompt], GREEDY, use_tqdm=False)
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 32
@@ -199,16 +194,25 @@ def test_reset_prefix_cache_forgets_finished_prompts(qwen3_dir):
     assert again.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
 
 
-def test_sharded_checkpoint_loads_from_several_files(model_dirs):
-    import glob
-    import os
-    assert len(glob.glob(os.path.join(model_dirs("llama"), "*.safetensors"))) > 1
+def test_sharded_checkpoint_loads_from_every_file(model_dirs, tmp_path):
+    """The llama variant is saved in several safetensors files: outputs equal transformers'
+    only if every file was read, and without its last file the load names what is missing."""
+    model_dir = model_dirs("llama")
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    assert len(files) > 1
+    prompt = random_prompts([9], seed=16)[0]
+    out = make_llm(model_dir).generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial, ignore=shutil.ignore_patterns(os.path.basename(files[-1])))
+    with pytest.raises(ValueError, match="lacks [0-9]+ weight\\(s\\) the model needs"):
+        make_llm(str(partial))
 
 
 def test_a_stop_mid_batch_leaves_the_other_requests_intact(qwen3_dir):
     """The engine launches the next step before it reads this one's tokens: a request that
     stops has one more row in flight, which must be dropped without touching the others."""
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompts = random_prompts([6, 11, 3, 20], seed=14)
     free = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     stop_at = free[1][3]
@@ -227,7 +231,7 @@ def test_a_stop_mid_batch_leaves_the_other_requests_intact(qwen3_dir):
 def test_blocks_filled_while_decoding_are_prefix_cached(qwen3_dir):
     """A block completed by generated tokens is hashed once its last token reaches the host;
     a later prompt that extends the conversation reuses it and still gets transformers' output."""
-    llm = small_llm(qwen3_dir)
+    llm = make_llm(qwen3_dir)
     prompt = random_prompts([10], seed=15)[0]
     completion = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
                               use_tqdm=False)[0].token_ids

@@ -4,10 +4,10 @@ CUDA graphs against eager, and the CUDA memory and GPU-time attributes of the tr
 import pytest
 import torch
 
-from otvllm import LLM, SamplingParams
+from otvllm import SamplingParams
 from otvllm.tracing import schema as S
+from tests.helpers import make_llm, random_prompts, record_graph_use, recorded_spans
 from tests.reference import hf_greedy
-from tests.test_generate import random_prompts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -16,30 +16,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = random_prompts([1, 7, 16, 33, 50, 130], seed=21)
 
 
-def record_graph_use(llm) -> list[bool]:
-    """Whether each later forward of `llm` replayed a CUDA graph."""
-    replayed, forward = [], llm.engine.runner.forward
-
-    def recording(inputs):
-        logits, used_graph = forward(inputs)
-        replayed.append(used_graph)
-        return logits, used_graph
-
-    llm.engine.runner.forward = recording
-    return replayed
-
-
-def gpu_llm(model_dir, **kwargs):
-    settings = dict(kvcache_block_size=16, max_model_len=512, max_num_batched_tokens=1024, device="cuda",
-                    gpu_memory_utilization=0.3, trace_level="off")
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("eager", [True, False])
 def test_float32_greedy_matches_transformers(qwen3_dir, backend, eager):
-    llm = gpu_llm(qwen3_dir, dtype="float32", attention_backend=backend, enforce_eager=eager, max_num_seqs=4)
+    llm = make_llm(qwen3_dir, device="cuda", dtype="float32", attention_backend=backend, enforce_eager=eager,
+                   max_num_seqs=4)
     assert llm.engine.runner.backend.name == backend
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outputs):
@@ -49,14 +30,14 @@ def test_float32_greedy_matches_transformers(qwen3_dir, backend, eager):
 @pytest.mark.parametrize("variant", ["qwen2", "llama", "qwen3-untied"])
 def test_other_architectures_on_triton(model_dirs, variant):
     model_dir = model_dirs(variant)
-    outputs = gpu_llm(model_dir, dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)
+    outputs = make_llm(model_dir, device="cuda", dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outputs):
         assert out.token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens)
 
 
 def test_bfloat16_cuda_graphs_agree_with_eager(qwen3_dir):
-    graphs = gpu_llm(qwen3_dir, dtype="bfloat16")
-    eager = gpu_llm(qwen3_dir, dtype="bfloat16", enforce_eager=True)
+    graphs = make_llm(qwen3_dir, device="cuda", dtype="bfloat16")
+    eager = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", enforce_eager=True)
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     replayed = record_graph_use(graphs)
     a = graphs.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -67,7 +48,7 @@ def test_bfloat16_cuda_graphs_agree_with_eager(qwen3_dir):
 
 
 def test_bfloat16_first_tokens_match_float32_reference(qwen3_dir):
-    outputs = gpu_llm(qwen3_dir, dtype="bfloat16").generate(PROMPTS, GREEDY, use_tqdm=False)
+    outputs = make_llm(qwen3_dir, device="cuda", dtype="bfloat16").generate(PROMPTS, GREEDY, use_tqdm=False)
     agree = sum(out.token_ids[0] == hf_greedy(qwen3_dir, p, 1)[0] for p, out in zip(PROMPTS, outputs))
     assert agree >= len(PROMPTS) - 1
 
@@ -75,45 +56,17 @@ def test_bfloat16_first_tokens_match_float32_reference(qwen3_dir):
 def test_preemption_on_gpu_keeps_outputs(qwen3_dir):
     prompts = random_prompts([20, 24, 28, 30, 18, 26], seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-    roomy = gpu_llm(qwen3_dir, dtype="float32", max_model_len=64).generate(prompts, params, use_tqdm=False)
-    tight = gpu_llm(qwen3_dir, dtype="float32", max_model_len=64, num_kvcache_blocks=6)
+    roomy = make_llm(qwen3_dir, device="cuda", dtype="float32", max_model_len=64)
+    tight = make_llm(qwen3_dir, device="cuda", dtype="float32", max_model_len=64, num_kvcache_blocks=6)
     out = tight.generate(prompts, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in out] == [o.token_ids for o in roomy]
+    assert [o.token_ids for o in out] == [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
 
 
 def test_memory_and_gpu_time_attributes(qwen3_dir):
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from otvllm.tracing.recording.builder import SpanBuilder
-    from otvllm.tracing.recording.sinks import set_sink
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-
-    class Sink:   # builds every record at once, through a provider of the test's own
-        active = True
-        builder = SpanBuilder(provider.get_tracer("otvllm"))
-
-        def send(self, kind, payload):
-            self.builder.handle(kind, payload)
-            return True
-
-        def pump(self):
-            pass
-
-        def drain(self):
-            pass
-
-    set_sink(Sink())
-    try:
-        llm = gpu_llm(qwen3_dir, dtype="bfloat16", trace_level="step")
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", trace_level="step")
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    finally:
-        set_sink(None)
     spans = memory.get_finished_spans()
     forwards = [s for s in spans if s.name == S.FORWARD]
     assert forwards and all(s.attributes[S.GPU_TIME_MS] > 0 for s in forwards)
@@ -128,3 +81,28 @@ def test_memory_and_gpu_time_attributes(qwen3_dir):
     assert kv.attributes[S.MEM_ALLOCATED] >= kv.attributes[S.KV_CACHE_BYTES]
     generate = [s for s in spans if s.name == S.GENERATE][0]
     assert generate.attributes[S.GEN_MEM_PEAK] >= generate.attributes[S.GEN_MEM_END] > 0
+
+
+def test_start_up_on_cuda_resolves_dtype_graphs_and_compile(qwen3_dir):
+    resolved = make_llm(qwen3_dir, device="cuda").engine.resolved
+    # The tiny checkpoint is float32: on CUDA the engine computes in bfloat16 unless asked.
+    assert (resolved.device, resolved.dtype) == ("cuda", "bfloat16")
+    assert resolved.attention_backend in ("triton", "flash_attn")
+    assert (resolved.cuda_graphs, resolved.torch_compile, resolved.cpu_threads) == (True, True, None)
+    eager = make_llm(qwen3_dir, device="cuda", enforce_eager=True, torch_compile=False).engine.resolved
+    assert (eager.cuda_graphs, eager.torch_compile) == (False, False)
+
+
+def test_a_cpu_engine_made_after_a_cuda_engine_compiles_nothing(qwen3_dir):
+    """torch.compile is each engine's choice: a CUDA engine's compiled layers and sampler do
+    not leak into a CPU engine of the same process (it would compile them for the CPU)."""
+    from torch._dynamo.utils import counters
+
+    cuda = make_llm(qwen3_dir, device="cuda")
+    cuda.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    cpu = make_llm(qwen3_dir, trace_level="off")
+    frames = counters["frames"]["total"]
+    params = [GREEDY, SamplingParams(temperature=1.0, seed=3, max_tokens=4, ignore_eos=True)]
+    outputs = cpu.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert counters["frames"]["total"] == frames
+    assert outputs[0].token_ids == hf_greedy(qwen3_dir, PROMPTS[0], GREEDY.max_tokens)

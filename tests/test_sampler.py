@@ -2,7 +2,6 @@
 
 import torch
 
-from otvllm.core.sequence import Sequence
 from otvllm.layers.sampler import Sampler, SamplingBatch
 from otvllm.sampling_params import SamplingParams
 
@@ -12,8 +11,7 @@ ROWS = 40000
 
 def draw(params: SamplingParams) -> torch.Tensor:
     torch.manual_seed(0)
-    seqs = [Sequence([1], params, 16) for _ in range(ROWS)]
-    batch = SamplingBatch.from_seqs(seqs, len(LOGITS), torch.device("cpu"))
+    batch = SamplingBatch.from_params([params] * ROWS, [1] * ROWS, len(LOGITS), torch.device("cpu"))
     tokens = Sampler()(LOGITS.repeat(ROWS, 1), batch).token_ids
     return torch.bincount(tokens, minlength=len(LOGITS)).float() / ROWS
 

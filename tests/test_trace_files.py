@@ -180,7 +180,6 @@ def one_layer_model(tmp_path_factory):
                        intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 
 
-@pytest.mark.slow
 def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_layer_model):
     prompts, max_tokens = 5, 1750    # one sequence at a time: 5 x 1750 steps, 7 spans each
     trace = tmp_path / "debug.json"

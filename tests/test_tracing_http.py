@@ -5,9 +5,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from otvllm import LLM, SamplingParams
+from otvllm import SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
+from tests.helpers import make_llm
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -34,7 +35,7 @@ def test_http_protobuf_export_from_environment_variables(qwen3_dir, monkeypatch)
     monkeypatch.setenv("OTEL_SERVICE_NAME", "otvllm-http")
     session = configure()
     try:
-        llm = LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, device="cpu")
+        llm = make_llm(qwen3_dir)
         llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
     finally:
         report = session.shutdown()

@@ -13,6 +13,7 @@ from opentelemetry.trace import StatusCode
 
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import schema as S
+from tests.helpers import make_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
@@ -27,11 +28,6 @@ def exporter():
     if trace.get_tracer_provider() is not provider:
         pytest.skip("another test installed a global TracerProvider first")
     return memory
-
-
-def make_llm(model_dir, **kwargs):
-    return LLM(model_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu",
-               **kwargs)
 
 
 def test_importing_otvllm_installs_no_provider():

@@ -1,14 +1,18 @@
 """What arrives over the wire at a real OTLP/gRPC receiver when otvllm configures tracing itself."""
 
 import io
+import json
+import os
 import time
 from contextlib import redirect_stderr
 
 import pytest
+import torch
 
-from otvllm import LLM, SamplingParams
+from otvllm import SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
+from tests.helpers import make_llm
 from tests.otlp_receiver import HangingReceiver, OtlpReceiver, closed_port
 
 BLOCK = 16
@@ -16,19 +20,12 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[7] * 20, [9] * 35, [11] * 3]
 
 
-def make_llm(model_dir, level="step", **kwargs):
-    settings = dict(kvcache_block_size=BLOCK, max_model_len=128, max_num_batched_tokens=256, device="cpu",
-                    trace_level=level)
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
-
-
 def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs):
     """Generate with tracing exported to a fresh receiver; returns (spans, outputs, llm)."""
     with OtlpReceiver() as receiver:
         session = configure(endpoint=receiver.endpoint, service_name="otvllm-test")
         try:
-            llm = make_llm(model_dir, level, **kwargs)
+            llm = make_llm(model_dir, trace_level=level, **kwargs)
             outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
             report = session.shutdown()
@@ -195,6 +192,23 @@ def test_model_load_and_kv_cache_spans(step_run):
     assert kv[S.KV_CACHE_BYTES] == 2 * spec.num_layers * blocks * BLOCK * spec.num_kv_heads * spec.head_dim * 4
 
 
+def test_engine_init_reports_the_config_as_start_up_resolved_it(qwen3_dir):
+    # max_model_len and the KV blocks left to start-up; the CPU cache holds max_num_seqs sequences.
+    spans, _, llm = traced_run(qwen3_dir, level="request", max_model_len=None, max_num_batched_tokens=4096,
+                               max_num_seqs=2)
+    init = by_name(spans, S.ENGINE_INIT)[0]["attributes"]
+    config = {key.removeprefix(S.CONFIG_PREFIX): value for key, value in init.items()
+              if key.startswith(S.CONFIG_PREFIX)}
+    limit = json.load(open(os.path.join(qwen3_dir, "config.json")))["max_position_embeddings"]
+    assert config["max_model_len"] == min(limit, 4096)
+    blocks = llm.engine.block_manager.num_blocks
+    assert config["num_kvcache_blocks"] == blocks == 2 * -(-config["max_model_len"] // BLOCK)
+    assert (config["device"], config["dtype"], config["attention_backend"]) == ("cpu", "float32", "torch")
+    assert (config["enforce_eager"], config["cuda_graphs"], config["torch_compile"]) == (False, False, False)
+    assert config["cpu_threads"] == torch.get_num_threads()
+    assert (config["trace_level"], config["kvcache_block_size"], config["max_num_seqs"]) == ("request", BLOCK, 2)
+
+
 def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
     shared = [5] * 32
     prompts = [shared + [1, 2], shared + [3, 4, 5]]
@@ -299,14 +313,14 @@ def test_span_budget_caps_a_trace_and_counts_what_it_left_out(qwen3_dir, monkeyp
 
 
 def _timed_generate(model_dir, endpoint, timeout_s):
-    llm = make_llm(model_dir, level="off")
+    llm = make_llm(model_dir, trace_level="off")
     start = time.perf_counter()
     llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     untraced = time.perf_counter() - start
     stderr = io.StringIO()
     session = configure(endpoint=endpoint, timeout_s=timeout_s)
     try:
-        llm = make_llm(model_dir, level="step")
+        llm = make_llm(model_dir, trace_level="step")
         start = time.perf_counter()
         outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         traced = time.perf_counter() - start
@@ -325,7 +339,7 @@ def test_collector_down_does_not_stall_generation(qwen3_dir):
     assert traced < untraced + 2.0
     assert shutdown < 6.0
     assert warning.count("otvllm: tracing:") == 1 and "not (" in warning
-    assert stats is None or stats["failed"] > 0 or not stats["finished"]
+    assert stats is not None and (stats["failed"] > 0 or not stats["finished"])
 
 
 def test_hanging_collector_does_not_stall_generation(qwen3_dir):

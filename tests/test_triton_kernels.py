@@ -2,8 +2,9 @@
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below
 before triton is imported by this module) on tiny shapes in float32/float16: the
-interpreter's bf16 ``tl.dot`` is wrong (see DESIGN.md). With CUDA the same small tests
-run on the GPU, and the ``gpu``-marked tests check real sizes in bf16 and CUDA graphs.
+interpreter's bf16 ``tl.dot`` is wrong (docs/design.md, "Facts the code relies on"). With
+CUDA the same small tests run on the GPU, and the ``gpu``-marked tests check real sizes in
+bf16 and CUDA graphs.
 """
 
 import importlib

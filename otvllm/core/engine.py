@@ -6,13 +6,14 @@ launched before it, whose tokens are on the host by then: the host's bookkeeping
 the device computes, and the next step's input tokens are read from the device."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from otvllm.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from otvllm.config import EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
+from otvllm.core.resolved_config import resolve_config, resolve_device
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
 from otvllm.core.sequence import Sequence
 from otvllm.layers.sampler import SampleResult
@@ -35,46 +36,46 @@ class InFlight:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
-        level = TraceLevel.parse(config.trace_level)
-        if level is TraceLevel.DEBUG:
-            config.enforce_eager = True   # per-layer spans need the eager forward
+        self.config = config   # as the user gave it, never changed: what start-up decides is self.resolved
+        level, device = TraceLevel.parse(config.trace_level), resolve_device(config)
         self.step_index = 0
         self.in_flight: InFlight | None = None
-        self.tracer = make_tracer(level, config.torch_device, config.model)
+        self.tracer = make_tracer(level, torch.device(device), config.model)
         with self.tracer.init(config) as init:
-            if config.torch_device.type == "cpu":
-                config.cpu_threads = config.resolve_cpu_threads()
-                torch.set_num_threads(config.cpu_threads)
-            arch, config.hf_config = read_config(config.model)
-            self.spec = model_spec(arch, config.hf_config)
-            self._fit_max_model_len()
+            arch, hf_config = read_config(config.model)
+            self.spec = model_spec(arch, hf_config)
+            self.resolved = resolve_config(config, self.spec, level, device)
+            init.decided(self.resolved)
+            if self.resolved.cpu_threads is not None:
+                torch.set_num_threads(self.resolved.cpu_threads)
             self.tokenizer = load_tokenizer(config.model)
             self.eos_token_ids = self._eos_token_ids()
-            self.runner = ModelRunner(config, self.spec)
+            self.runner = ModelRunner(self.resolved, self.spec)
             init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))
             init.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache, attrs=lambda _: A.kv_cache_attrs(self.runner))
-            if self.runner.uses_cuda_graphs:
+            init.decided(self.resolved)   # now with the number of KV blocks
+            if self.resolved.cuda_graphs:
                 init.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs,
                            attrs=lambda _: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes)})
         self._observe()
 
     def _observe(self) -> None:
         self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.attention_layers(),
-                            self.tokenizer, self.runner.uses_cuda_graphs)
+                            self.tokenizer, self.resolved.cuda_graphs)
 
     def set_trace_level(self, level: str) -> None:
         """Change the detail of later generate calls (debug needs an engine built at debug)."""
         new = TraceLevel.parse(level)
-        if (new is TraceLevel.DEBUG) != (TraceLevel.parse(self.config.trace_level) is TraceLevel.DEBUG):
-            raise ValueError(f"cannot switch trace level from {self.config.trace_level!r} to {level!r}: "
+        current = self.resolved.trace_level
+        if (new is TraceLevel.DEBUG) != (TraceLevel.parse(current) is TraceLevel.DEBUG):
+            raise ValueError(f"cannot switch trace level from {current!r} to {level!r}: "
                              f"choose one of off, request, step (debug only for an engine built at debug)")
-        self.config.trace_level = str(new)
-        self.tracer = make_tracer(new, self.config.torch_device, self.config.model)
+        self.resolved = replace(self.resolved, trace_level=str(new))
+        self.tracer = make_tracer(new, self.resolved.torch_device, self.config.model)
         self._observe()
 
     def allocate_kv_cache(self) -> None:
-        cfg = self.config
+        cfg = self.resolved
         num_blocks = self.runner.plan_num_kvcache_blocks()
         needed = -(-cfg.max_model_len // cfg.kvcache_block_size)
         if num_blocks < needed:
@@ -83,28 +84,10 @@ class LLMEngine:
                 f"sequence of max_model_len={cfg.max_model_len} needs {needed}: raise num_kvcache_blocks or "
                 f"gpu_memory_utilization, or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
-        cfg.num_kvcache_blocks = num_blocks
+        self.resolved = replace(cfg, num_kvcache_blocks=num_blocks)
         self.block_manager = BlockManager(num_blocks, cfg.kvcache_block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
                                    self.block_manager, self.eos_token_ids)
-
-    def _fit_max_model_len(self) -> None:
-        """None: the model's limit, at most DEFAULT_MAX_MODEL_LEN; a value past the model's
-        limit is refused (the positions were never trained, or the window would be exceeded)."""
-        cfg, spec = self.config, self.spec
-        limits = {"max_position_embeddings": spec.max_position_embeddings}
-        if spec.sliding_window:   # within the window, full attention is sliding attention
-            limits["sliding_window"] = spec.sliding_window
-        name, limit = min(limits.items(), key=lambda item: item[1])
-        if cfg.max_model_len is None:
-            cfg.max_model_len = min(DEFAULT_MAX_MODEL_LEN, limit)
-        elif cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model allows ({name}={limit} "
-                             f"in {cfg.model}/config.json): lower max_model_len")
-        if cfg.max_num_batched_tokens < cfg.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={cfg.max_num_batched_tokens} is below max_model_len={cfg.max_model_len}: "
-                f"a prompt must fit in one prefill batch; raise max_num_batched_tokens or lower max_model_len")
 
     def _eos_token_ids(self) -> set[int]:
         ids = set(self.spec.eos_token_ids)
@@ -122,7 +105,7 @@ class LLMEngine:
 
     def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """A request checked against the engine's limits; raises ValueError naming the problem."""
-        cfg = self.config
+        cfg = self.resolved
         if not prompt_token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.spec.vocab_size)]

@@ -4,16 +4,16 @@ from dataclasses import dataclass
 
 import torch
 
-from otvllm.config import DTYPES, EngineConfig
 from otvllm.core.cuda_graphs import DecodeGraphs
+from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
-from otvllm.layers.basic import use_compiled_kernels
-from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch, use_compiled_sampler
+from otvllm.layers.basic import Kernels, use_kernels
+from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
-from otvllm.ops.backend import AttentionBackend, choose_backend
+from otvllm.ops.backend import AttentionBackend
 from otvllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_BUDGET = 512 << 20  # bytes: the default CPU cache never grows past this
@@ -30,44 +30,29 @@ class ModelInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, spec: ModelSpec):
+    def __init__(self, config: ResolvedConfig, spec: ModelSpec):
         self.config = config
         self.spec = spec
         self.device = config.torch_device
         self.block_size = config.kvcache_block_size
-        self.dtype = self._choose_dtype()
-        self.backend = AttentionBackend(choose_backend(config.attention_backend, self.device, self.dtype,
-                                                       spec.head_dim))
-        self.sampler = Sampler()
+        self.dtype = config.torch_dtype
+        self.backend = AttentionBackend(config.attention_backend)
+        self.sampler = Sampler(compiled=config.torch_compile)
         self.model = None
         self.graphs: DecodeGraphs | None = None
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
 
-    def _choose_dtype(self) -> torch.dtype:
-        if self.config.dtype is not None:
-            return DTYPES[self.config.dtype]
-        if self.device.type == "cpu":
-            return torch.float32
-        return self.spec.torch_dtype if self.spec.torch_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
     # ---- start-up -------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        if self.device.type == "cuda":
-            use_compiled_kernels(True)
-            use_compiled_sampler(True)
         self.model = build_model(self.spec, self.config.model, self.dtype, self.device,
                                  max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
-        if self.device.type == "cuda":
+        if self.config.torch_compile:
+            use_kernels(self.model, Kernels.compiled())
             self.sampler.warm_up(self.spec.vocab_size, self.dtype, self.device)
-
-    @property
-    def uses_cuda_graphs(self) -> bool:
-        # The torch reference syncs with the host (.tolist()), which a graph cannot capture.
-        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name != "torch"
 
     def capture_cuda_graphs(self) -> None:
         cfg = self.config
@@ -153,7 +138,8 @@ class ModelRunner:
             inputs = self._prepare_prefill(batch.seqs)
         else:
             inputs = self._prepare_decode(batch.seqs, previous_tokens)
-        inputs.sampling = SamplingBatch.from_seqs(batch.seqs, self.spec.vocab_size, self.device)
+        inputs.sampling = SamplingBatch.from_params([s.params for s in batch.seqs], [len(s) for s in batch.seqs],
+                                                    self.spec.vocab_size, self.device)
         return inputs
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -35,5 +35,7 @@ class Attention(nn.Module):
         backend = self.backend
         backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
-            return backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale)
-        return backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+            return backend.prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                                   ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale)
+        return backend.decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
+                              ctx.max_context_len, self.scale)

@@ -1,8 +1,12 @@
 """The small layers of a Llama-family decoder, computed the way transformers computes them.
 
-Their math lives in plain functions over tensors. On CUDA the model runner swaps in
-`torch.compile`d versions (`use_compiled_kernels`): unfused, a decode step would launch
-hundreds of tiny elementwise kernels, which costs more than the step's real work."""
+Their math lives in plain functions over tensors, which the layers call through their
+`Kernels`. An engine that compiles (by default, on CUDA) gives its model `torch.compile`d
+versions (`use_kernels`): unfused, a decode step would launch hundreds of tiny elementwise
+kernels, which costs more than the step's real work. The choice is the model's, not the process's."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,20 +42,34 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-_kernels = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_and_mul": silu_and_mul,
-            "apply_rotary": apply_rotary}
-_eager = dict(_kernels)
+@dataclass(frozen=True)
+class Kernels:
+    """The elementwise functions a model's small layers call."""
+
+    rms_norm: Callable
+    add_rms_norm: Callable
+    silu_and_mul: Callable
+    apply_rotary: Callable
+
+    @classmethod
+    def compiled(cls) -> "Kernels":
+        """Fused by torch.compile (each compiles on its first call; engines share the compiled code)."""
+        return cls(**{f.name: torch.compile(getattr(EAGER, f.name), dynamic=True) for f in fields(cls)})
 
 
-def use_compiled_kernels(enabled: bool) -> None:
-    """Swap the elementwise functions for torch.compile'd ones (fused; CUDA) or back."""
-    if enabled == (_kernels["rms_norm"] is not rms_norm):
-        return
-    for name, fn in _eager.items():
-        _kernels[name] = torch.compile(fn, dynamic=True) if enabled else fn
+EAGER = Kernels(rms_norm, add_rms_norm, silu_and_mul, apply_rotary)
+
+
+def use_kernels(model: nn.Module, kernels: Kernels) -> None:
+    """Make the small layers of `model`, and only of it, call `kernels`."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+            module.kernels = kernels
 
 
 class RMSNorm(nn.Module):
+    kernels = EAGER
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -60,15 +78,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """rms_norm(x), or with `residual`: (rms_norm(x + residual), x + residual)."""
         if residual is None:
-            return _kernels["rms_norm"](x, self.weight, self.eps)
-        return _kernels["add_rms_norm"](x, residual, self.weight, self.eps)
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, for the gate and up projections computed as one matrix product."""
 
+    kernels = EAGER
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _kernels["silu_and_mul"](x)
+        return self.kernels.silu_and_mul(x)
 
 
 class MergedLinear(nn.Module):
@@ -98,6 +118,8 @@ class MergedLinear(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, built once; applied with the rotate-half convention."""
 
+    kernels = EAGER
+
     def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int):
         super().__init__()
         positions = torch.arange(max_positions, dtype=torch.float32)
@@ -107,4 +129,4 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return _kernels["apply_rotary"](q, k, self.cos, self.sin, positions)
+        return self.kernels.apply_rotary(q, k, self.cos, self.sin, positions)

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from otvllm.core.sequence import Sequence
-
 
 @dataclass
 class SamplingBatch:
@@ -25,8 +23,10 @@ class SamplingBatch:
     temperature_max: float
 
     @classmethod
-    def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
-        params = [s.params for s in seqs]
+    def from_params(cls, params: list, positions: list[int], vocab_size: int,
+                    device: torch.device) -> "SamplingBatch":
+        """`params`: each row's SamplingParams; `positions`: the position of the token each row
+        samples (its sequence's length), which seeds a seeded row."""
         temps = [p.temperature for p in params]
         use_top_k = any(p.top_k != -1 for p in params)
         use_top_p = any(p.top_p < 1.0 for p in params)
@@ -38,8 +38,8 @@ class SamplingBatch:
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
             all_greedy=all(t == 0 for t in temps),
             any_greedy=any(t == 0 for t in temps),
-            seeded_rows=[(i, _position_seed(s.params.seed, len(s)))
-                         for i, s in enumerate(seqs) if s.params.seed is not None and s.params.temperature > 0],
+            seeded_rows=[(i, _position_seed(p.seed, positions[i]))
+                         for i, p in enumerate(params) if p.seed is not None and p.temperature > 0],
             num_logprobs=max((n for _, n in logprob_rows), default=0),
             logprob_rows=logprob_rows,
             num_greedy=temps.count(0),
@@ -100,24 +100,18 @@ def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.
     return (logits.float() / temperatures[:, None] + gumbel).argmax(dim=-1)
 
 
-_sample_kernels = {"gumbel_max": gumbel_max}
-
-
-def use_compiled_sampler(enabled: bool) -> None:
-    """Fuse `gumbel_max` with torch.compile (CUDA), or go back to eager."""
-    if enabled != (_sample_kernels["gumbel_max"] is not gumbel_max):
-        _sample_kernels["gumbel_max"] = torch.compile(gumbel_max, dynamic=True) if enabled else gumbel_max
-
-
 class Sampler:
-    @staticmethod
-    def warm_up(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, compiled: bool = False):
+        # Fused into one kernel by torch.compile, or the plain function.
+        self.gumbel_max = torch.compile(gumbel_max, dynamic=True) if compiled else gumbel_max
+
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the fused sampling kernel now for one row, two rows (any count from there on
         is one dynamic shape): torch.compile treats a size of 1 apart, and the last steps of a run
         decode a single sequence, which would otherwise compile in the middle of serving."""
         for rows in (1, 2):
             logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
-            _sample_kernels["gumbel_max"](logits, torch.ones(rows, device=device))
+            self.gumbel_max(logits, torch.ones(rows, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
@@ -133,7 +127,7 @@ class Sampler:
         if batch.top_ks is not None or batch.top_ps is not None:
             logits = _filter_top_k_top_p(logits.float() / temps[:, None], batch.top_ks, batch.top_ps)
             temps = torch.ones_like(temps)
-        sampled = _sample_kernels["gumbel_max"](logits, temps)
+        sampled = self.gumbel_max(logits, temps)
         for row, seed in batch.seeded_rows:
             gen = torch.Generator(device=logits.device).manual_seed(seed)
             uniform = torch.rand(1, logits.shape[1], device=logits.device, generator=gen)

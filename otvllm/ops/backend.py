@@ -2,16 +2,10 @@
 `flash_attn` (FlashAttention-4 on Hopper/Blackwell, when installed)."""
 
 import importlib.util
-from typing import TYPE_CHECKING
 
 import torch
 
-from otvllm.ops import attention_torch, flash_attn4
-
-if TYPE_CHECKING:
-    from otvllm.layers.attention import ForwardContext
-
-BACKENDS = ("torch", "triton", "flash_attn")
+from otvllm.ops import ATTENTION_BACKENDS, attention_torch, flash_attn4
 
 
 def triton_available() -> bool:
@@ -57,22 +51,24 @@ class AttentionBackend:
             self._prefill = flash_attn4.prefill_attention
             self._decode = flash_attn4.decode_attention
         else:
-            raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         self._store(k, v, k_cache, v_cache, slot_mapping)
 
-    def prefill(self, q, k_cache, v_cache, ctx: "ForwardContext", scale: float) -> torch.Tensor:
+    def prefill(self, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, context_lens, block_tables,
+                max_seqlen_q: int, scale: float) -> torch.Tensor:
         if self.name == "torch":
-            return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, scale)
+            return self._prefill(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale)
         if self.name == "flash_attn":
-            return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
-                                 max_seqlen_q=ctx.max_seqlen_q)
-        return self._prefill(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, scale,
-                             max_seqlen_q=ctx.max_seqlen_q)
+            return self._prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                 max_seqlen_q=max_seqlen_q)
+        return self._prefill(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale,
+                             max_seqlen_q=max_seqlen_q)
 
-    def decode(self, q, k_cache, v_cache, ctx: "ForwardContext", scale: float) -> torch.Tensor:
+    def decode(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len: int,
+               scale: float) -> torch.Tensor:
         if self.name == "triton":
-            return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
-                                max_context_len=ctx.max_context_len)
-        return self._decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+            return self._decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                max_context_len=max_context_len)
+        return self._decode(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -87,7 +87,7 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                            "owned_by": "otvllm", "max_model_len": engine.config.max_model_len}]}
+                                            "owned_by": "otvllm", "max_model_len": engine.resolved.max_model_len}]}
 
     def check_model(name: str) -> None:
         if name != model_name:

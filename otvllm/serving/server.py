@@ -49,7 +49,7 @@ def _metrics(args, llm, name: str):
 def serve(args, llm) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
     app = build_app(llm, name, args.max_queue, _metrics(args, llm, name), args.stream_interval_ms / 1000)
-    if llm.config.trace_level != "off":
+    if llm.engine.resolved.trace_level != "off":
         _trace_http(app)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")

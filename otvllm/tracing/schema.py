@@ -155,7 +155,7 @@ TRACE_POLICY = "otvllm.trace.sampling_policy"
 TRACE_LEVEL = "otvllm.trace.level"
 
 # engine.init / model.load
-CONFIG_PREFIX = "otvllm.config."
+CONFIG_PREFIX = "otvllm.config."   # + each field of EngineConfig (as asked) and ResolvedConfig (as decided)
 MODEL_ARCHITECTURE = "otvllm.model.architecture"
 MODEL_LAYERS = "otvllm.model.layers"
 MODEL_HIDDEN_SIZE = "otvllm.model.hidden_size"

@@ -1,8 +1,8 @@
 """The two flash-attn 2 functions nano-vllm calls, served by FlashAttention-4.
 
 flash-attn 2 cannot be built on the GPU machine; FA4 (`flash_attn.cute`) runs there. Put this
-directory first on sys.path to run nano-vllm unchanged on FA4 kernels, as DESIGN.md's nano-vllm
-figure was measured. `__path__` is extended so that `flash_attn.cute` still resolves to the
+directory first on sys.path to run nano-vllm unchanged on FA4 kernels, as the README's nano-vllm
+figures were measured. `__path__` is extended so that `flash_attn.cute` still resolves to the
 installed FA4 package."""
 
 import pkgutil

@@ -1,5 +1,6 @@
 """Span attributes from the engine's objects."""
 
+import dataclasses
 import os
 
 import torch
@@ -16,10 +17,9 @@ def shape(t: torch.Tensor | None) -> list[int]:
 
 
 def config_attrs(config) -> dict:
-    keys = ("model", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
-            "num_kvcache_blocks", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-            "device", "dtype", "attention_backend", "trace_level", "cpu_threads", "max_logprobs")
-    return {S.CONFIG_PREFIX + k: getattr(config, k) for k in keys if getattr(config, k) is not None}
+    """Every field of an EngineConfig (as asked) or a ResolvedConfig (as decided) that is set."""
+    values = ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    return {S.CONFIG_PREFIX + name: value for name, value in values if value is not None}
 
 
 def model_attrs(runner) -> dict:

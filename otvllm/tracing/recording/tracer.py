@@ -4,7 +4,8 @@ dies.
 
 The contract, as the engine uses it:
 
-    with tracer.init(config) as init:                 # engine.init
+    with tracer.init(config) as init:                 # engine.init, with the config as asked
+        init.decided(resolved)                        # and as start-up resolved it
         init.phase(S.MODEL_LOAD, load, attrs=fn)      # one child span per start-up phase
     tracer.observe(scheduler, block_manager, layers)  # what later spans read
     with tracer.generate(seqs, prompts):              # llm.generate and one span per request
@@ -79,6 +80,9 @@ class _NullPhases:
     def phase(self, name, fn, *args, attrs=None):
         return fn(*args)
 
+    def decided(self, resolved) -> None:
+        pass
+
     def begin(self, batch) -> None:
         pass
 
@@ -126,7 +130,7 @@ class _InitTrace:
     """engine.init and its phases; sent as each ends."""
 
     def __init__(self, sink, config, device: torch.device):
-        self.sink, self.config, self.device = sink, config, device
+        self.sink, self.device = sink, device
         self.record = _root(S.ENGINE_INIT, A.config_attrs(config))
 
     def __enter__(self):
@@ -135,10 +139,13 @@ class _InitTrace:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        self.record.attrs.update(A.config_attrs(self.config))   # sizes decided during init
         self.record.__exit__(kind, exc, tb)
         self.sink.send(CLOSE, self.record)
         self.sink.drain()
+
+    def decided(self, resolved) -> None:
+        """What start-up decided (a ResolvedConfig) replaces what was asked, where it differs."""
+        self.record.attrs.update(A.config_attrs(resolved))
 
     def phase(self, name, fn, *args, attrs=None):
         record = SpanRecord(name, self.record, now_ns())
