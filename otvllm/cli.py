@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+from otvllm import environment
+
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
 
 
@@ -187,6 +189,7 @@ def _check_generate_args(args):
 
 
 def _generate(args) -> int:
+    environment.check()
     params = _check_generate_args(args)
     attrs = {"otvllm.cli.prompts": len(args.prompt) + args.num_prompts, "otvllm.cli.max_tokens": args.max_tokens}
     return _traced_run(args, attrs, default_trace_file=True, body=lambda: _run(args, params))
@@ -198,6 +201,7 @@ def _check_model(args) -> None:
 
 
 def _serve(args) -> int:
+    environment.check()
     _check_model(args)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -213,16 +217,16 @@ def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
     from opentelemetry import context as otel_context
 
     from otvllm.tracing import schema as S
-    from otvllm.tracing.export.setup import export_settings, start
+    from otvllm.tracing.export.setup import export_settings, otlp_endpoint, start
     from otvllm.tracing.export.trace_file import default_trace_path
     from otvllm.tracing.level import TraceLevel
     from otvllm.tracing.recording.tracer import run_span
 
-    level = TraceLevel.parse(args.trace_level)
+    level = TraceLevel.parse(args.trace_level or environment.read("OTVLLM_TRACE_LEVEL"))
     args.trace_level = str(level)
     settings, parent = None, None
     if level is not TraceLevel.OFF:
-        endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        endpoint = args.otlp_endpoint or otlp_endpoint()
         trace_file = args.trace_file
         if trace_file is None and not endpoint and default_trace_file:
             trace_file = default_trace_path()

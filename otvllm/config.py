@@ -3,6 +3,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from otvllm.environment import read as read_environment
 from otvllm.tracing.level import TraceLevel
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -33,7 +34,8 @@ class EngineConfig:
     hf_config: object = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.trace_level = str(TraceLevel.parse(self.trace_level))
+        level = read_environment("OTVLLM_TRACE_LEVEL") if self.trace_level is None else self.trace_level
+        self.trace_level = str(TraceLevel.parse(level))
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kvcache_block_size",
                      "num_kvcache_blocks", "tensor_parallel_size", "cudagraph_max_batch_size", "max_logprobs",
                      "cpu_threads"):

@@ -5,6 +5,7 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
+from otvllm import environment
 from otvllm.config import EngineConfig
 from otvllm.core.engine import LLMEngine
 from otvllm.core.sequence import Sequence
@@ -25,6 +26,7 @@ class LLM:
     """
 
     def __init__(self, model: str = SYNTHETIC_MODEL, **kwargs):
+        environment.check("OTVLLM_")
         self.config = EngineConfig.from_kwargs(resolve_model(model), **kwargs)
         self.engine = LLMEngine(self.config)
         self._lock = threading.Lock()   # one generate call at a time: the engine has one batch

@@ -12,11 +12,24 @@ from otvllm.cli import main
 from otvllm.tracing import schema as S
 
 
-def run_cli(*args, env_extra=None, tmp_path=None):
-    env = {"PATH": "/usr/bin:/bin", "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env_extra=None, tmp_path=None, cwd=None, stdin=None):
+    """The CLI in a subprocess, with this checkout's otvllm whatever the working directory."""
+    env = {"PATH": "/usr/bin:/bin", "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path),
+           "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "otvllm.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, cwd=cwd, input=stdin)
+
+
+def one_error_line(result) -> str:
+    """The usage error's one line: exit code 2, nothing else on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
 
 
 def test_generate_writes_a_trace_file_and_the_summary_reads_it(qwen3_dir, tmp_path, capsys):
@@ -72,10 +85,52 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_invalid_trace_level_variable_is_reported(tmp_path):
-    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path, env_extra={"OTVLLM_TRACE_LEVEL": "loud"})
-    assert result.returncode == 2
-    assert "invalid trace level 'loud'" in result.stderr and "Traceback" not in result.stderr
+BAD_ENVIRONMENT = [
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "1e300", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "expected a number of milliseconds > 0"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "expected one of grpc, http/protobuf"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4317", "expected an http:// or https:// URL"),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip", "expected one of gzip, deflate, none"),
+    ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/nonexistent/ca.pem", "expected the path of a readable file"),
+    ("OTEL_SDK_DISABLED", "maybe", "expected true or false"),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "0", "expected an integer >= 1"),
+    ("OTVLLM_TRACE_LEVEL", "loud", "expected one of off, request, step, debug"),
+    ("OTVLLM_TRACE_CONTENT", "maybe", "expected true or false"),
+    ("OTVLLM_TRACE_MAX_SPANS", "5", "expected an integer >= 100"),
+    ("OTVLLM_TRACE_FIRST_STEPS", "-1", "expected an integer >= 0"),
+    ("OTVLLM_TRACE_LAST_STEPS", "2.5", "expected an integer >= 0"),
+    ("OTVLLM_TRACE_SLOW_FACTOR", "nan", "expected a number >= 1"),
+    ("OTVLLM_TRACE_FILE_MAX_SPANS", "0", "expected an integer >= 1"),
+]
+GENERATE, SERVE = ["generate", "--prompt", "hi"], ["serve", "--port", "0"]
+
+
+@pytest.mark.parametrize("command, name, value, expected", [(GENERATE, *case) for case in BAD_ENVIRONMENT] + [
+    (SERVE, *case) for case in BAD_ENVIRONMENT if case[0] in (
+        "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_EXPORTER_OTLP_TIMEOUT", "OTVLLM_TRACE_MAX_SPANS")])
+def test_a_bad_environment_variable_is_named_before_any_work(command, name, value, expected, tmp_path):
+    """Every variable otvllm reads is checked first: no model is made or loaded (the synthetic
+    model's cache stays empty), no export process starts, no trace file is left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    line = one_error_line(run_cli(*command, tmp_path=tmp_path, cwd=work, env_extra={name: value}))
+    assert line.startswith(f"otvllm: error: environment variable {name}={value!r}: {expected}"), line
+    assert os.listdir(work) == [] and not (tmp_path / "cache").exists()
+
+
+def test_credentials_in_a_bad_environment_variable_are_not_shown(tmp_path):
+    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path,
+                     env_extra={"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://user:s3cret@collector:4317"})
+    line = one_error_line(result)
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT='ftp://***@collector:4317'" in line and "s3cret" not in line
+    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path,
+                     env_extra={"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret,junk"})
+    line = one_error_line(result)
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in line and "entry 2 is not key=value" in line and "s3cret" not in line
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -120,3 +175,4 @@ def test_version_module_entry_point_and_help_with_defaults(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "otvllm", "generate", "--help"], capture_output=True, text=True,
                                env=env, timeout=60).stdout
     assert "--max-tokens MAX_TOKENS" in help_text and "(default: 64)" in help_text
+
