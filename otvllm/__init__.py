@@ -2,13 +2,14 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "RequestError", "__version__"]
 
 _EXPORTS = {
     "LLM": "otvllm.llm",
     "SamplingParams": "otvllm.sampling_params",
     "EngineConfig": "otvllm.config",
     "RequestOutput": "otvllm.outputs",
+    "RequestError": "otvllm.llm",
 }
 
 

@@ -1,11 +1,15 @@
 """`otvllm generate ...` and `otvllm trace summary FILE`."""
 
 import argparse
+import json
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
+
+from otvllm import environment
 
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
 
@@ -23,21 +27,43 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _token_ids(text: str) -> list[int]:
     try:
-        value = int(text)
+        ids = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+        ids = None
+    if not ids or any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected token ids (integers >= 0) separated by commas, got {text!r}")
+    return ids
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, naming the problem (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, where it has one to show."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
 
@@ -65,7 +91,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from otvllm import __version__
 
-    parser = argparse.ArgumentParser(prog="otvllm", description="A tracing-first LLM inference engine.")
+    parser = _Parser(prog="otvllm", description="A tracing-first LLM inference engine.")
     parser.add_argument("--version", action="version", version=f"otvllm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = _ShowDefaults
@@ -74,15 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Generate for the given prompts. With no --model, a built-in "
                                           "synthetic model (tiny random Qwen3, output is noise) is used.")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    gen.add_argument("--num-prompts", type=_positive_int, default=0,
-                     help="add N random prompts (lengths 16-128 tokens), e.g. to exercise batching")
+    gen.add_argument("--prompts-file", metavar="FILE",
+                     help="prompts from FILE ('-': standard input), after any --prompt: one per line, or JSON "
+                          "Lines (the first line starts with '{'), each line an object with a \"prompt\" (text or "
+                          "token ids) and, optionally, sampling parameters for it alone (\"max_tokens\", "
+                          "\"temperature\", \"stop_token_ids\", ...); blank lines are skipped")
+    gen.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N",
+                     help="run N requests in all: the prompts given, repeated in turn up to N (the first N if "
+                          "more are given); with no prompt given, N random prompts of 16-128 token ids")
     gen.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate per prompt")
     gen.add_argument("--temperature", type=float, default=0.0,
-                     help="0 is greedy (the library's SamplingParams default is 1.0)")
+                     help="0 is greedy. The CLI is greedy by default so that a run can be repeated; the "
+                          "library's SamplingParams default is 1.0, as vLLM's")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     gen.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens; -1: all")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="ID[,ID...]",
+                     help="also stop when one of these token ids is generated")
+    gen.add_argument("--logprobs", type=_int_at_least(0), default=None, metavar="N",
+                     help="report each generated token's log-probability and its N likeliest alternatives")
+    gen.add_argument("--output", choices=("text", "json"), default="text",
+                     help="text: readable lines; json: one JSON object per prompt on stdout (JSON Lines: index, "
+                          "prompt, text, token_ids, finish_reason, logprobs when asked), everything else on stderr")
     _add_engine_options(gen)
     gen.add_argument("--otlp-endpoint", default=None,
                      help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
@@ -152,6 +192,43 @@ def _trace_summary(args) -> int:
     return 0
 
 
+@dataclass
+class _Request:
+    prompt: str | list[int] | None   # None: a random prompt, made once the model's vocabulary is known
+    params: object                   # its SamplingParams
+    source: str                      # where it came from, to name it in errors ("prompts.jsonl line 3")
+
+
+def _requests(args) -> list[_Request]:
+    """The requests of a run, every prompt and parameter checked: --prompt ones, then the
+    --prompts-file ones; --num-prompts N makes them N in all (repeated in turn, or the first N),
+    or N random prompts when none is given."""
+    from otvllm import SamplingParams
+    from otvllm.prompt_file import read_prompt_file
+
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                   ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
+                   logprobs=args.logprobs)
+    params = SamplingParams(**options)
+    given = []
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt:
+            raise ValueError(f"--prompt number {i} is an empty prompt: a prompt needs at least one token")
+        given.append(_Request(prompt, params, f"--prompt number {i}"))
+    if args.prompts_file is not None:
+        name = "standard input" if args.prompts_file == "-" else args.prompts_file
+        given += [_Request(p.prompt, p.params, f"{name} line {p.line}")
+                  for p in read_prompt_file(args.prompts_file, options)]
+    if args.num_prompts is None:
+        if not given:
+            raise ValueError("nothing to generate: give --prompt TEXT (repeatable), --prompts-file FILE "
+                             "or --num-prompts N")
+        return given
+    if not given:
+        return [_Request(None, params, f"random prompt {i}") for i in range(args.num_prompts)]
+    return [given[i % len(given)] for i in range(args.num_prompts)]
+
+
 def _random_prompts(n: int, vocab_size: int) -> list[list[int]]:
     rng = random.Random(0)
     return [[rng.randrange(min(vocab_size, 256)) for _ in range(rng.randint(16, 128))] for _ in range(n)]
@@ -172,21 +249,13 @@ def _parent_from_environment():
     return context
 
 
-def _check_generate_args(args):
-    """Everything that can be checked before any work starts; returns the sampling params."""
-    from otvllm import SamplingParams
-
-    if not args.prompt and not args.num_prompts:
-        raise ValueError("nothing to generate: give --prompt TEXT (repeatable) or --num-prompts N")
-    _check_model(args)
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
-
-
 def _generate(args) -> int:
-    params = _check_generate_args(args)
-    attrs = {"otvllm.cli.prompts": len(args.prompt) + args.num_prompts, "otvllm.cli.max_tokens": args.max_tokens}
-    return _traced_run(args, attrs, default_trace_file=True, body=lambda: _run(args, params))
+    # Everything that can be checked is, before any work starts.
+    environment.check()
+    _check_model(args)
+    requests = _requests(args)
+    attrs = {"otvllm.cli.prompts": len(requests), "otvllm.cli.max_tokens": args.max_tokens}
+    return _traced_run(args, attrs, default_trace_file=True, body=lambda: _run(args, requests))
 
 
 def _check_model(args) -> None:
@@ -205,6 +274,7 @@ def _engine_options(args) -> dict:
 
 
 def _serve(args) -> int:
+    environment.check()
     _check_model(args)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -220,16 +290,16 @@ def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
     from opentelemetry import context as otel_context
 
     from otvllm.tracing import schema as S
-    from otvllm.tracing.export.setup import export_settings, start
+    from otvllm.tracing.export.setup import export_settings, otlp_endpoint, start
     from otvllm.tracing.export.trace_file import default_trace_path
     from otvllm.tracing.level import TraceLevel
     from otvllm.tracing.recording.tracer import run_span
 
-    level = TraceLevel.parse(args.trace_level)
+    level = TraceLevel.parse(args.trace_level or environment.read("OTVLLM_TRACE_LEVEL"))
     args.trace_level = str(level)
     settings, parent = None, None
     if level is not TraceLevel.OFF:
-        endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        endpoint = args.otlp_endpoint or otlp_endpoint()
         trace_file = args.trace_file
         if trace_file is None and not endpoint and default_trace_file:
             trace_file = default_trace_path()
@@ -276,25 +346,65 @@ def _make_llm(args):
     return LLM(model, **_engine_options(args))
 
 
-def _run(args, params) -> int:
+def _run(args, requests: list[_Request]) -> int:
+    from otvllm import RequestError
+
     llm = _make_llm(args)
-    prompts = list(args.prompt) + _random_prompts(args.num_prompts, llm.engine.spec.vocab_size)
+    randoms = iter(_random_prompts(sum(r.prompt is None for r in requests), llm.engine.spec.vocab_size))
+    prompts = [next(randoms) if r.prompt is None else r.prompt for r in requests]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress and len(prompts) > 1)
+    try:
+        outputs = llm.generate(prompts, [r.params for r in requests],
+                               use_tqdm=not args.no_progress and len(prompts) > 1)
+    except RequestError as e:   # a limit of the model (vocabulary, max_model_len): name the prompt's source
+        raise ValueError(f"{requests[e.index].source}: {e.problem}") from None
     seconds = time.perf_counter() - start
-    for out in outputs:
-        if out.prompt is not None:
-            print(f"--- prompt {out.request_id}: {out.prompt!r}")
-            print(f"{out.text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    readable = sys.stderr if args.output == "json" else sys.stdout   # stdout stays JSON Lines
+    for out, prompt, request in zip(outputs, prompts, requests):
+        if args.output == "json":
+            print(json.dumps(_output_object(out, prompt, request.params.logprobs)), flush=True)
         else:
-            print(f"--- prompt {out.request_id}: {len(out.prompt_token_ids)} token ids -> "
-                  f"{len(out.token_ids)} tokens [{out.finish_reason}]")
+            _print_output(out, llm.tokenizer, request.params.logprobs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.token_ids) for o in outputs)
     print(f"{len(outputs)} requests, {prompt_tokens} prompt tokens, {output_tokens} output tokens in "
           f"{seconds:.2f} s: {output_tokens / seconds:.1f} output tok/s "
-          f"({(prompt_tokens + output_tokens) / seconds:.1f} tok/s in all)")
+          f"({(prompt_tokens + output_tokens) / seconds:.1f} tok/s in all)", file=readable)
     return 0
+
+
+def _top(logprobs: dict[int, float], n: int) -> list[tuple[int, float]]:
+    """The n likeliest of one token's log-probabilities (the chosen token is also in `logprobs`)."""
+    return sorted(logprobs.items(), key=lambda item: -item[1])[:n]
+
+
+def _output_object(out, prompt, num_logprobs: int | None) -> dict:
+    """One line of `--output json`."""
+    entry = {"index": out.request_id, "prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+             "finish_reason": out.finish_reason}
+    if out.logprobs is not None:
+        entry["logprobs"] = [{"token_id": token, "logprob": lp[token],
+                              "top_logprobs": [{"token_id": i, "logprob": v} for i, v in _top(lp, num_logprobs)]}
+                             for token, lp in zip(out.token_ids, out.logprobs)]
+    return entry
+
+
+def _print_output(out, tokenizer, num_logprobs: int | None) -> None:
+    if out.prompt is not None:
+        print(f"--- prompt {out.request_id}: {out.prompt!r}")
+        print(f"{out.text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    else:
+        print(f"--- prompt {out.request_id}: {len(out.prompt_token_ids)} token ids -> "
+              f"{len(out.token_ids)} tokens [{out.finish_reason}]")
+    if out.logprobs is None:
+        return
+
+    def token(i: int) -> str:
+        return f"{i} {tokenizer.decode([i])!r}" if tokenizer is not None else str(i)
+
+    for position, (chosen, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        top = ", ".join(f"{token(i)} {v:.4f}" for i, v in _top(lp, num_logprobs))
+        print(f"  token {position}: {token(chosen)} {lp[chosen]:.4f}" + (f" | top: {top}" if top else ""))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import math
 import typing
 from dataclasses import Field, dataclass, field, fields
 
+from otvllm.environment import read as read_environment
 from otvllm.ops import ATTENTION_BACKENDS
 from otvllm.tracing.level import NAMES as TRACE_LEVELS
 from otvllm.tracing.level import TraceLevel
@@ -57,8 +58,12 @@ class EngineConfig:
         None, "on CPU, torch's threads (default: OMP_NUM_THREADS, else one fewer than the usable cores, "
               "at most 8)")
 
+    def requested_trace_level(self) -> TraceLevel:
+        """trace_level, or OTVLLM_TRACE_LEVEL when it is None; ValueError naming what is wrong."""
+        return TraceLevel.parse(read_environment("OTVLLM_TRACE_LEVEL") if self.trace_level is None else self.trace_level)
+
     def __post_init__(self):
-        TraceLevel.parse(self.trace_level)   # names OTVLLM_TRACE_LEVEL when that is what is wrong
+        self.requested_trace_level()
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -5,6 +5,7 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
+from otvllm import environment
 from otvllm.config import EngineConfig
 from otvllm.core.engine import LLMEngine
 from otvllm.core.sequence import Sequence
@@ -13,6 +14,14 @@ from otvllm.sampling_params import SamplingParams
 from otvllm.synthetic import SYNTHETIC_MODEL, resolve_model
 
 Prompt = str | list[int]
+
+
+class RequestError(ValueError):
+    """One request of a generate call cannot run; `index` is its place in the call."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"request {index}: {problem}")
+        self.index, self.problem = index, problem
 
 
 class LLM:
@@ -26,6 +35,7 @@ class LLM:
     """
 
     def __init__(self, model: str = SYNTHETIC_MODEL, **kwargs):
+        environment.check("OTVLLM_")
         self.config = EngineConfig.from_kwargs(resolve_model(model), **kwargs)
         self.engine = LLMEngine(self.config)
         self._lock = threading.Lock()   # one generate call at a time: the engine has one batch
@@ -45,8 +55,10 @@ class LLM:
         """Generate for every prompt; returns one output per prompt, in input order.
 
         The whole call is checked before any work starts: one invalid prompt or parameter
-        raises ValueError (naming the request) and no request is run. Calls from several
-        threads run one after another; a call from inside a running call raises RuntimeError.
+        raises RequestError (a ValueError naming the request) and no request is run. Calls
+        from several threads run one after another; a call from inside a running call raises
+        RuntimeError. The progress bar shows the finished requests' input and output tokens
+        per second.
         """
         if self._owner == threading.get_ident():
             raise RuntimeError("LLM.generate was called again from inside a generate call on the same "
@@ -63,15 +75,14 @@ class LLM:
         params = self._params_per_prompt(sampling_params, len(prompts))
         seqs = [self._make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         engine = self.engine
-        with engine.tracer.generate(seqs, prompts), \
-                tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+        with engine.tracer.generate(seqs, prompts), _Progress(len(seqs), use_tqdm) as progress:
             try:
                 for seq in seqs:
                     engine.add(seq)
                 while not engine.is_finished():
                     finished = engine.step()
                     if finished:
-                        bar.update(len(finished))
+                        progress.finished(finished)
             except BaseException:
                 engine.abort(seqs)   # leave the engine usable for the next call
                 raise
@@ -95,7 +106,7 @@ class LLM:
         try:
             return self.engine.make_sequence(self.tokenize(prompt), params)
         except ValueError as e:
-            raise ValueError(f"request {index}: {e}") from None
+            raise RequestError(index, str(e)) from None
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids (a string through the model's tokenizer); ValueError if it has none."""
@@ -124,6 +135,31 @@ class LLM:
         )
 
 
+class _Progress:
+    """The progress bar: finished requests, and the input and output tokens per second of
+    the finished ones since the call began (the estimate vLLM's bar shows)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, desc="Generating", disable=not enabled, dynamic_ncols=True)
+        self.input_tokens = self.output_tokens = 0
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def finished(self, finished: list) -> None:
+        if self.bar.disable:
+            return
+        self.input_tokens += sum(f.seq.num_prompt_tokens for f in finished)
+        self.output_tokens += sum(f.seq.num_completion_tokens for f in finished)
+        seconds = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"est. speed input: {self.input_tokens / seconds:.2f} toks/s, "
+                                 f"output: {self.output_tokens / seconds:.2f} toks/s", refresh=False)
+        self.bar.update(len(finished))
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
@@ -133,5 +169,5 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         return [list(prompts)]
     for i, p in enumerate(prompts):
         if not isinstance(p, str) and not (isinstance(p, SequenceABC) and all(isinstance(t, int) for t in p)):
-            raise ValueError(f"request {i}: a prompt must be a string or a list of token ids, got {type(p).__name__}")
+            raise RequestError(i, f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
     return list(prompts)

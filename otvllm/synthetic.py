@@ -12,7 +12,8 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def cache_dir() -> str:
-    return os.environ.get("OTVLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "otvllm")
+    from otvllm.environment import read
+    return read("OTVLLM_CACHE_DIR")
 
 
 def byte_level_tokenizer():

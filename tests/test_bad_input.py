@@ -90,9 +90,36 @@ def test_unknown_engine_option(qwen3_dir):
 
 
 def test_invalid_trace_level_lists_valid_ones(qwen3_dir, monkeypatch):
-    monkeypatch.setenv("OTVLLM_TRACE_LEVEL", "verbose")
-    with pytest.raises(ValueError, match="invalid trace level 'verbose'.*off, request, step, debug"):
-        LLM(qwen3_dir, device="cpu")
+    with pytest.raises(ValueError, match="invalid trace level 'verbose': choose one of off, request, step, debug"):
+        LLM(qwen3_dir, device="cpu", trace_level="verbose")
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("OTVLLM_TRACE_LEVEL", "verbose", "expected one of off, request, step, debug"),
+    ("OTVLLM_TRACE_MAX_SPANS", "abc", "expected an integer >= 100"),
+    ("OTVLLM_TRACE_SLOW_FACTOR", "inf", "expected a number >= 1"),
+    ("OTVLLM_TRACE_CONTENT", "maybe", "expected true or false"),
+    ("OTVLLM_CACHE_DIR", __file__, "expected a directory"),
+])
+def test_a_bad_environment_variable_is_named_by_the_library_before_any_work(name, value, expected, monkeypatch,
+                                                                            tmp_path):
+    """LLM(...) reads its OTVLLM_* variables first: the error names the variable, not the
+    missing model directory it would otherwise have reached."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"^environment variable {name}={value!r}: {expected}"):
+        LLM(str(tmp_path / "no-model-here"), device="cpu")
+
+
+def test_configure_checks_the_otel_variables_before_starting_the_export_process(monkeypatch, tmp_path):
+    from otvllm.tracing import configure
+    from otvllm.tracing.export.process_sink import ProcessSink
+    from otvllm.tracing.recording.sinks import current_sink
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "nan")
+    with pytest.raises(ValueError, match="^environment variable OTEL_EXPORTER_OTLP_TIMEOUT='nan': expected a number "
+                                         "of milliseconds"):
+        configure(trace_file=str(tmp_path / "t.json"))
+    assert not isinstance(current_sink(), ProcessSink) and os.listdir(tmp_path) == []
 
 
 def test_wrong_number_of_sampling_params(llm):

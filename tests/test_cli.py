@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +13,24 @@ from otvllm.cli import main
 from otvllm.tracing import schema as S
 
 
-def run_cli(*args, env_extra=None, tmp_path=None):
-    env = {"PATH": "/usr/bin:/bin", "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env_extra=None, tmp_path=None, cwd=None, stdin=None):
+    """The CLI in a subprocess, with this checkout's otvllm whatever the working directory."""
+    env = {"PATH": "/usr/bin:/bin", "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path),
+           "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "otvllm.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, cwd=cwd, input=stdin)
+
+
+def one_error_line(result) -> str:
+    """The usage error's one line: exit code 2, nothing else on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
 
 
 def test_generate_writes_a_trace_file_and_the_summary_reads_it(qwen3_dir, tmp_path, capsys):
@@ -72,10 +86,63 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_invalid_trace_level_variable_is_reported(tmp_path):
-    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path, env_extra={"OTVLLM_TRACE_LEVEL": "loud"})
-    assert result.returncode == 2
-    assert "invalid trace level 'loud'" in result.stderr and "Traceback" not in result.stderr
+BAD_ENVIRONMENT = [
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "1e300", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "expected a number of milliseconds > 0 and <= 3600000"),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "expected a number of milliseconds > 0"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "expected one of grpc, http/protobuf"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "localhost:4317", "expected an http:// or https:// URL"),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", "zip", "expected one of gzip, deflate, none"),
+    ("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/nonexistent/ca.pem", "expected the path of a readable file"),
+    ("OTEL_SDK_DISABLED", "maybe", "expected true or false"),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "0", "expected an integer >= 1"),
+    ("OTVLLM_TRACE_LEVEL", "loud", "expected one of off, request, step, debug"),
+    ("OTVLLM_TRACE_CONTENT", "maybe", "expected true or false"),
+    ("OTVLLM_TRACE_MAX_SPANS", "5", "expected an integer >= 100"),
+    ("OTVLLM_TRACE_FIRST_STEPS", "-1", "expected an integer >= 0"),
+    ("OTVLLM_TRACE_LAST_STEPS", "2.5", "expected an integer >= 0"),
+    ("OTVLLM_TRACE_SLOW_FACTOR", "nan", "expected a number >= 1"),
+    ("OTVLLM_TRACE_FILE_MAX_SPANS", "0", "expected an integer >= 1"),
+]
+GENERATE, SERVE = ["generate", "--prompt", "hi"], ["serve", "--port", "0"]
+
+
+@pytest.mark.parametrize("command, name, value, expected", [(GENERATE, *case) for case in BAD_ENVIRONMENT] + [
+    (SERVE, *case) for case in BAD_ENVIRONMENT if case[0] in (
+        "OTEL_METRIC_EXPORT_INTERVAL", "OTEL_EXPORTER_OTLP_TIMEOUT", "OTVLLM_TRACE_MAX_SPANS")])
+def test_a_bad_environment_variable_is_named_before_any_work(command, name, value, expected, tmp_path):
+    """Every variable otvllm reads is checked first: no model is made or loaded (the synthetic
+    model's cache stays empty), no export process starts, no trace file is left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    line = one_error_line(run_cli(*command, tmp_path=tmp_path, cwd=work, env_extra={name: value}))
+    assert line.startswith(f"otvllm: error: environment variable {name}={value!r}: {expected}"), line
+    assert os.listdir(work) == [] and not (tmp_path / "cache").exists()
+
+
+def test_credentials_in_a_bad_environment_variable_are_not_shown(tmp_path):
+    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path,
+                     env_extra={"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://user:s3cret@collector:4317"})
+    line = one_error_line(result)
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT='ftp://***@collector:4317'" in line and "s3cret" not in line
+    result = run_cli("generate", "--prompt", "hi", tmp_path=tmp_path,
+                     env_extra={"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret,junk"})
+    line = one_error_line(result)
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in line and "entry 2 is not key=value" in line and "s3cret" not in line
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--logprobs", "-1", "argument --logprobs: expected an integer >= 0, got -1"),
+    ("--stop-token-ids", "13,x", "argument --stop-token-ids: expected token ids (integers >= 0) separated by commas"),
+    ("--output", "xml", "argument --output: invalid choice: 'xml'"),
+    ("--num-prompts", "0", "argument --num-prompts: expected an integer >= 1, got 0"),
+])
+def test_a_bad_option_is_one_line_naming_it(option, value, problem, tmp_path):
+    line = one_error_line(run_cli("generate", "--prompt", "hi", option, value, tmp_path=tmp_path))
+    assert line.startswith("otvllm generate: error: ") and problem in line, line
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -98,7 +165,7 @@ def test_trace_summary_reads_several_files_and_the_latest(qwen3_dir, tmp_path, m
     args = ["generate", "--model", qwen3_dir, "--max-tokens", "2", "--device", "cpu", "--block-size", "16",
             "--max-model-len", "128", "--no-progress"]
     assert main(args + ["--prompt", "first"]) == 0
-    assert main(args + ["--prompt", "second", "--num-prompts", "2"]) == 0
+    assert main(args + ["--prompt", "second", "--num-prompts", "3"]) == 0
     files = sorted(tmp_path.glob("otvllm-trace-*.json"), key=os.path.getmtime)
     assert len(files) == 2
     capsys.readouterr()
@@ -120,6 +187,8 @@ def test_version_module_entry_point_and_help_with_defaults(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "otvllm", "generate", "--help"], capture_output=True, text=True,
                                env=env, timeout=60).stdout
     assert "--max-tokens MAX_TOKENS" in help_text and "(default: 64)" in help_text
+    # The CLI's greedy default differs from the library's, and says so.
+    assert "the library's SamplingParams default is 1.0, as vLLM's (default: 0.0)" in " ".join(help_text.split())
 
 
 def test_every_engine_option_is_a_field_of_the_config(tmp_path, capsys):
@@ -179,3 +248,168 @@ def test_engine_options_are_checked_before_anything_starts(qwen3_dir, tmp_path, 
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("otvllm: error: ") and message in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+# ---- prompts from a file, JSON Lines output, logprobs, stop tokens ---------------------------------
+
+def json_lines(text: str) -> list[dict]:
+    """stdout of `--output json`: every line one JSON object, nothing else."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def hf_tokenize(model_dir: str, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir).encode(prompt)
+
+
+SMALL_ENGINE = ["--device", "cpu", "--block-size", "16", "--max-model-len", "128", "--trace-level", "off"]
+
+
+def test_jsonl_prompts_with_their_own_parameters_against_transformers(qwen3_dir, tmp_path, capsys):
+    """Each line's parameters override the options (max_tokens, logprobs, stop_token_ids); the
+    JSON output's token ids, log-probabilities and finish reasons are transformers' own."""
+    from tests.reference import hf_greedy, hf_logprobs
+
+    world = hf_tokenize(qwen3_dir, "world")
+    free = hf_greedy(qwen3_dir, world, 6)
+    stop_at = free[2]
+    token_ids = [5, 17, 42, 9, 100]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "hello", "max_tokens": 4}),
+        "",                                                           # blank lines are skipped
+        json.dumps({"prompt": token_ids, "logprobs": None}),
+        json.dumps({"prompt": "world", "stop_token_ids": [stop_at]}),
+    ]) + "\n")
+    assert main(["generate", "--model", qwen3_dir, "--prompts-file", str(path), "--output", "json",
+                 "--max-tokens", "6", "--ignore-eos", "--logprobs", "2", *SMALL_ENGINE]) == 0
+    out = capsys.readouterr()
+    hello, ids, stopped = json_lines(out.out)
+    assert "3 requests" in out.err   # the readable summary goes to stderr
+
+    assert [hello["index"], ids["index"], stopped["index"]] == [0, 1, 2]
+    hello_ids = hf_tokenize(qwen3_dir, "hello")
+    assert hello["prompt"] == "hello" and hello["token_ids"] == hf_greedy(qwen3_dir, hello_ids, 4)
+    assert hello["finish_reason"] == "length"
+    from transformers import AutoTokenizer
+    assert hello["text"] == AutoTokenizer.from_pretrained(qwen3_dir).decode(hello["token_ids"],
+                                                                            skip_special_tokens=True)
+    ref = hf_logprobs(qwen3_dir, hello_ids + hello["token_ids"])
+    assert len(hello["logprobs"]) == 4
+    for step, entry in enumerate(hello["logprobs"]):
+        row = ref[len(hello_ids) - 1 + step]
+        assert entry["token_id"] == hello["token_ids"][step]
+        assert abs(entry["logprob"] - row[entry["token_id"]].item()) < 1e-4
+        top = row.topk(2)
+        assert [t["token_id"] for t in entry["top_logprobs"]] == top.indices.tolist()
+        assert all(abs(t["logprob"] - v) < 1e-4 for t, v in zip(entry["top_logprobs"], top.values.tolist()))
+
+    assert ids["prompt"] == token_ids and ids["token_ids"] == hf_greedy(qwen3_dir, token_ids, 6)
+    assert "logprobs" not in ids   # the line asked for none
+
+    assert stopped["finish_reason"] == "stop" and stopped["token_ids"] == free[:free.index(stop_at) + 1]
+
+
+def test_prompts_from_stdin_num_prompts_and_the_progress_bar(qwen3_dir, tmp_path):
+    """--prompt first, then the file's lines; --num-prompts N is N requests in all (the prompts
+    repeated in turn, or the first N); the progress bar shows input and output tokens per
+    second; stdout holds nothing but the JSON lines."""
+    from tests.reference import hf_greedy
+
+    args = ["generate", "--model", qwen3_dir, "--prompt", "alpha", "--prompts-file", "-", "--output", "json",
+            "--max-tokens", "2", "--ignore-eos", *SMALL_ENGINE]
+    result = run_cli(*args, "--num-prompts", "5", tmp_path=tmp_path, stdin="beta\n\ngamma delta\n")
+    assert result.returncode == 0, result.stderr
+    outputs = json_lines(result.stdout)
+    expected = ["alpha", "beta", "gamma delta", "alpha", "beta"]
+    assert [o["prompt"] for o in outputs] == expected and [o["index"] for o in outputs] == list(range(5))
+    for o in outputs:
+        assert o["token_ids"] == hf_greedy(qwen3_dir, hf_tokenize(qwen3_dir, o["prompt"]), 2)
+    assert re.search(r"est\. speed input: \d+\.\d\d toks/s, output: \d+\.\d\d toks/s", result.stderr), result.stderr
+    assert "5 requests" in result.stderr
+
+    fewer = run_cli(*args, "--num-prompts", "2", tmp_path=tmp_path, stdin="beta\ngamma\n")
+    assert [o["prompt"] for o in json_lines(fewer.stdout)] == ["alpha", "beta"], fewer.stderr
+
+
+def test_num_prompts_alone_is_that_many_random_prompts(qwen3_dir, capsys):
+    from tests.reference import hf_greedy
+
+    assert main(["generate", "--model", qwen3_dir, "--num-prompts", "3", "--output", "json", "--max-tokens", "2",
+                 "--ignore-eos", *SMALL_ENGINE]) == 0
+    outputs = json_lines(capsys.readouterr().out)
+    assert len(outputs) == 3 and len({tuple(o["prompt"]) for o in outputs}) == 3
+    for o in outputs:
+        assert 16 <= len(o["prompt"]) <= 128 and o["token_ids"] == hf_greedy(qwen3_dir, o["prompt"], 2)
+        assert o["text"] is not None and o["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"prompt": "a"}\n{"prompt": "b", "temperature": -1}\n', "line 2: temperature must be >= 0"),
+    ('{"prompt": "a"}\n\n{"prompt": "b",}\n', "line 3: not valid JSON"),
+    ('{"prompt": "a"}\nplain text\n', "line 2: not valid JSON"),
+    ('{"prompt": "a"}\n[1, 2]\n', 'line 2: expected a JSON object with a "prompt", got list'),
+    ('{"prompt": "a"}\n{"text": "b"}\n', 'line 2: no "prompt"'),
+    ('{"prompt": "a", "temprature": 0.5}\n', "line 1: unknown key 'temprature'; valid: prompt, temperature"),
+    ('{"prompt": ""}\n', "line 1: empty prompt"),
+    ('{"prompt": [1, "x"]}\n', 'line 1: "prompt" must be a string or a non-empty list of token ids'),
+    ('{"prompt": "a", "max_tokens": 2.5}\n', "line 1: max_tokens must be an integer >= 1"),
+    ('{"prompt": "a", "ignore_eos": "no"}\n', "line 1: ignore_eos must be True or False"),
+    ('{"prompt": "a", "stop_token_ids": "abc"}\n', "line 1: stop_token_ids must be a list of token ids"),
+    ('{"prompt": "a", "logprobs": true}\n', "line 1: logprobs must be None or an integer >= 0"),
+    (b"hello\n\xff\xfe\n", "line 2: not UTF-8 text"),
+    ("\n  \n", "holds no prompts"),
+], ids=["bad-param", "bad-json", "text-in-jsonl", "not-object", "no-prompt", "unknown-key", "empty-prompt",
+        "bad-token-ids", "float-max-tokens", "string-bool", "string-stop-ids", "bool-logprobs", "not-utf8",
+        "blank"])
+def test_a_bad_prompts_file_line_is_named_before_any_work(content, problem, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    path = work / "prompts.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = one_error_line(run_cli("generate", "--prompts-file", str(path), tmp_path=tmp_path, cwd=work))
+    assert line.startswith("otvllm: error: ") and str(path) in line and problem in line, line
+    assert os.listdir(work) == ["prompts.jsonl"] and not (tmp_path / "cache").exists()
+
+
+def test_a_prompts_file_that_cannot_be_read_is_named(tmp_path):
+    line = one_error_line(run_cli("generate", "--prompts-file", str(tmp_path / "missing.txt"), tmp_path=tmp_path))
+    assert f"--prompts-file {tmp_path / 'missing.txt'}: No such file or directory" in line, line
+    line = one_error_line(run_cli("generate", "--prompts-file", str(tmp_path), tmp_path=tmp_path))
+    assert f"--prompts-file {tmp_path}: Is a directory" in line, line
+
+
+def test_a_prompt_over_the_models_limits_is_named_by_its_line(qwen3_dir, tmp_path):
+    """Checks that need the model (vocabulary, max_model_len) come after it loads, but still
+    before any generation, naming the file's line rather than a request number."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": [1, 2]}\n\n{"prompt": [3, 99999]}\n')
+    line = one_error_line(run_cli("generate", "--model", qwen3_dir, "--prompts-file", str(path), *SMALL_ENGINE,
+                                  tmp_path=tmp_path))
+    assert line == (f"otvllm: error: {path} line 3: prompt token id 99999 is outside the vocabulary [0, 320)"), line
+
+
+def test_text_output_shows_logprobs_and_stops_at_a_stop_token(qwen3_dir, tmp_path, capsys):
+    """The readable output: each generated token's log-probability and its likeliest
+    alternative; --stop-token-ids ends the output at that token (included, as an EOS is)."""
+    from tests.reference import hf_greedy, hf_logprobs
+
+    prompt = [7, 8, 9, 10]
+    free = hf_greedy(qwen3_dir, prompt, 6)
+    stop_at = free[3]
+    expected = free[:free.index(stop_at) + 1]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": prompt}) + "\n")
+    assert main(["generate", "--model", qwen3_dir, "--prompts-file", str(path), "--logprobs", "1",
+                 "--stop-token-ids", f"{stop_at},{10 ** 6}", "--max-tokens", "6", *SMALL_ENGINE]) == 0
+    out = capsys.readouterr().out
+    assert f"--- prompt 0: 4 token ids -> {len(expected)} tokens [stop]" in out, out
+    text = r"(?:'.*'|\".*\")"   # a token's text, as repr() quotes it
+    rows = re.findall(rf"^  token (\d+): (\d+) {text} (-?\d+\.\d{{4}}) \| top: (\d+) {text} (-?\d+\.\d{{4}})$", out,
+                      re.M)
+    ref = hf_logprobs(qwen3_dir, prompt + expected)
+    assert [int(r[1]) for r in rows] == expected and [int(r[0]) for r in rows] == list(range(len(expected)))
+    for position, token, logprob, top, top_logprob in rows:
+        row = ref[len(prompt) - 1 + int(position)]
+        assert abs(float(logprob) - row[int(token)].item()) < 1e-4
+        assert int(top) == row.argmax().item() and abs(float(top_logprob) - row.max().item()) < 1e-4

@@ -37,7 +37,7 @@ class InFlight:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config   # as the user gave it, never changed: what start-up decides is self.resolved
-        level, device = TraceLevel.parse(config.trace_level), resolve_device(config)
+        level, device = config.requested_trace_level(), resolve_device(config)
         self.step_index = 0
         self.in_flight: InFlight | None = None
         self.tracer = make_tracer(level, torch.device(device), config.model)

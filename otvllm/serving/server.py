@@ -33,17 +33,15 @@ def _trace_http(app) -> None:
 
 def _metrics(args, llm, name: str):
     """Metrics for /metrics, and over OTLP where traces go (unless OTEL_SDK_DISABLED)."""
+    from otvllm.environment import read
     from otvllm.serving.metrics import ServerMetrics
-    from otvllm.tracing.export.setup import export_settings
-    from otvllm.tracing.env import env_number
+    from otvllm.tracing.export.setup import export_settings, otlp_endpoint
 
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() in ("true", "1"):
+    if read("OTEL_SDK_DISABLED"):
         return None
-    endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    endpoint = args.otlp_endpoint or otlp_endpoint()
     settings = export_settings(endpoint=endpoint) if endpoint else None
-    interval_ms = env_number("OTEL_METRIC_EXPORT_INTERVAL", 60_000)
-    service = (settings or {}).get("service_name") or os.environ.get("OTEL_SERVICE_NAME") or "otvllm"
-    return ServerMetrics(llm.engine, name, service, settings, interval_ms)
+    return ServerMetrics(llm.engine, name, read("OTEL_SERVICE_NAME"), settings, read("OTEL_METRIC_EXPORT_INTERVAL"))
 
 
 def serve(args, llm) -> int:

@@ -1,6 +1,5 @@
 """Trace detail levels, ordered: each level records everything the one below it does."""
 
-import os
 from enum import IntEnum
 
 
@@ -14,16 +13,13 @@ class TraceLevel(IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, value: "str | TraceLevel | None") -> "TraceLevel":
-        """`value`, or OTVLLM_TRACE_LEVEL when None, or `step`; ValueError for anything else."""
+    def parse(cls, value: "str | TraceLevel") -> "TraceLevel":
+        """A level from its name; ValueError for anything else."""
         if isinstance(value, TraceLevel):
             return value
-        if value is None:
-            value = os.environ.get("OTVLLM_TRACE_LEVEL", "").strip() or "step"
         name = value.strip().lower() if isinstance(value, str) else None
         if name not in NAMES:
-            raise ValueError(f"invalid trace level {value!r} (from trace_level= or OTVLLM_TRACE_LEVEL): "
-                             f"choose one of {', '.join(NAMES)}")
+            raise ValueError(f"invalid trace level {value!r}: choose one of {', '.join(NAMES)}")
         return cls[name.upper()]
 
 

@@ -4,33 +4,18 @@ Applications that own a TracerProvider do not call this: otvllm's spans go to th
 provider. Honours the standard variables: OTEL_SDK_DISABLED, OTEL_SERVICE_NAME,
 OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
 OTEL_EXPORTER_OTLP_PROTOCOL (grpc, http/protobuf), OTEL_EXPORTER_OTLP_TIMEOUT (headers
-and certificates are read by the OTLP exporters themselves). Every setting is checked
-before the export process starts.
+and certificates are read by the OTLP exporters themselves). Every OTEL_* variable
+(otvllm/environment.py) is checked before the export process starts.
 """
 
-import math
-import os
 import sys
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from otvllm.environment import check as check_environment
+from otvllm.environment import read, read_first, redact
 from otvllm.tracing.export.process_sink import ProcessSink
 from otvllm.tracing.export.trace_file import check_trace_path, file_mode
-from otvllm.tracing.env import env_number
 from otvllm.tracing.recording.sinks import set_sink
-
-DEFAULT_EXPORT_TIMEOUT_S = 5.0
-FILE_MAX_SPANS = 250_000
-
-
-def redact(endpoint: str) -> str:
-    """The endpoint without credentials in its URL."""
-    parts = urlsplit(endpoint)
-    if parts.username is None and parts.password is None:
-        return endpoint
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
 
 
 class ExportReport:
@@ -60,7 +45,8 @@ class ExportReport:
             else:
                 text = f"trace written to {file['path']} ({file['spans']} spans"
                 if file["dropped"]:
-                    text += f"; {file['dropped']} more over the file's cap of {FILE_MAX_SPANS} were left out"
+                    text += (f"; {file['dropped']} more over the file's cap of {file['spans']} (OTVLLM_TRACE_FILE_"
+                             f"MAX_SPANS) were left out")
                 lines.append((False, text + "; open it in Jaeger UI: Search > Upload, or run: "
                                             f"otvllm trace summary {file['path']})"))
         if sink.endpoint_label:
@@ -116,40 +102,24 @@ class TracingSession:
         return self.report
 
 
-def _env(*names: str) -> tuple[str | None, str | None]:
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return name, value
-    return None, None
-
-
-def _timeout_s() -> float:
-    name, value = _env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
-    if value is None:
-        return DEFAULT_EXPORT_TIMEOUT_S
-    try:
-        ms = float(value)
-    except ValueError:
-        ms = math.nan
-    if not math.isfinite(ms) or ms <= 0 or ms > 3_600_000:
-        raise ValueError(f"{name}={value!r}: expected a timeout in milliseconds, greater than 0 and at most "
-                         f"3600000")
-    return ms / 1000
+def otlp_endpoint() -> str | None:
+    """The OTLP endpoint from the environment (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT first)."""
+    return read_first("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def export_settings(service_name: str | None = None, endpoint: str | None = None, protocol: str | None = None,
                     trace_file: str | None = None, timeout_s: float | None = None) -> dict | None:
     """The checked settings of an export process, or None when there is nothing to export to.
     Raises ValueError naming the setting or variable that is wrong."""
-    if _env("OTEL_SDK_DISABLED")[1] in ("true", "True", "TRUE", "1"):
+    check_environment("OTEL_")
+    if read("OTEL_SDK_DISABLED"):
         return None
-    endpoint = endpoint or _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")[1]
-    protocol = protocol or _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")[1] or "grpc"
+    endpoint = endpoint or otlp_endpoint()
+    protocol = protocol or read_first("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
     if protocol not in ("grpc", "http/protobuf", "http"):
         raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
     if timeout_s is None:
-        timeout_s = _timeout_s()
+        timeout_s = read_first("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT") / 1000
     if not endpoint and trace_file is None:
         return None
     if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
@@ -157,11 +127,11 @@ def export_settings(service_name: str | None = None, endpoint: str | None = None
     from otvllm.tracing.recording.attributes import trace_content_enabled
     from otvllm import __version__
     return {
-        "service_name": service_name or _env("OTEL_SERVICE_NAME")[1] or "otvllm",
+        "service_name": service_name or read("OTEL_SERVICE_NAME"),
         "endpoint": endpoint, "endpoint_label": redact(endpoint) if endpoint else None,
         "protocol": "grpc" if protocol == "grpc" else "http", "timeout_s": timeout_s,
         "trace_file": check_trace_path(trace_file) if trace_file is not None else None,
-        "file_max_spans": env_number("OTVLLM_TRACE_FILE_MAX_SPANS", FILE_MAX_SPANS),
+        "file_max_spans": read("OTVLLM_TRACE_FILE_MAX_SPANS"),
         "file_mode": file_mode(private=trace_content_enabled()),
         "version": __version__,
     }

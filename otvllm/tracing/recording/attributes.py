@@ -1,15 +1,15 @@
 """Span attributes from the engine's objects."""
 
 import dataclasses
-import os
 
 import torch
 
+from otvllm.environment import read as read_environment
 from otvllm.tracing import schema as S
 
 
 def trace_content_enabled() -> bool:
-    return os.environ.get("OTVLLM_TRACE_CONTENT", "").strip().lower() in ("1", "true", "yes")
+    return read_environment("OTVLLM_TRACE_CONTENT")
 
 
 def shape(t: torch.Tensor | None) -> list[int]:

@@ -12,12 +12,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from otvllm.environment import read as read_environment
 from otvllm.tracing import schema as S
-from otvllm.tracing.env import env_number
 
-FIRST_STEPS = 16
-LAST_STEPS = 8
-SLOW_FACTOR = 3.0
 SLOWEST_KEPT = 8            # the slowest steps so far, per phase
 MEDIAN_WINDOW = 64          # steps of a phase in the running median
 STRETCH_MAX_NS = 2_000_000_000   # an aggregate span is closed after this long, to stay live
@@ -90,9 +87,9 @@ class RetentionPolicy:
     def __init__(self, every_step: bool, first_index: int = 0):
         self.every_step = every_step
         self.first_index = first_index   # the index of the call's (or window's) first step
-        self.first = env_number("OTVLLM_TRACE_FIRST_STEPS", FIRST_STEPS, minimum=0)
-        self.last = env_number("OTVLLM_TRACE_LAST_STEPS", LAST_STEPS, minimum=0)
-        self.slow_factor = env_number("OTVLLM_TRACE_SLOW_FACTOR", SLOW_FACTOR, kind=float, minimum=1)
+        self.first = read_environment("OTVLLM_TRACE_FIRST_STEPS")
+        self.last = read_environment("OTVLLM_TRACE_LAST_STEPS")
+        self.slow_factor = read_environment("OTVLLM_TRACE_SLOW_FACTOR")
         self._history: dict[str, _PhaseHistory] = {}
 
     def describe(self) -> str:

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 from opentelemetry import context as otel_context
 
+from otvllm.environment import read as read_environment
 from otvllm.tracing import schema as S
-from otvllm.tracing.env import env_number
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
@@ -280,7 +280,7 @@ class EngineTracer:
         self.level = level
         self.device = device
         self.model_name = model_name
-        self.max_spans = env_number("OTVLLM_TRACE_MAX_SPANS", 2000, minimum=100)
+        self.max_spans = read_environment("OTVLLM_TRACE_MAX_SPANS")
         self.gpu_timer = GpuTimer() if device.type == "cuda" and level >= TraceLevel.STEP else None
         self.sink = current_sink()
         self.tokenizer = None
