@@ -13,6 +13,6 @@ def env_number(name: str, default, kind=int, minimum=1):
     except ValueError:
         number = None
     if number is None or not math.isfinite(number) or number < minimum:
-        raise ValueError(f"{name} must be a {'number' if kind is float else 'an integer'} >= {minimum}, "
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} >= {minimum}, "
                          f"got {value!r}")
     return number
