@@ -216,10 +216,13 @@ def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
     from otvllm.tracing.export.setup import export_settings, start
     from otvllm.tracing.export.trace_file import default_trace_path
     from otvllm.tracing.level import TraceLevel
+    from otvllm.tracing.recording.profiler import settings_from_env as profile_settings_from_env
     from otvllm.tracing.recording.tracer import run_span
 
     level = TraceLevel.parse(args.trace_level)
     args.trace_level = str(level)
+    if level >= TraceLevel.STEP:
+        profile_settings_from_env()   # a bad OTVLLM_TRACE_PROFILE_* is refused before any work starts
     settings, parent = None, None
     if level is not TraceLevel.OFF:
         endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None

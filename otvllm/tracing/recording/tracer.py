@@ -30,6 +30,8 @@ from otvllm.tracing.env import env_number
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
+from otvllm.tracing.recording.nvml import GpuTelemetry
+from otvllm.tracing.recording.profiler import StepProfiler
 from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
                                                remote_parent_of)
 from otvllm.tracing.recording.retention import RetentionPolicy, StepStats, StepStretch, StepSummary
@@ -203,7 +205,7 @@ class _StepTrace:
     """One step: its span, its phases' spans, and its few numbers."""
 
     __slots__ = ("tracer", "call", "record", "children", "batch", "gpu", "used_graph", "postprocessed_any",
-                 "summary", "forward")
+                 "summary", "forward", "profiled")
 
     def __init__(self, tracer: "EngineTracer", call: _Call):
         self.tracer, self.call = tracer, call
@@ -215,6 +217,7 @@ class _StepTrace:
         self.used_graph = True
         self.postprocessed_any = False
         self.summary: StepSummary | None = None
+        self.profiled = False
 
     def __enter__(self):
         self.record.start_ns = now_ns()
@@ -227,6 +230,8 @@ class _StepTrace:
         self.tracer._end_step(self, exc)
 
     def phase(self, name, fn, *args, attrs=None):
+        profiler = self.tracer.profiler if name == S.FORWARD else None
+        profile = profiler.begin(self.call.first_index + self.call.steps) if profiler is not None else None
         record = SpanRecord(name, self.record, now_ns())
         self.children.append(record)   # before the spans the phase itself records (debug layers)
         timer = None
@@ -236,13 +241,16 @@ class _StepTrace:
             if timer is not None:
                 start = timer.start()
         with record:
-            result = fn(*args)
+            result = fn(*args) if profile is None else profile.run(fn, *args)
         if timer is not None:
             self.gpu = timer.stop(start)
         if name == S.FORWARD:
             self.used_graph = result[1]
         if attrs is not None:
             record.attrs = attrs(result, *args)
+        if profile is not None:   # its kernels, after their parent
+            self.children += profile.finish(record)
+            self.profiled = True
         return result
 
     def begin(self, batch) -> None:
@@ -275,6 +283,8 @@ class EngineTracer:
         self.model_name = model_name
         self.max_spans = env_number("OTVLLM_TRACE_MAX_SPANS", 2000, minimum=100)
         self.gpu_timer = GpuTimer() if device.type == "cuda" and level >= TraceLevel.STEP else None
+        self.profiler = StepProfiler.from_env(device) if level >= TraceLevel.STEP else None
+        self.gpu_telemetry = GpuTelemetry.open(device) if device.type == "cuda" and level >= TraceLevel.STEP else None
         self.sink = current_sink()
         self.tokenizer = None
         self._uses_graphs = False
@@ -541,7 +551,7 @@ class EngineTracer:
         call.stats.add(summary)
         if self.level is TraceLevel.REQUEST:
             return
-        reason = call.policy.reason(summary)
+        reason = "profile" if step.profiled else call.policy.reason(summary)   # a profiled step is perturbed
         if reason is None or not self._detail(call, step, reason):
             self._hold(call, step)
         self._send_timed(call, wait=False)
@@ -603,6 +613,8 @@ class EngineTracer:
                 step.forward.attrs.update(memory_snapshot(self.device))
             except RuntimeError:   # a device that failed may not answer
                 pass
+        if self.gpu_telemetry is not None:
+            step.record.attrs.update(self.gpu_telemetry.read())
         if step.gpu is not None and not summary.failed:
             call.awaiting_gpu.append(step)
         else:
