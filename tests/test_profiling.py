@@ -201,3 +201,34 @@ def test_summary_prints_the_top_operators_and_gpu_telemetry(tmp_path):
     assert "2 detailed steps" in gpu and "utilisation 60% mean, 80% max" in gpu
     assert "SM clock 1740 MHz mean, 1980 MHz max" in gpu and "power 350 W mean, 400 W max" in gpu
     assert "temperature 63 C mean, 65 C max" in gpu
+
+
+def test_a_profiled_step_that_fails_is_detailed_as_an_error(qwen3_dir, monkeypatch):
+    from opentelemetry.trace import StatusCode
+
+    monkeypatch.setenv("OTVLLM_TRACE_PROFILE_STEPS", "1")
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    set_sink(_ProviderSink(provider))
+    try:
+        llm = LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+        real_sample, calls = llm.engine.runner.sample, []
+
+        def sample(*args):
+            calls.append(1)
+            if len(calls) == 2:   # step 1, after its profiled forward
+                raise RuntimeError("sampler exploded")
+            return real_sample(*args)
+
+        monkeypatch.setattr(llm.engine.runner, "sample", sample)
+        with pytest.raises(RuntimeError, match="sampler exploded"):
+            llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    finally:
+        set_sink(None)
+    spans = memory.get_finished_spans()
+    step = [s for s in spans if s.name == S.STEP and s.attributes[S.STEP_INDEX] == 1][0]
+    assert step.attributes[S.STEP_DETAIL_REASON] == "error" and step.status.status_code == StatusCode.ERROR
+    forward = [s for s in spans if s.name == S.FORWARD and s.parent.span_id == step.context.span_id][0]
+    assert forward.attributes[S.PROFILE_KERNELS] > 0   # its forward's profile is kept
+    assert any(s.parent is not None and s.parent.span_id == forward.context.span_id for s in spans)

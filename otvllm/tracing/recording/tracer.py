@@ -551,7 +551,8 @@ class EngineTracer:
         call.stats.add(summary)
         if self.level is TraceLevel.REQUEST:
             return
-        reason = "profile" if step.profiled else call.policy.reason(summary)   # a profiled step is perturbed
+        # A profiled step is perturbed: it says so, and stays out of the slow-step history.
+        reason = "profile" if step.profiled and not failed else call.policy.reason(summary)
         if reason is None or not self._detail(call, step, reason):
             self._hold(call, step)
         self._send_timed(call, wait=False)
