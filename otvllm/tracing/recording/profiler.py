@@ -80,9 +80,10 @@ class StepProfiler:
         self.max_spans = max_spans
         self.cuda = device.type == "cuda"
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        # Kineto prints two lines per profile at its default log level; its first start takes
-        # a second or more, paid here rather than in the first profiled step.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # else Kineto prints two lines per profile
+
+    def warm_up(self) -> None:
+        """Kineto's first start takes a second or more: paid at start-up, not in a profiled step."""
         warm = profile(activities=self.activities)
         warm.start()
         warm.stop()

@@ -297,7 +297,10 @@ class EngineTracer:
 
     def init(self, config) -> _InitTrace:
         self.sink = current_sink()
-        return _InitTrace(self.sink, config, self.device)
+        trace = _InitTrace(self.sink, config, self.device)
+        if self.profiler is not None:   # within engine.init's time
+            self.profiler.warm_up()
+        return trace
 
     def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
         """What later spans read: the scheduler's and block manager's counters (for each call's
