@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otvllm import LLM, SamplingParams
+from otvllm import LLM
 from otvllm.layers.basic import MergedLinear
 from otvllm.tracing import schema as S
 from otvllm.tracing.recording.builder import SpanBuilder

@@ -187,7 +187,7 @@ def plot_file(path: str, out: str, call_index: int = 0) -> str:
     """Plot call `call_index` of trace file `path` into `out`; returns a line saying what was drawn."""
     out = check_output(out, path)
     try:
-        import plotly  # noqa: F401
+        import plotly  # noqa: F401  (checked before the work)
     except ImportError:
         raise ValueError("otvllm trace plot needs plotly: pip install 'otvllm[plot]'") from None
     calls = read_calls(path)
