@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("files", nargs="*", metavar="FILE", help="Jaeger JSON trace files")
     summary.add_argument("--latest", action="store_true",
                          help="the newest otvllm-trace-*.json in the current directory (with no FILE)")
+    plot = trace_commands.add_parser("plot", help="draw a run's steps (time by phase, batch, KV blocks, memory)",
+                                     formatter_class=defaults)
+    plot.add_argument("file", metavar="FILE", help="a Jaeger JSON trace file")
+    plot.add_argument("-o", "--output", default=None,
+                      help="the plot: .html (interactive, self-contained) or .json (plotly figure) "
+                           "(default: FILE with .html)")
+    plot.add_argument("--call", type=int, default=0, help="which call of the file, in the order they started")
     return parser
 
 
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "trace":
-            return _trace_summary(args)
+            return _trace_plot(args) if args.trace_command == "plot" else _trace_summary(args)
         if args.command == "serve":
             return _serve(args)
         return _generate(args)
@@ -189,6 +196,14 @@ def _trace_summary(args) -> int:
         if not os.path.isfile(path):
             raise ValueError(f"trace file {path!r} does not exist")
     print("\n\n".join(summarize_file(path) for path in files))
+    return 0
+
+
+def _trace_plot(args) -> int:
+    from otvllm.tracing.tools.plot import plot_file
+    if not os.path.isfile(args.file):
+        raise ValueError(f"trace file {args.file!r} does not exist")
+    print(plot_file(args.file, args.output or os.path.splitext(args.file)[0] + ".html", args.call))
     return 0
 
 

@@ -121,6 +121,22 @@ def choice(*names: str):
     return parse
 
 
+def step_indexes(text: str) -> frozenset[int]:
+    """'3,40' or '10-12,40' -> step indexes."""
+    steps = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            lo = hi = -1
+        if lo < 0 or hi < lo:
+            raise ValueError("expected step indexes >= 0 or ranges of them separated by commas (e.g. 3,40 or 10-12)")
+        steps.update(range(lo, hi + 1))
+    return frozenset(steps)
+
+
 def any_text(value: str) -> str:
     return value
 
@@ -200,6 +216,10 @@ VARIABLES: dict[str, Variable] = {var.name: var for var in [
     Variable("OTVLLM_TRACE_LAST_STEPS", integer(0), 8, "the last steps of a call that are always detailed"),
     Variable("OTVLLM_TRACE_SLOW_FACTOR", number(1), 3.0,
              "a step slower than this times the running median of its phase is detailed"),
+    Variable("OTVLLM_TRACE_PROFILE_STEPS", step_indexes, frozenset(),
+             "steps whose forward runs under torch.profiler, its kernels (or CPU operators) as spans"),
+    Variable("OTVLLM_TRACE_PROFILE_KERNELS", integer(1), 32,
+             "kernel spans kept per profiled step (the longest; the rest in one kernels.other span)"),
     Variable("OTVLLM_TRACE_FILE_MAX_SPANS", integer(1), 250_000, "spans one trace file holds at most"),
     Variable("OTVLLM_CACHE_DIR", directory, lambda: os.path.join(os.path.expanduser("~"), ".cache", "otvllm"),
              "where the synthetic model is written"),

@@ -21,6 +21,8 @@ STEPS = "engine.steps"                 # aggregate: a run of steps that are not 
 CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
 ENGINE_LOOP = "engine.loop"            # serving: a window of the engine loop, its steps as children
 ATTENTION = "attention.layer"          # debug level: one per layer and forward
+KERNELS_OTHER = "kernels.other"        # a profiled forward's kernels that have no span of their own
+# (a profiled forward's other kernel spans are named after their kernel or operator, e.g. `aten::linear`)
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
 
@@ -61,7 +63,7 @@ STEPS_PHASE_COUNTS = "otvllm.steps.phases"
 PHASE = "otvllm.phase"                           # prefill | decode
 STEP_INDEX = "otvllm.step.index"
 STEP_DETAIL_REASON = "otvllm.step.detail_reason"  # first|prefill|preemption|error|eager_fallback|slow|
-                                                  # slowest_so_far|last|debug
+                                                  # slowest_so_far|last|debug|profile
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
@@ -92,6 +94,30 @@ CUDA_GRAPH = "otvllm.forward.cuda_graph"
 GPU_TIME_MS = "otvllm.forward.gpu_time_ms"
 ATTENTION_BACKEND = "otvllm.attention.backend"
 LAYER_INDEX = "otvllm.layer.index"
+
+# profiled steps (OTVLLM_TRACE_PROFILE_STEPS): on model.forward, the profile in figures
+PROFILE_DEVICE = "otvllm.profile.device"          # cuda: CUDA kernels; cpu: top-level aten operators
+PROFILE_KERNELS = "otvllm.profile.kernels"        # kernels (or operators) in the forward
+PROFILE_TIME_MS = "otvllm.profile.time_ms"        # their time, summed
+PROFILE_TOP_NAMES = "otvllm.profile.top_names"    # the kernel names with the most time, most first
+PROFILE_TOP_TIME_MS = "otvllm.profile.top_time_ms"
+PROFILE_TOP_CALLS = "otvllm.profile.top_calls"
+# on each kernel span (children of model.forward) and on kernels.other
+KERNEL_NAME = "otvllm.kernel.name"                # in full (the span's name is shortened)
+KERNEL_DEVICE = "otvllm.kernel.device"
+KERNEL_GRID = "otvllm.kernel.grid"                # CUDA: the launch's grid and block
+KERNEL_BLOCK = "otvllm.kernel.block"
+KERNEL_INPUT_SHAPES = "otvllm.kernel.input_shapes"   # CPU: the operator's input shapes (JSON)
+KERNEL_COUNT = "otvllm.kernel.count"              # kernels.other: how many
+KERNEL_TIME_MS = "otvllm.kernel.time_ms"          # kernels.other: their time, summed
+
+# engine.step on CUDA: GPU telemetry through NVML, read once per detailed step
+GPU_UTILIZATION = "otvllm.gpu.utilization_percent"          # of the last sample period (1/6 s to 1 s)
+GPU_MEMORY_UTILIZATION = "otvllm.gpu.memory_utilization_percent"
+GPU_SM_CLOCK = "otvllm.gpu.sm_clock_mhz"
+GPU_MEMORY_CLOCK = "otvllm.gpu.memory_clock_mhz"
+GPU_POWER = "otvllm.gpu.power_w"
+GPU_TEMPERATURE = "otvllm.gpu.temperature_c"
 
 # CUDA memory (one stats read per traced step)
 MEM_ALLOCATED = "otvllm.cuda.memory.allocated_bytes"

@@ -31,6 +31,8 @@ from otvllm.tracing import schema as S
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
+from otvllm.tracing.recording.nvml import GpuTelemetry
+from otvllm.tracing.recording.profiler import StepProfiler
 from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
                                                remote_parent_of)
 from otvllm.tracing.recording.retention import RetentionPolicy, StepStats, StepStretch, StepSummary
@@ -210,7 +212,7 @@ class _StepTrace:
     """One step: its span, its phases' spans, and its few numbers."""
 
     __slots__ = ("tracer", "call", "record", "children", "batch", "gpu", "used_graph", "postprocessed_any",
-                 "summary", "forward")
+                 "summary", "forward", "profiled")
 
     def __init__(self, tracer: "EngineTracer", call: _Call):
         self.tracer, self.call = tracer, call
@@ -222,6 +224,7 @@ class _StepTrace:
         self.used_graph = True
         self.postprocessed_any = False
         self.summary: StepSummary | None = None
+        self.profiled = False
 
     def __enter__(self):
         self.record.start_ns = now_ns()
@@ -234,6 +237,8 @@ class _StepTrace:
         self.tracer._end_step(self, exc)
 
     def phase(self, name, fn, *args, attrs=None):
+        profiler = self.tracer.profiler if name == S.FORWARD else None
+        profile = profiler.begin(self.call.first_index + self.call.steps) if profiler is not None else None
         record = SpanRecord(name, self.record, now_ns())
         self.children.append(record)   # before the spans the phase itself records (debug layers)
         timer = None
@@ -243,13 +248,16 @@ class _StepTrace:
             if timer is not None:
                 start = timer.start()
         with record:
-            result = fn(*args)
+            result = fn(*args) if profile is None else profile.run(fn, *args)
         if timer is not None:
             self.gpu = timer.stop(start)
         if name == S.FORWARD:
             self.used_graph = result[1]
         if attrs is not None:
             record.attrs = attrs(result, *args)
+        if profile is not None:   # its kernels, after their parent
+            self.children += profile.finish(record)
+            self.profiled = True
         return result
 
     def begin(self, batch) -> None:
@@ -282,6 +290,8 @@ class EngineTracer:
         self.model_name = model_name
         self.max_spans = read_environment("OTVLLM_TRACE_MAX_SPANS")
         self.gpu_timer = GpuTimer() if device.type == "cuda" and level >= TraceLevel.STEP else None
+        self.profiler = StepProfiler.from_env(device) if level >= TraceLevel.STEP else None
+        self.gpu_telemetry = GpuTelemetry.open(device) if device.type == "cuda" and level >= TraceLevel.STEP else None
         self.sink = current_sink()
         self.tokenizer = None
         self._uses_graphs = False
@@ -294,7 +304,10 @@ class EngineTracer:
 
     def init(self, config) -> _InitTrace:
         self.sink = current_sink()
-        return _InitTrace(self.sink, config, self.device)
+        trace = _InitTrace(self.sink, config, self.device)
+        if self.profiler is not None:   # within engine.init's time
+            self.profiler.warm_up()
+        return trace
 
     def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
         """What later spans read: the scheduler's and block manager's counters (for each call's
@@ -548,7 +561,8 @@ class EngineTracer:
         call.stats.add(summary)
         if self.level is TraceLevel.REQUEST:
             return
-        reason = call.policy.reason(summary)
+        # A profiled step is perturbed: it says so, and stays out of the slow-step history.
+        reason = "profile" if step.profiled and not failed else call.policy.reason(summary)
         if reason is None or not self._detail(call, step, reason):
             self._hold(call, step)
         self._send_timed(call, wait=False)
@@ -610,6 +624,8 @@ class EngineTracer:
                 step.forward.attrs.update(memory_snapshot(self.device))
             except RuntimeError:   # a device that failed may not answer
                 pass
+        if self.gpu_telemetry is not None:
+            step.record.attrs.update(self.gpu_telemetry.read())
         if step.gpu is not None and not summary.failed:
             call.awaiting_gpu.append(step)
         else:

@@ -9,6 +9,7 @@ import json
 from collections import defaultdict
 
 from otvllm.tracing import schema as S
+from otvllm.tracing.tools.device_summary import device_lines
 from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
 
 
@@ -168,6 +169,7 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
             if gpu_ms:
                 lines.append(f"    (model.forward GPU time from CUDA events: {_ms(gpu_ms)})")
     lines.extend(_step_time_lines(attrs, steps, spans))
+    lines.extend(device_lines(steps))   # top kernels of profiled steps, GPU telemetry
 
     lines.append(f"  prefix cache hit rate: {_hit_rate(attrs, spans)}")
     lines.append(f"  CUDA memory: {_memory(attrs, spans)}")
