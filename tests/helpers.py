@@ -5,7 +5,9 @@ each other."""
 import random
 from contextlib import contextmanager
 
-from otvllm import LLM
+from otvllm import LLM, SamplingParams
+from otvllm.tracing import configure
+from tests.otlp_receiver import OtlpReceiver
 
 # Each architecture with the variations the loader must handle: GQA, a head_dim that is
 # not hidden_size / heads, untied output embeddings, q/k/v biases (Qwen2).
@@ -89,3 +91,27 @@ def recorded_spans():
         yield memory
     finally:
         set_sink(None)
+
+
+# ---- a traced run through a real OTLP receiver ----------------------------------------------------
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [[7] * 20, [9] * 35, [11] * 3]
+
+
+def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs):
+    """Generate with tracing exported to a fresh receiver; returns (spans, outputs, llm)."""
+    with OtlpReceiver() as receiver:
+        session = configure(endpoint=receiver.endpoint, service_name="otvllm-test")
+        try:
+            llm = make_llm(model_dir, trace_level=level, **kwargs)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            report = session.shutdown()
+        network = report.result["network"]
+        assert network["failed"] == 0 and network["finished"]
+        return receiver.spans(), outputs, llm
+
+
+def by_name(spans, name):
+    return [s for s in spans if s["name"] == name]

@@ -19,7 +19,7 @@ from otvllm.layers.basic import MergedLinear
 from otvllm.tracing import schema as S
 from otvllm.tracing.recording.builder import SpanBuilder
 from otvllm.tracing.recording.sinks import set_sink
-from tests.test_tracing_otlp import PARAMS, PROMPTS, by_name, traced_run
+from tests.helpers import PARAMS, PROMPTS, by_name, traced_run
 
 
 def linear_layers(llm) -> int:

@@ -12,35 +12,15 @@ import torch
 from otvllm import SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
-from tests.helpers import make_llm
+from tests.helpers import PARAMS, PROMPTS, by_name, make_llm, traced_run
 from tests.otlp_receiver import HangingReceiver, OtlpReceiver, closed_port
 
 BLOCK = 16
-PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-PROMPTS = [[7] * 20, [9] * 35, [11] * 3]
-
-
-def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs):
-    """Generate with tracing exported to a fresh receiver; returns (spans, outputs, llm)."""
-    with OtlpReceiver() as receiver:
-        session = configure(endpoint=receiver.endpoint, service_name="otvllm-test")
-        try:
-            llm = make_llm(model_dir, trace_level=level, **kwargs)
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            report = session.shutdown()
-        network = report.result["network"]
-        assert network["failed"] == 0 and network["finished"]
-        return receiver.spans(), outputs, llm
 
 
 @pytest.fixture(scope="module")
 def step_run(qwen3_dir):
     return traced_run(qwen3_dir)
-
-
-def by_name(spans, name):
-    return [s for s in spans if s["name"] == name]
 
 
 def test_every_schema_span_arrives_with_the_service_name(step_run):
