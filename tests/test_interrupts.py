@@ -65,6 +65,23 @@ class Cli:
                 pytest.fail(f"no {text!r} on stderr after {timeout} s:\n{self.stderr}")
             time.sleep(0.02)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the CLI process has used so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def work_for(self, seconds: float, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the CLI has worked `seconds` of CPU time from now: progress that a busy
+        machine slows down but cannot skip, as a wall-clock sleep would."""
+        target, deadline = self.cpu_seconds() + seconds, time.monotonic() + timeout
+        while self.cpu_seconds() < target:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the CLI exited ({self.proc.returncode}) while it was expected to work:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the CLI did not work {seconds} s of CPU in {timeout} s:\n{self.stderr}")
+            time.sleep(0.05)
+
     def note_export_process(self) -> None:
         """Remember the export process (a child of the CLI) to clean it up whatever happens."""
         for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
@@ -202,7 +219,7 @@ def test_signal_to_the_process_group_writes_the_trace_so_far(sig, code, error_ty
     trace = tmp_path / "run.json"
     run = cli(*LONG_RUN, "--trace-file", trace)
     run.wait_for("Generating")   # the progress bar appears as llm.generate starts
-    time.sleep(1.5)              # into the decode steps (the run would take minutes)
+    run.work_for(1.5)            # into the decode steps (the run would take minutes)
     assert run.proc.poll() is None, run.stderr
     os.killpg(run.proc.pid, sig)
     assert run.finish() == code, run.stderr
@@ -234,7 +251,7 @@ def test_sigkill_of_the_main_process_still_writes_the_trace(cli, env, tmp_path):
     trace = tmp_path / "run.json"
     run = cli(*LONG_RUN, "--trace-file", trace)
     run.wait_for("Generating")
-    time.sleep(1.5)
+    run.work_for(1.5)
     run.note_export_process()
     assert run.export_pids, "found no export process"
     os.kill(run.proc.pid, signal.SIGKILL)
@@ -276,7 +293,7 @@ def test_a_stopped_step_is_the_slowest_and_detailed_and_the_timeline_has_no_hole
     run = cli("--prompt", "hello", "--prompt", "world", "--ignore-eos", "--max-tokens", 600,
               "--max-model-len", 1024, "--block-size", 16, "--trace-file", trace)
     run.wait_for("Generating")
-    time.sleep(0.5)   # past the prefill and the first (always detailed) steps
+    run.work_for(0.5)   # past the prefill and the first (always detailed) steps
     assert run.proc.poll() is None, run.stderr
     stopped_us = time.time_ns() // 1000   # the trace's clock (wall time, microseconds)
     os.kill(run.proc.pid, signal.SIGSTOP)
