@@ -172,9 +172,9 @@ def test_a_hung_collector_does_not_hold_up_the_trace_file_or_the_exit(cache_dir,
 
 @pytest.fixture(scope="module")
 def one_layer_model(tmp_path_factory):
-    """A Qwen3 with one narrow layer: at debug level a step is 7 spans (step, 5 phases, one
-    attention layer) for ~2-3 ms of engine time on this CPU, where the 4-layer synthetic model
-    needs ~8-10 ms for 10 spans: 60,000 spans in ~25 s rather than ~55 s."""
+    """A Qwen3 with one narrow layer: at debug level a step is 13 spans (step, 5 phases, and the
+    forward's 7 parts: embedding, two norms, attention, MLP, final norm, output head) for a few ms
+    of engine time on this CPU, fewer steps than the 4-layer synthetic model needs for as many spans."""
     from otvllm.synthetic import write_model
     return write_model(str(tmp_path_factory.mktemp("models") / "one-layer"), num_hidden_layers=1, hidden_size=32,
                        intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
@@ -182,7 +182,7 @@ def one_layer_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_layer_model):
-    prompts, max_tokens = 5, 1750    # one sequence at a time: 5 x 1750 steps, 7 spans each
+    prompts, max_tokens = 5, 950    # one sequence at a time: 5 x 950 steps, 13 spans each
     trace = tmp_path / "debug.json"
     args = ["generate", "--model", one_layer_model, "--max-tokens", str(max_tokens), "--ignore-eos",
             "--max-num-seqs", "1", "--trace-level", "debug", "--no-progress", "--trace-file", str(trace)]
@@ -204,7 +204,8 @@ def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_laye
     assert tag(generate, S.TRACE_STEPS_DETAILED) == steps
     assert tag(generate, S.TRACE_STEPS_OVER_BUDGET) == 0 and tag(generate, S.TRACE_SPANS_DROPPED) == 0
     assert names.count(S.STEP) == steps and S.STEPS not in names
-    assert names.count(S.FORWARD) == names.count(S.ATTENTION) == prompts * max_tokens   # one layer
+    assert names.count(S.FORWARD) == names.count(S.ATTENTION) == names.count(S.MLP) == prompts * max_tokens
+    assert names.count(S.NORM) == 3 * prompts * max_tokens   # one layer: its two norms and the final one
     for phase in (S.PREPARE_INPUTS, S.SAMPLE, S.POSTPROCESS):
         assert names.count(phase) == prompts * max_tokens
     assert names.count(S.REQUEST) == prompts

@@ -60,7 +60,7 @@ class LLMEngine:
         self._observe()
 
     def _observe(self) -> None:
-        self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.attention_layers(),
+        self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.traced_parts(),
                             self.tokenizer, self.runner.uses_cuda_graphs)
 
     def set_trace_level(self, level: str) -> None:

@@ -20,7 +20,12 @@ POSTPROCESS = "scheduler.postprocess"
 STEPS = "engine.steps"                 # aggregate: a run of steps that are not detailed
 CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
 ENGINE_LOOP = "engine.loop"            # serving: a window of the engine loop, its steps as children
-ATTENTION = "attention.layer"          # debug level: one per layer and forward
+# debug level: one span per part of the forward, in the order it runs
+EMBEDDING = "model.embedding"
+NORM = "norm.layer"                    # the norms before attention and MLP, and the final one
+ATTENTION = "attention.layer"          # q/k/v projection, rotary, KV store, attention, output projection
+MLP = "mlp.layer"
+LM_HEAD = "model.lm_head"
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
 
@@ -92,6 +97,7 @@ CUDA_GRAPH = "otvllm.forward.cuda_graph"
 GPU_TIME_MS = "otvllm.forward.gpu_time_ms"
 ATTENTION_BACKEND = "otvllm.attention.backend"
 LAYER_INDEX = "otvllm.layer.index"
+NORM_POSITION = "otvllm.norm.position"           # input | post_attention | final
 
 # CUDA memory (one stats read per traced step)
 MEM_ALLOCATED = "otvllm.cuda.memory.allocated_bytes"

@@ -23,23 +23,28 @@ def config_attrs(config) -> dict:
 
 
 def model_attrs(runner) -> dict:
+    """The model's shape; its parameter bytes once it is loaded."""
     spec = runner.spec
-    return {
+    attrs = {
         S.MODEL_ARCHITECTURE: spec.architecture, S.MODEL_LAYERS: spec.num_layers,
         S.MODEL_HIDDEN_SIZE: spec.hidden_size, S.MODEL_HEADS: spec.num_heads,
         S.MODEL_KV_HEADS: spec.num_kv_heads, S.MODEL_HEAD_DIM: spec.head_dim,
         S.MODEL_VOCAB_SIZE: spec.vocab_size, S.MODEL_DTYPE: str(runner.dtype).removeprefix("torch."),
-        S.MODEL_PARAMETER_BYTES: runner.parameter_bytes, S.ATTENTION_BACKEND: runner.backend.name,
+        S.ATTENTION_BACKEND: runner.backend.name,
     }
+    if runner.model is not None:
+        attrs[S.MODEL_PARAMETER_BYTES] = runner.parameter_bytes
+    return attrs
 
 
 def kv_cache_attrs(runner) -> dict:
-    cache = runner.kv_cache
-    return {
-        S.BLOCKS_TOTAL: runner.num_kvcache_blocks, S.BLOCK_SIZE: runner.block_size,
-        S.KV_CACHE_SHAPE: shape(cache), S.KV_CACHE_BYTES: cache.numel() * cache.element_size(),
-        S.KV_CACHE_BLOCK_BYTES: runner.block_bytes,
-    }
+    """The cache as planned: also on the span of an allocation that failed."""
+    attrs = {S.BLOCK_SIZE: runner.block_size, S.KV_CACHE_BLOCK_BYTES: runner.block_bytes}
+    blocks = runner.num_kvcache_blocks
+    if blocks:
+        attrs.update({S.BLOCKS_TOTAL: blocks, S.KV_CACHE_SHAPE: list(runner.kv_cache_shape(blocks)),
+                      S.KV_CACHE_BYTES: blocks * runner.block_bytes})
+    return attrs
 
 
 def batch_attrs(batch) -> dict:
@@ -47,7 +52,8 @@ def batch_attrs(batch) -> dict:
 
 
 # ---- one function per step phase: attrs(result, *args of the phase), cheap (no loops over
-# the batch, no device queries): they run for every step at `step` level ----------------------
+# the batch, no device queries): they run for every step at `step` level. A phase that raised
+# gets attrs(None, *args): what can be said without its result ---------------------------------
 
 def schedule_attrs(batch) -> dict:
     attrs = batch_attrs(batch)
@@ -67,7 +73,6 @@ def prepare_attrs(inputs, batch) -> dict:
 
 
 def forward_attrs(result, inputs) -> dict:
-    logits, used_graph = result
     ctx = inputs.ctx
     attrs = {
         S.PHASE: "prefill" if ctx.is_prefill else "decode",
@@ -75,9 +80,11 @@ def forward_attrs(result, inputs) -> dict:
         S.SHAPE_PREFIX + "positions": shape(inputs.positions),
         S.SHAPE_PREFIX + "slot_mapping": shape(ctx.slot_mapping),
         S.SHAPE_PREFIX + "block_tables": shape(ctx.block_tables),
-        S.SHAPE_PREFIX + "logits": shape(logits),
-        S.CUDA_GRAPH: used_graph,
     }
+    if result is not None:
+        logits, used_graph = result
+        attrs[S.SHAPE_PREFIX + "logits"] = shape(logits)
+        attrs[S.CUDA_GRAPH] = used_graph
     if ctx.is_prefill:
         attrs[S.SHAPE_PREFIX + "cu_seqlens_q"] = shape(ctx.cu_seqlens_q)
         attrs[S.SHAPE_PREFIX + "cu_seqlens_k"] = shape(ctx.cu_seqlens_k)
@@ -98,6 +105,8 @@ def sample_attrs(result, logits, inputs) -> dict:
 
 
 def postprocess_attrs(finished, in_flight) -> dict:
+    if finished is None:
+        return batch_attrs(in_flight.batch)
     attrs = {S.TOKENS_APPENDED: len(in_flight.batch.seqs), S.FINISHED_SEQS: len(finished)}
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
@@ -121,13 +130,31 @@ def sequence_allocate_attrs(allocation) -> dict:
             S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
 
 
+def part_attrs(part: str, index: int | None, module, args, output) -> dict:
+    """A part of the forward at `debug` (see the model's `traced_parts`); `output` is None when it raised."""
+    if part == "attention":
+        return attention_attrs(module, args, output)
+    attrs = {S.SHAPE_PREFIX + "input": shape(args[0])}
+    if index is not None:
+        attrs[S.LAYER_INDEX] = index
+    if part.endswith("_norm"):
+        attrs[S.NORM_POSITION] = part.removesuffix("_norm")
+        output = output[0] if isinstance(output, tuple) else output   # (normed, residual)
+    attrs[S.SHAPE_PREFIX + "output"] = shape(output)
+    return attrs
+
+
 def attention_attrs(module, args, output) -> dict:
-    q, k, v, ctx = args[0], args[1], args[2], args[3]
+    """A layer's attention block, from the q/k/v projection to the output projection."""
+    x, ctx = args[1], args[2]
+    n, attn = x.shape[0], module.attn
     return {
-        S.LAYER_INDEX: module.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
-        S.SHAPE_PREFIX + "q": shape(q), S.SHAPE_PREFIX + "k": shape(k), S.SHAPE_PREFIX + "v": shape(v),
-        S.SHAPE_PREFIX + "k_cache": shape(module.k_cache), S.SHAPE_PREFIX + "v_cache": shape(module.v_cache),
-        S.SHAPE_PREFIX + "output": shape(output), S.ATTENTION_BACKEND: module.backend.name,
+        S.LAYER_INDEX: attn.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.SHAPE_PREFIX + "q": [n, module.num_heads, module.head_dim],
+        S.SHAPE_PREFIX + "k": [n, module.num_kv_heads, module.head_dim],
+        S.SHAPE_PREFIX + "v": [n, module.num_kv_heads, module.head_dim],
+        S.SHAPE_PREFIX + "k_cache": shape(attn.k_cache), S.SHAPE_PREFIX + "v_cache": shape(attn.v_cache),
+        S.SHAPE_PREFIX + "output": shape(output), S.ATTENTION_BACKEND: attn.backend.name,
     }
 
 

@@ -19,6 +19,7 @@ steps keep their spans is decided after each step ends (retention.py).
 """
 
 import os
+import sys
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 
@@ -30,6 +31,7 @@ from otvllm.tracing.env import env_number
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
+from otvllm.tracing.recording.failures import OOM_ADVICE, describe_failure
 from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
                                                remote_parent_of)
 from otvllm.tracing.recording.retention import RetentionPolicy, StepStats, StepStretch, StepSummary
@@ -38,9 +40,6 @@ from otvllm.tracing.recording.sinks import current_sink
 LOOP_WINDOW_NS = 10_000_000_000   # the engine loop starts a new trace this often (while it has work)
 MAX_LINKS = 128                   # links of a step to its requests, and of a request to its steps
 RECENT_REQUESTS = 8192            # requests a step detailed late can still link to
-
-OOM_ADVICE = ("CUDA ran out of memory: lower gpu_memory_utilization (leaves more for activations), "
-              "max_num_seqs or max_num_batched_tokens (smaller batches), or max_model_len")
 
 _PARENT_RECORD = otel_context.create_key("otvllm-parent-record")
 
@@ -141,20 +140,25 @@ class _InitTrace:
         self.sink.drain()
 
     def phase(self, name, fn, *args, attrs=None):
+        """`attrs(result, *args)`; on failure `attrs(None, *args)`: what was planned."""
         record = SpanRecord(name, self.record, now_ns())
         try:
             with record:
-                try:
-                    result = fn(*args)
-                except torch.cuda.OutOfMemoryError as e:
-                    record.attrs[S.ERROR_ADVICE] = OOM_ADVICE
-                    raise torch.cuda.OutOfMemoryError(f"{OOM_ADVICE}. During {name}: {e}") from e
-            if attrs is not None:
-                record.attrs.update(attrs(result, *args))
-            return result
-        finally:
-            record.attrs.update(memory_snapshot(self.device))
+                result = fn(*args)
+        except Exception as e:
+            describe_failure(record, e, attrs, args, self.device)
             self.sink.send(SPANS, [record])
+            if isinstance(e, torch.cuda.OutOfMemoryError):   # the caller's message says what to change
+                raise torch.cuda.OutOfMemoryError(f"{OOM_ADVICE}. During {name}: {e}") from e
+            raise
+        except BaseException:
+            self.sink.send(SPANS, [record])
+            raise
+        if attrs is not None:
+            record.attrs.update(attrs(result, *args))
+        record.attrs.update(memory_snapshot(self.device))
+        self.sink.send(SPANS, [record])
+        return result
 
 
 # ---- one generate call ------------------------------------------------------------------------
@@ -235,8 +239,12 @@ class _StepTrace:
             timer = self.tracer.gpu_timer
             if timer is not None:
                 start = timer.start()
-        with record:
-            result = fn(*args)
+        try:
+            with record:
+                result = fn(*args)
+        except Exception as e:
+            describe_failure(record, e, attrs, args, self.tracer.device, self.batch.phase if self.batch else None)
+            raise
         if timer is not None:
             self.gpu = timer.stop(start)
         if name == S.FORWARD:
@@ -281,7 +289,7 @@ class EngineTracer:
         self._call: _Call | None = None
         self._serving: _Serving | None = None
         self._current_step: _StepTrace | None = None
-        self._layer_hooks = []
+        self._part_hooks = []
 
     # ---- start-up ---------------------------------------------------------------------------------
 
@@ -289,18 +297,19 @@ class EngineTracer:
         self.sink = current_sink()
         return _InitTrace(self.sink, config, self.device)
 
-    def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
+    def observe(self, scheduler, block_manager, parts, tokenizer=None, uses_graphs: bool = False) -> None:
         """What later spans read: the scheduler's and block manager's counters (for each call's
-        totals), the tokenizer (for opt-in content), and at `debug` the attention layers, one
-        span each per forward."""
+        totals), the tokenizer (for opt-in content), and at `debug` the model's parts, (part,
+        layer index or None, module) in the order a forward runs them, one span each per forward."""
         self.block_manager, self.scheduler = block_manager, scheduler
         self.tokenizer = tokenizer
         self._uses_graphs = uses_graphs
-        if self.level is TraceLevel.DEBUG and not self._layer_hooks:
+        if self.level is TraceLevel.DEBUG and not self._part_hooks:
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
-            for layer in layers:
-                self._layer_hooks.append(layer.register_forward_pre_hook(self._layer_start(sync)))
-                self._layer_hooks.append(layer.register_forward_hook(self._layer_end(sync)))
+            for part, index, module in parts:
+                self._part_hooks.append(module.register_forward_pre_hook(self._part_start(sync)))
+                self._part_hooks.append(module.register_forward_hook(self._part_end(sync, part, index),
+                                                                     always_call=True))
 
     # ---- serving: the engine loop's own traces ------------------------------------------------
     #
@@ -682,30 +691,47 @@ class EngineTracer:
                         for a in batch.allocations]
         return records
 
-    # ---- debug: one span per attention layer -----------------------------------------------------
+    # ---- debug: one span per part of the forward (embedding, each layer's norms, attention and
+    # MLP, the final norm, the output head), the device synchronised around each ----------------
 
     def _forward_in_progress(self) -> SpanRecord | None:
         step = self._current_step
         forward = step.forward if step is not None else None
         return forward if forward is not None and not forward.end_ns else None
 
-    def _layer_start(self, sync):
+    def _part_start(self, sync):
         def hook(module, args):
             if self._forward_in_progress() is not None:
                 sync()
                 module._otvllm_start_ns = now_ns()
         return hook
 
-    def _layer_end(self, sync):
-        def hook(module, args, output):
+    def _part_end(self, sync, part: str, index: int | None):
+        name = PART_SPANS[part]
+
+        def hook(module, args, output):   # also called when the part raised (output None)
             forward = self._forward_in_progress()
             if forward is None:
                 return
-            sync()
+            failure = sys.exc_info()[1] if output is None else None
+            if failure is None:
+                try:
+                    sync()   # where a failed kernel surfaces: this part launched it
+                except Exception as e:
+                    failure = e
+            record = SpanRecord(name, forward, module._otvllm_start_ns, now_ns(),
+                                A.part_attrs(part, index, module, args, output))
+            if failure is not None:
+                record.fail(failure)
             # After the forward's record in the step's list: the builder meets the parent first.
-            self._current_step.children.append(SpanRecord(
-                S.ATTENTION, forward, module._otvllm_start_ns, now_ns(), A.attention_attrs(module, args, output)))
+            self._current_step.children.append(record)
+            if failure is not None and output is not None:
+                raise failure
         return hook
+
+
+PART_SPANS = {"embedding": S.EMBEDDING, "input_norm": S.NORM, "attention": S.ATTENTION,
+              "post_attention_norm": S.NORM, "mlp": S.MLP, "final_norm": S.NORM, "lm_head": S.LM_HEAD}
 
 
 def make_tracer(level: TraceLevel, device: torch.device, model: str):

@@ -13,7 +13,7 @@ from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
 
 
 class _Span:
-    __slots__ = ("id", "parent", "name", "start_us", "duration_us", "attrs", "children")
+    __slots__ = ("id", "parent", "up", "name", "start_us", "duration_us", "attrs", "children")
 
     def __init__(self, raw: dict):
         self.id = raw["spanID"]
@@ -23,6 +23,7 @@ class _Span:
         self.duration_us = raw.get("duration", 0)
         self.attrs = {t["key"]: t.get("value") for t in raw.get("tags") or []}
         self.children: list[_Span] = []
+        self.up: _Span | None = None   # the parent, when it is in the file
 
     @property
     def error(self) -> str | None:
@@ -45,13 +46,23 @@ class _Span:
             yield span
             stack.extend(span.children)
 
+    def inherited(self, key):
+        """`key` of this span or of its nearest ancestor that has it."""
+        span = self
+        while span is not None:
+            if key in span.attrs:
+                return span.attrs[key]
+            span = span.up
+        return None
+
 
 def _tree(trace: dict) -> list[_Span]:
     spans = [_Span(raw) for raw in trace.get("spans") or []]
     by_id = {s.id: s for s in spans}
     for span in spans:
         if span.parent in by_id:
-            by_id[span.parent].children.append(span)
+            span.up = by_id[span.parent]
+            span.up.children.append(span)
     for span in spans:
         span.children.sort(key=lambda s: s.start_us)
     return sorted(spans, key=lambda s: s.start_us)
@@ -122,12 +133,15 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if throughput is None and output_tokens and wall_ms:
         throughput = output_tokens / (wall_ms / 1000)
 
-    outcome = "Generation complete"
-    if gen is not None and gen.name == S.ENGINE_LOOP:
+    if gen is None:   # no evidence that the run completed
+        outcome = "Steps"
+    elif gen.name == S.ENGINE_LOOP:
         outcome = f"Engine loop window {gen.get(S.LOOP_WINDOW, '?')}"
-    elif gen is not None and gen.error is not None:
+    elif gen.error is not None:
         verb = "interrupted" if gen.error in INTERRUPTS or gen.get(S.INTERRUPTED) else "failed"
         outcome = f"Generation {verb} ({gen.error})"
+    else:
+        outcome = "Generation complete"
     lines = [f"  {outcome}: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
              f"requests={n_requests}, prompt_tokens={_num(prompt_tokens) if prompt_tokens is not None else 'n/a'}, "
              f"total_output_tokens={_num(output_tokens) if output_tokens is not None else 'n/a'}",
@@ -286,7 +300,10 @@ def _init_lines(init: _Span) -> list[str]:
         line = f"  KV cache: {a.get(S.BLOCKS_TOTAL, '?')} blocks of {a.get(S.BLOCK_SIZE, '?')} tokens"
         if S.KV_CACHE_BYTES in a:
             line += f", {human_bytes(a[S.KV_CACHE_BYTES])}"
-        lines.append(line + f" (allocated in {_ms(kv.ms)})")
+        if kv.error is not None:
+            lines.append(line + f" planned, FAILED ({kv.error})")
+        else:
+            lines.append(line + f" (allocated in {_ms(kv.ms)})")
     graphs = found.get(S.CUDA_GRAPH_CAPTURE)
     if graphs is not None:
         sizes = _json_list(graphs.get(S.CUDA_GRAPH_BATCH_SIZES, []))
@@ -294,6 +311,48 @@ def _init_lines(init: _Span) -> list[str]:
         lines.append(f"  CUDA graphs: {count} batch sizes captured in {_ms(graphs.ms)}")
     peaks = [s.get(S.MEM_PEAK) for s in [init, *init.descendants()] if s.get(S.MEM_PEAK) is not None]
     lines.append(f"  CUDA memory: {f'peak {human_bytes(max(peaks))}' if peaks else 'n/a (CPU)'}")
+    return lines
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def _is_request(span: _Span) -> bool:
+    return span.name == S.REQUEST
+
+
+def _error_lines(spans: list[_Span]) -> list[str]:
+    """Every span in ERROR, where it failed first (innermost, earliest end) and what it took down
+    after; request spans ended by the failure as one line."""
+    failed = [s for s in spans if s.error is not None]
+    if not failed:
+        return []
+    requests = [s for s in failed if _is_request(s)]
+    others = [s for s in failed if not _is_request(s)]
+
+    def depth(span):
+        n = 0
+        while span.up is not None:
+            span, n = span.up, n + 1
+        return n
+
+    lines = [f"  errors: {len(failed)} spans in ERROR"]
+    for span in sorted(others, key=lambda s: (s.start_us + s.duration_us, -depth(s))):
+        where = []
+        if span.get(S.LAYER_INDEX) is not None:
+            where.append(f"layer {span.get(S.LAYER_INDEX)}")
+        phase, step = span.inherited(S.PHASE), span.inherited(S.STEP_INDEX)
+        if phase is not None:
+            where.append(str(phase))
+        if step is not None:
+            where.append(f"step {step}")
+        message = span.get("otel.status_description") or span.error
+        lines.append(f"    {span.name}{' (' + ', '.join(where) + ')' if where else ''}: {message}")
+        if span.get(S.ERROR_ADVICE):
+            lines.append(f"      advice: {span.get(S.ERROR_ADVICE)}")
+    if requests:
+        kinds = sorted({r.error for r in requests})
+        lines.append(f"    {len(requests)} request spans ({', '.join(kinds)}): "
+                     f"{requests[0].get('otel.status_description') or requests[0].error}")
     return lines
 
 
@@ -311,6 +370,7 @@ def _summarize_trace(trace: dict) -> list[str]:
         return [f"trace {trace.get('traceID', '?')}: no spans"]
     roots = [s for s in spans if s.parent is None or all(s.parent != o.id for o in spans)]
     lines = [_trace_header(trace, roots[0] if roots else spans[0], len(spans))]
+    lines.extend(_error_lines(spans))
     gens = [s for s in spans if s.name in (S.GENERATE, S.ENGINE_LOOP)]
     inits = [s for s in spans if s.name == S.ENGINE_INIT]
     for init in inits:
