@@ -215,7 +215,11 @@ def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
     block_spans = [s for s in by_name(spans, S.BLOCK_ALLOCATE)
                    if s["trace_id"] == second["trace_id"] and s["attributes"][S.PHASE] == "prefill"]
     assert block_spans[0]["attributes"][S.BLOCKS_CACHE_HITS] == hits
-    assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 1.0
+    # As vLLM counts it: cached prompt tokens of all prompt tokens (the last token is always
+    # computed); every full block looked up was a hit.
+    assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 32 / len(prompts[1])
+    assert second["attributes"][S.GEN_PREFIX_CACHED_TOKENS] == 32
+    assert second["attributes"][S.GEN_PREFIX_BLOCK_HIT_RATE] == 1.0
     request = [s for s in by_name(spans, S.REQUEST) if s["trace_id"] == second["trace_id"]][0]
     assert request["attributes"][S.REQUEST_CACHED_TOKENS] == 32
 

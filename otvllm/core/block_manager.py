@@ -48,8 +48,10 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered set, oldest first
-        self.num_cache_queries = 0   # full blocks looked up in the prefix cache
+        self.num_cache_queries = 0   # full blocks looked up (a sequence's lookups stop at its first miss)
         self.num_cache_hits = 0
+        self.num_tokens_admitted = 0   # tokens of the sequences given blocks (prompts; more once preempted)
+        self.num_tokens_cached = 0     # of those, tokens whose KV came from the prefix cache
 
     @property
     def num_blocks(self) -> int:
@@ -129,6 +131,8 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = cached_blocks * self.block_size
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
+        self.num_tokens_admitted += len(seq)
+        self.num_tokens_cached += seq.num_cached_tokens
         return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns())
 
     def deallocate(self, seq: Sequence) -> None:

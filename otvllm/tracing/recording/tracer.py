@@ -404,7 +404,8 @@ class EngineTracer:
             torch.cuda.reset_peak_memory_stats(self.device)
             root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
         manager, scheduler = self.block_manager, self.scheduler
-        before = (manager.num_cache_queries, manager.num_cache_hits, scheduler.num_preemptions)
+        before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
+                  manager.num_tokens_cached, scheduler.num_preemptions)
         self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         for seq, prompt in zip(seqs, prompts):
@@ -418,9 +419,9 @@ class EngineTracer:
             for seq in seqs:
                 if seq.seq_id in call.requests:
                     self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
-            root.attrs.update(self._generate_totals(call, manager.num_cache_hits - before[1],
-                                                    manager.num_cache_queries - before[0],
-                                                    scheduler.num_preemptions - before[2]))
+            after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
+                     manager.num_tokens_cached, scheduler.num_preemptions)
+            root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(after, before))))
             sink.send(CLOSE, root)
             sink.drain()
 
@@ -452,7 +453,8 @@ class EngineTracer:
             record.error = (kind, f"the run ended before this request finished ({message or kind})", "")
         self.sink.send(CLOSE, record)
 
-    def _generate_totals(self, call: _Call, hits: int, queries: int, preemptions: int) -> dict:
+    def _generate_totals(self, call: _Call, queries: int, hits: int, admitted_tokens: int, cached_tokens: int,
+                         preemptions: int) -> dict:
         output_tokens = sum(s.num_completion_tokens for s in call.seqs)
         seconds = max(call.root.end_ns - call.root.start_ns, 1) / 1e9
         attrs = {
@@ -460,7 +462,9 @@ class EngineTracer:
             S.GEN_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps,
             S.GEN_PREFILL_TIME_MS: call.prefill_ns / 1e6, S.GEN_DECODE_TIME_MS: call.decode_ns / 1e6,
             S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
-            S.GEN_PREFIX_HIT_RATE: hits / queries if queries else 0.0,
+            S.GEN_PREFIX_HIT_RATE: cached_tokens / admitted_tokens if admitted_tokens else 0.0,
+            S.GEN_PREFIX_CACHED_TOKENS: cached_tokens,
+            S.GEN_PREFIX_BLOCK_HIT_RATE: hits / queries if queries else 0.0,
         }
         attrs.update(self._step_totals(call))
         if self.device.type == "cuda" and call.root.error is None:
@@ -516,7 +520,8 @@ class EngineTracer:
         if batch.is_prefill:
             for seq, token_index in zip(batch.seqs, batch.token_indexes):
                 if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
-                    call.requests[seq.seq_id].events.append((S.EVENT_FIRST_TOKEN, now, {S.EVENT_STEP: index}))
+                    call.requests[seq.seq_id].events.append(
+                        (S.EVENT_FIRST_TOKEN, seq.first_token_ns or now, {S.EVENT_STEP: index}))
         for f in finished:
             if f.seq.seq_id in call.requests:
                 call.requests[f.seq.seq_id].events.append(

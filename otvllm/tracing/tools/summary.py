@@ -236,17 +236,23 @@ def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> lis
 
 
 def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
+    """Prompt tokens served from the prefix cache, of all prompt tokens (as vLLM counts it); the
+    block-lookup rate beside it is higher, since a sequence's lookups stop at its first miss."""
     rate = attrs.get(S.GEN_PREFIX_HIT_RATE)
     if rate is not None:
-        return f"{100 * rate:.1f}% of blocks"
-    blocks = [s for s in spans if s.name == S.BLOCK_ALLOCATE]
-    ids = {s.id for s in blocks}
-    blocks = [s for s in blocks if s.parent not in ids]   # debug level nests one per sequence
-    hits = sum(s.get(S.BLOCKS_CACHE_HITS, 0) for s in blocks)
-    new = sum(s.get(S.BLOCKS_NEW, 0) for s in blocks)
-    if not hits + new:
+        if S.GEN_PREFIX_BLOCK_HIT_RATE not in attrs:   # a trace from before otvllm counted tokens
+            return f"{100 * rate:.1f}% of block lookups"
+        text = f"{100 * rate:.1f}% of prompt tokens"
+        if S.GEN_PREFIX_CACHED_TOKENS in attrs:
+            text += f" ({_num(attrs[S.GEN_PREFIX_CACHED_TOKENS])} tokens)"
+        return text + (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
+                       f"(a sequence's lookups stop at its first miss)")
+    prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) == "prefill"]
+    cached = sum(s.get(S.NUM_CACHED_TOKENS, 0) for s in prefills)
+    computed = sum(s.get(S.NUM_BATCHED_TOKENS, 0) for s in prefills)
+    if not cached + computed:
         return "n/a"
-    return f"{100 * hits / (hits + new):.1f}% of blocks (in traced steps)"
+    return f"{100 * cached / (cached + computed):.1f}% of prompt tokens (in traced steps)"
 
 
 def _memory(attrs: dict, spans: list[_Span]) -> str:
