@@ -208,7 +208,7 @@ def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_laye
     assert names.count(S.NORM) == 3 * prompts * max_tokens   # one layer: its two norms and the final one
     for phase in (S.PREPARE_INPUTS, S.SAMPLE, S.POSTPROCESS):
         assert names.count(phase) == prompts * max_tokens
-    assert names.count(S.REQUEST) == prompts
+    assert names.count(S.request_name(S.OPERATION_TEXT_COMPLETION, "one-layer")) == prompts
     assert_one_trace_per_run(spans)   # every span's parent is in the file
     assert os.listdir(tmp_path) == ["debug.json"]
 

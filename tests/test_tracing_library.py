@@ -58,7 +58,7 @@ def test_spans_nest_under_the_callers_span(exporter, qwen3_dir):
         assert root.parent.span_id == parent.get_span_context().span_id
         assert root.context.trace_id == parent.get_span_context().trace_id
     assert all(s.context.trace_id == parent.get_span_context().trace_id for s in ours)
-    requests = [s for s in ours if s.name == S.REQUEST]
+    requests = [s for s in ours if S.is_request(s.name, s.attributes)]
     assert [r.attributes[S.GEN_AI_USAGE_OUTPUT_TOKENS] for r in requests] == [len(o.token_ids) for o in outputs]
     assert all(by_id[r.parent.span_id].name == S.GENERATE for r in requests)
     steps = [s for s in ours if s.name == S.STEP]
@@ -96,7 +96,7 @@ def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter,
     assert "kernel exploded" in forward.status.description
     assert forward.events[0].name == "exception"
     assert forward.events[0].attributes["exception.type"] == "RuntimeError"
-    requests = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST]
+    requests = [s for s in exporter.get_finished_spans() if S.is_request(s.name, s.attributes)]
     assert len(requests) == 2 and all(r.status.status_code == StatusCode.ERROR for r in requests)
     # The failed call's requests were dropped and their blocks freed: the engine still works.
     manager = llm.engine.block_manager
@@ -128,7 +128,7 @@ def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch):
     monkeypatch.setenv("OTVLLM_TRACE_CONTENT", "1")
     exporter.clear()
     out = llm.generate(["secret prompt"], PARAMS, use_tqdm=False)[0]
-    request = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST][0]
+    request = [s for s in exporter.get_finished_spans() if S.is_request(s.name, s.attributes)][0]
     assert request.attributes[S.GEN_AI_PROMPT] == "secret prompt"
     assert request.attributes[S.GEN_AI_COMPLETION] == llm.tokenizer.decode(out.token_ids)
 

@@ -6,6 +6,7 @@ from contextlib import redirect_stderr
 
 import pytest
 
+import otvllm
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
@@ -46,13 +47,19 @@ def by_name(spans, name):
     return [s for s in spans if s["name"] == name]
 
 
+def requests_of(spans):
+    return [s for s in spans if S.is_request(s["name"], s["attributes"])]
+
+
 def test_every_schema_span_arrives_with_the_service_name(step_run):
     spans, _, _ = step_run
     names = {s["name"] for s in spans}
-    expected = {S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE, S.REQUEST, S.STEP, S.SCHEDULE,
+    request = S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3")   # the model directory's name
+    expected = {S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE, request, S.STEP, S.SCHEDULE,
                 S.BLOCK_ALLOCATE, S.PREPARE_INPUTS, S.FORWARD, S.SAMPLE, S.POSTPROCESS}
     assert expected <= names
     assert {s["resource"]["service.name"] for s in spans} == {"otvllm-test"}
+    assert {s["resource"]["service.version"] for s in spans} == {otvllm.__version__}
     assert {s["scope_name"] for s in spans} == {"otvllm"}
 
 
@@ -65,7 +72,8 @@ def test_parent_child_structure(step_run):
 
     expected_parent = {
         S.ENGINE_INIT: None, S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
-        S.GENERATE: None, S.REQUEST: S.GENERATE, S.STEP: S.GENERATE, S.SCHEDULE: S.STEP,
+        S.GENERATE: None, S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3"): S.GENERATE, S.STEP: S.GENERATE,
+        S.SCHEDULE: S.STEP,
         S.BLOCK_ALLOCATE: S.SCHEDULE, S.PREPARE_INPUTS: S.STEP, S.FORWARD: S.STEP, S.SAMPLE: S.STEP,
         S.POSTPROCESS: S.STEP,
     }
@@ -141,7 +149,7 @@ def test_block_allocation_spans_agree_with_the_engine(step_run):
 
 def test_request_spans_have_gen_ai_usage_and_events(step_run):
     spans, outputs, _ = step_run
-    requests = sorted(by_name(spans, S.REQUEST), key=lambda s: s["attributes"][S.SEQ_ID])
+    requests = sorted(requests_of(spans), key=lambda s: s["attributes"][S.SEQ_ID])
     assert len(requests) == len(PROMPTS)
     for span, prompt, out in zip(requests, PROMPTS, outputs):
         a = span["attributes"]
@@ -150,7 +158,10 @@ def test_request_spans_have_gen_ai_usage_and_events(step_run):
         assert a[S.GEN_AI_RESPONSE_FINISH_REASONS] == ["length"]
         assert a[S.GEN_AI_REQUEST_MAX_TOKENS] == PARAMS.max_tokens
         assert a[S.GEN_AI_REQUEST_TEMPERATURE] == 0.0 and a[S.GEN_AI_REQUEST_TOP_P] == 1.0
-        assert a[S.GEN_AI_OPERATION] == "text_completion"
+        assert a[S.GEN_AI_OPERATION] == "text_completion" and a[S.GEN_AI_SYSTEM] == "otvllm"
+        assert span["name"] == f"text_completion {a[S.GEN_AI_REQUEST_MODEL]}" == "text_completion qwen3"
+        assert a[S.GEN_AI_RESPONSE_MODEL] == "qwen3"
+        assert a[S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 0   # nothing shared with an earlier prompt
         assert a[S.REQUEST_TTFT_MS] >= a[S.REQUEST_QUEUE_TIME_MS] >= 0
         events = {e["name"]: e["attributes"] for e in span["events"]}
         assert events[S.EVENT_SCHEDULED][S.EVENT_STEP] == 0
@@ -220,8 +231,9 @@ def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
     assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 32 / len(prompts[1])
     assert second["attributes"][S.GEN_PREFIX_CACHED_TOKENS] == 32
     assert second["attributes"][S.GEN_PREFIX_BLOCK_HIT_RATE] == 1.0
-    request = [s for s in by_name(spans, S.REQUEST) if s["trace_id"] == second["trace_id"]][0]
+    request = [s for s in requests_of(spans) if s["trace_id"] == second["trace_id"]][0]
     assert request["attributes"][S.REQUEST_CACHED_TOKENS] == 32
+    assert request["attributes"][S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 32
 
 
 def test_level_off_sends_nothing(qwen3_dir):
@@ -233,9 +245,9 @@ def test_level_off_sends_nothing(qwen3_dir):
 def test_level_request_sends_request_spans_only(qwen3_dir):
     spans, _, _ = traced_run(qwen3_dir, level="request")
     names = {s["name"] for s in spans}
-    assert {S.GENERATE, S.REQUEST, S.ENGINE_INIT} <= names
+    assert {S.GENERATE, S.ENGINE_INIT} <= names and len(requests_of(spans)) == len(PROMPTS)
     assert not names & {S.STEP, *S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
-    request = by_name(spans, S.REQUEST)[0]
+    request = requests_of(spans)[0]
     assert {e["name"] for e in request["events"]} == {S.EVENT_SCHEDULED, S.EVENT_FIRST_TOKEN, S.EVENT_FINISHED}
 
 
@@ -278,7 +290,7 @@ def long_run(model_dir, monkeypatch, max_spans):
         assert agg["attributes"][S.STEPS_COUNT] == last - first + 1
         covered += range(first, last + 1)
     assert sorted(covered) == list(range(100))
-    assert len(by_name(trace, S.REQUEST)) == 2                # requests are always kept
+    assert len(requests_of(trace)) == 2                       # requests are always kept
     generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
     assert len(generate_subtree) <= max_spans
     return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps), steps

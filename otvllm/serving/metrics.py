@@ -40,9 +40,9 @@ class ServerMetrics:
             readers.append(_otlp_reader(otlp, interval_ms))
         views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(buckets))
                  for name, buckets in ((TTFT, TTFT_BUCKETS), (TPOT, TPOT_BUCKETS), (DURATION, DURATION_BUCKETS))]
-        self.provider = MeterProvider(metric_readers=readers, views=views,
-                                      resource=Resource.create({"service.name": service_name}))
         from otvllm import __version__
+        self.provider = MeterProvider(metric_readers=readers, views=views, resource=Resource.create(
+            {"service.name": service_name, "service.version": __version__}))
         meter = self.provider.get_meter("otvllm", __version__)
         self.attrs = {S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: model_name,
                       S.GEN_AI_SYSTEM: "otvllm"}

@@ -9,7 +9,6 @@ MODEL_LOAD = "model.load"
 KV_CACHE_ALLOCATE = "kv_cache.allocate"
 CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
 GENERATE = "llm.generate"
-REQUEST = "request"
 STEP = "engine.step"
 SCHEDULE = "scheduler.schedule"
 BLOCK_ALLOCATE = "block_manager.allocate"
@@ -29,6 +28,21 @@ LM_HEAD = "model.lm_head"
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
 
+# A request's span is named as the GenAI conventions have it, `{gen_ai.operation.name}
+# {gen_ai.request.model}` ("text_completion Qwen3-0.6B"); the operation is one of these.
+OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_CHAT = "chat"
+
+
+def request_name(operation: str, model: str) -> str:
+    return f"{operation} {model}"
+
+
+def is_request(name: str, attrs) -> bool:
+    """Whether a span of this name and these attributes is a request's span."""
+    return name == request_name(attrs.get(GEN_AI_OPERATION), attrs.get(GEN_AI_REQUEST_MODEL))
+
+
 # ---- request events --------------------------------------------------------------------
 EVENT_SCHEDULED = "scheduled"
 EVENT_PREEMPTED = "preempted"
@@ -47,7 +61,9 @@ GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
-GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"        # unique: the HTTP response's id in `serve`
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"   # prompt tokens from the prefix cache
 GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
 GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
 

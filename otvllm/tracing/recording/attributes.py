@@ -164,13 +164,13 @@ def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text
     p = seq.params
     metrics = seq.metrics()
     attrs = {
-        S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_SYSTEM: "otvllm",
-        S.GEN_AI_REQUEST_MODEL: model_name, S.GEN_AI_REQUEST_MAX_TOKENS: p.max_tokens,
+        S.GEN_AI_REQUEST_MAX_TOKENS: p.max_tokens,
         S.GEN_AI_REQUEST_TEMPERATURE: float(p.temperature), S.GEN_AI_REQUEST_TOP_P: float(p.top_p),
         S.GEN_AI_USAGE_INPUT_TOKENS: seq.num_prompt_tokens,
         S.GEN_AI_USAGE_OUTPUT_TOKENS: seq.num_completion_tokens,
+        S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: min(seq.max_cached_tokens, seq.num_prompt_tokens),
+        S.GEN_AI_RESPONSE_MODEL: model_name,
         S.GEN_AI_RESPONSE_FINISH_REASONS: [seq.finish_reason or ended_as or "error"],
-        S.GEN_AI_RESPONSE_ID: str(seq.seq_id), S.SEQ_ID: seq.seq_id,
         S.REQUEST_CACHED_TOKENS: seq.max_cached_tokens, S.REQUEST_PREEMPTIONS: seq.num_preemptions,
     }
     if p.top_k != -1:

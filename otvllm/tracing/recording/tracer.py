@@ -20,6 +20,7 @@ steps keep their spans is decided after each step ends (retention.py).
 
 import os
 import sys
+import uuid
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 
@@ -339,13 +340,15 @@ class EngineTracer:
             self._serving = None
             sink.drain()
 
-    def request_arrived(self, seq, prompt, parent) -> None:
-        """A request joined the engine loop; `parent`: the HTTP server span it continues."""
+    def request_arrived(self, seq, prompt, parent, operation: str = S.OPERATION_TEXT_COMPLETION,
+                        response_id: str | None = None) -> None:
+        """A request joined the engine loop; `parent`: the HTTP server span it continues,
+        `response_id`: the id of the HTTP response."""
         serving = self._serving
         if serving is None:
             return
         record = self._open_request(serving.requests, serving.origins, seq, prompt, None, seq.arrival_ns or now_ns(),
-                                    remote_parent=parent)
+                                    remote_parent=parent, operation=operation, response_id=response_id)
         serving.request_rids[seq.seq_id] = record.rid
         if len(serving.request_rids) > RECENT_REQUESTS:
             serving.request_rids.popitem(last=False)
@@ -426,10 +429,12 @@ class EngineTracer:
             sink.drain()
 
     def _open_request(self, requests: dict, origins: dict, seq, prompt, parent: SpanRecord | None, start_ns: int,
-                      remote_parent=None) -> SpanRecord:
-        """Announce a request's span (its attributes come when it ends)."""
-        record = SpanRecord(S.REQUEST, parent, start_ns, attrs={
-            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
+                      remote_parent=None, operation: str = S.OPERATION_TEXT_COMPLETION,
+                      response_id: str | None = None) -> SpanRecord:
+        """Announce a request's span with what identifies it (the rest comes when it ends)."""
+        record = SpanRecord(S.request_name(operation, self.model_name), parent, start_ns, attrs={
+            S.GEN_AI_OPERATION: operation, S.GEN_AI_SYSTEM: "otvllm", S.GEN_AI_REQUEST_MODEL: self.model_name,
+            S.GEN_AI_RESPONSE_ID: response_id or f"otvllm-{uuid.uuid4().hex}", S.SEQ_ID: seq.seq_id})
         record.remote_parent = remote_parent
         requests[seq.seq_id] = record
         origins[seq.seq_id] = (seq, prompt)

@@ -107,7 +107,7 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     """`gen` is the llm.generate span (None: a trace with step spans but no generate span)."""
     attrs = gen.attrs if gen is not None else {}
     steps = [s for s in spans if s.name == S.STEP]
-    requests = [s for s in spans if s.name == S.REQUEST]
+    requests = [s for s in spans if _is_request(s)]
     by_phase: dict[str, list[_Span]] = defaultdict(list)
     for step in steps:
         by_phase[_phase_of(step)].append(step)
@@ -323,7 +323,7 @@ def _init_lines(init: _Span) -> list[str]:
 # ---- errors ------------------------------------------------------------------------------------
 
 def _is_request(span: _Span) -> bool:
-    return span.name == S.REQUEST
+    return S.is_request(span.name, span.attrs)
 
 
 def _error_lines(spans: list[_Span]) -> list[str]:
