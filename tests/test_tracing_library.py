@@ -120,17 +120,34 @@ def test_cuda_out_of_memory_at_start_up_says_what_to_change(exporter, qwen3_dir,
     assert "max_model_len" in failed[S.KV_CACHE_ALLOCATE].attributes[S.ERROR_ADVICE]
 
 
-def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch):
+@pytest.mark.parametrize("switch", [("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+                                    ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY"),
+                                    ("OTVLLM_TRACE_CONTENT", "1")])
+def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch, switch):
+    import json
+
     llm = make_llm(qwen3_dir)
     exporter.clear()
     llm.generate(["secret prompt"], PARAMS, use_tqdm=False)
     assert not any("secret" in str(v) for s in exporter.get_finished_spans() for v in s.attributes.values())
-    monkeypatch.setenv("OTVLLM_TRACE_CONTENT", "1")
+    for off in ("false", "EVENT_ONLY", "NO_CONTENT"):   # no content on spans
+        monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", off)
+        exporter.clear()
+        llm.generate(["secret prompt"], PARAMS, use_tqdm=False)
+        assert not any("secret" in str(v) for s in exporter.get_finished_spans() for v in s.attributes.values())
+    monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")
+    monkeypatch.setenv(*switch)
     exporter.clear()
     out = llm.generate(["secret prompt"], PARAMS, use_tqdm=False)[0]
     request = [s for s in exporter.get_finished_spans() if S.is_request(s.name, s.attributes)][0]
-    assert request.attributes[S.GEN_AI_PROMPT] == "secret prompt"
-    assert request.attributes[S.GEN_AI_COMPLETION] == llm.tokenizer.decode(out.token_ids)
+    a = request.attributes
+    assert json.loads(a[S.GEN_AI_INPUT_MESSAGES]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "secret prompt"}]}]
+    assert json.loads(a[S.GEN_AI_OUTPUT_MESSAGES]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": out.text}], "finish_reason": "length"}]
+    assert list(a[S.REQUEST_PROMPT_TOKEN_IDS]) == llm.tokenizer.encode("secret prompt")
+    assert list(a[S.REQUEST_OUTPUT_TOKEN_IDS]) == out.token_ids
+    assert S.REQUEST_LOGPROBS not in a   # none asked for
 
 
 def test_level_off_emits_nothing_to_the_callers_provider(exporter, qwen3_dir):

@@ -64,8 +64,17 @@ GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"        # unique: the HTTP response's id in `serve`
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"   # prompt tokens from the prefix cache
-GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
-GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
+# Content, only when OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT (or OTVLLM_TRACE_CONTENT) opts in:
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"     # JSON: [{"role", "parts": [{"type": "text", "content"}]}]
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"   # JSON: the same, with "finish_reason"
+REQUEST_PROMPT_TOKEN_IDS = "otvllm.request.prompt_token_ids"
+REQUEST_OUTPUT_TOKEN_IDS = "otvllm.request.output_token_ids"
+# ... and when the request asked for `logprobs` N: per generated token, its log-probability, and
+# the top N (token ids and log-probabilities, N per generated token, one flat array each)
+REQUEST_LOGPROBS = "otvllm.request.logprobs"
+REQUEST_TOP_LOGPROBS_N = "otvllm.request.top_logprobs_n"
+REQUEST_TOP_TOKEN_IDS = "otvllm.request.top_token_ids"
+REQUEST_TOP_LOGPROBS = "otvllm.request.top_logprobs"
 
 # engine.loop (serving)
 LOOP_WINDOW = "otvllm.loop.window"               # 0, 1, 2, ... since the server started

@@ -1,5 +1,6 @@
 """Span attributes from the engine's objects."""
 
+import json
 import os
 
 import torch
@@ -7,8 +8,13 @@ import torch
 from otvllm.tracing import schema as S
 
 
+CONTENT_SWITCHES = ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "OTVLLM_TRACE_CONTENT")   # the standard, an alias
+CONTENT_ON = ("1", "true", "yes", "span_only", "span_and_event")
+
+
 def trace_content_enabled() -> bool:
-    return os.environ.get("OTVLLM_TRACE_CONTENT", "").strip().lower() in ("1", "true", "yes")
+    """Whether prompts and outputs go on request spans (sensitive: off unless opted in)."""
+    return any(os.environ.get(name, "").strip().lower() in CONTENT_ON for name in CONTENT_SWITCHES)
 
 
 def shape(t: torch.Tensor | None) -> list[int]:
@@ -158,8 +164,7 @@ def attention_attrs(module, args, output) -> dict:
     }
 
 
-def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None,
-                  ended_as: str | None = None) -> dict:
+def request_attrs(seq, model_name: str, ended_as: str | None = None) -> dict:
     """`ended_as`: why a request that did not finish in the engine ended (abort, stop, shutdown)."""
     p = seq.params
     metrics = seq.metrics()
@@ -181,9 +186,38 @@ def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text
         attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
     if seq.first_token_ns:
         attrs[S.REQUEST_TTFT_MS] = metrics["time_to_first_token_ms"]
-    if trace_content_enabled():
-        if prompt_text is not None:
-            attrs[S.GEN_AI_PROMPT] = prompt_text
-        if completion_text is not None:
-            attrs[S.GEN_AI_COMPLETION] = completion_text
+    return attrs
+
+
+def content_attrs(seq, prompt, tokenizer, ended_as: str | None = None) -> dict:
+    """Opt-in (trace_content_enabled): the prompt and the output as the GenAI conventions'
+    messages (JSON strings), their token ids and, when the request asked for `logprobs`, the
+    log-probabilities of each generated token and its top N as flat arrays. `prompt`: text,
+    token ids or chat messages ({"role", "content"})."""
+    output_ids = seq.completion_token_ids
+    attrs = {S.REQUEST_PROMPT_TOKEN_IDS: seq.token_ids[:seq.num_prompt_tokens], S.REQUEST_OUTPUT_TOKEN_IDS: output_ids}
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        messages = [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in prompt]
+    elif isinstance(prompt, str) or tokenizer is not None:
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(attrs[S.REQUEST_PROMPT_TOKEN_IDS])
+        messages = [{"role": "user", "parts": [{"type": "text", "content": text}]}]
+    else:
+        messages = None
+    if messages is not None:
+        attrs[S.GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
+    if tokenizer is not None:
+        attrs[S.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
+            "role": "assistant", "parts": [{"type": "text", "content": tokenizer.decode(output_ids,
+                                                                                         skip_special_tokens=True)}],
+            "finish_reason": seq.finish_reason or ended_as or "error"}], ensure_ascii=False)
+    n = seq.params.logprobs
+    if n is not None and seq.logprobs:
+        chosen, top_ids, top_values = [], [], []
+        for token, entry in zip(output_ids, seq.logprobs):   # entry: the top N, then the chosen one if not among them
+            chosen.append(entry[token])
+            for token_id, value in list(entry.items())[:n]:
+                top_ids.append(token_id)
+                top_values.append(value)
+        attrs.update({S.REQUEST_LOGPROBS: chosen, S.REQUEST_TOP_LOGPROBS_N: n, S.REQUEST_TOP_TOKEN_IDS: top_ids,
+                      S.REQUEST_TOP_LOGPROBS: top_values})
     return attrs

@@ -448,10 +448,9 @@ class EngineTracer:
         record = requests.pop(seq_id)
         seq, prompt = origins.pop(seq_id)
         record.end_ns = seq.finished_ns or now_ns()
-        texts = self.tokenizer is not None and A.trace_content_enabled()
-        completion = self.tokenizer.decode(seq.completion_token_ids) if texts else None
-        record.attrs.update(A.request_attrs(seq, self.model_name, prompt if isinstance(prompt, str) else None,
-                                            completion, reason))
+        record.attrs.update(A.request_attrs(seq, self.model_name, reason))
+        if A.trace_content_enabled():
+            record.attrs.update(A.content_attrs(seq, prompt, self.tokenizer, reason))
         if seq.finish_reason is None and failure is not None:
             kind, message = (failure[0], failure[1]) if isinstance(failure, tuple) else \
                 (error_type(failure), str(failure))
