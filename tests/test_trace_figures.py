@@ -90,3 +90,89 @@ def test_with_content_on_a_request_carries_its_tokens_and_logprobs(tmp_path, qwe
         values = a[S.REQUEST_TOP_LOGPROBS][step * n:(step + 1) * n]
         assert ids == top.indices.tolist()
         assert max(abs(v - r) for v, r in zip(values, top.values.tolist())) < 1e-4
+
+
+def schedules(spans):
+    """scheduler.schedule spans by the index of their step."""
+    steps = {s["span_id"]: s["attributes"][S.STEP_INDEX] for s in by_name(spans, S.STEP)}
+    return {steps[s["parent_span_id"]]: s["attributes"] for s in by_name(spans, S.SCHEDULE)}
+
+
+def test_schedule_says_why_waiting_requests_were_not_admitted(tmp_path, qwen3_dir):
+    prompts = {"max_num_seqs": ([[1] * 20, [2] * 20], dict(max_num_seqs=1)),
+               # 100 + 50 tokens are over a budget of 128
+               "max_num_batched_tokens": ([[3] * 100, [4] * 50], dict(max_num_batched_tokens=128)),
+               # 10 blocks of 16: the first prompt takes 7, the second needs 4
+               "kv_blocks": ([[5] * 100, [6] * 60], dict(num_kvcache_blocks=10))}
+    for reason, (batch, settings) in prompts.items():
+        def body():
+            make_llm(qwen3_dir, **settings).generate(batch, GREEDY, use_tqdm=False)
+        spans, _ = traced(tmp_path, body)
+        first = schedules(spans)[0]
+        assert first[S.NUM_WAITING] == 1 and first[S.NUM_SEQS] == 1
+        assert first[S.WAITING_REASON] == reason
+        if reason == "kv_blocks":
+            assert first[S.WAITING_BLOCKS_NEEDED] == 4 and first[S.BLOCKS_FREE] == 3
+        else:
+            assert S.WAITING_BLOCKS_NEEDED not in first
+        admitted = [a for i, a in sorted(schedules(spans).items()) if a[S.PHASE] == "prefill"][1]
+        assert admitted[S.NUM_WAITING] == 0 and S.WAITING_REASON not in admitted
+
+
+def test_a_preemption_names_who_needed_blocks_and_what_was_freed(tmp_path, qwen3_dir):
+    # 8 blocks of 16 for two sequences of 30 + 60 tokens (6 blocks each): each prefill takes 2
+    # blocks; both take a third at token 33 and a fourth at 49; at 65 the first needs a fifth,
+    # none is free, and the newest (the second, 4 blocks) is preempted for it.
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    def body():
+        make_llm(qwen3_dir, num_kvcache_blocks=8).generate([[7] * 30, [8] * 30], params, use_tqdm=False)
+    spans, _ = traced(tmp_path, body)
+    first, second = sorted((s for s in spans if S.is_request(s["name"], s["attributes"])),
+                           key=lambda s: s["attributes"][S.SEQ_ID])
+    ids = first["attributes"][S.SEQ_ID], second["attributes"][S.SEQ_ID]
+    preempting = [a for a in schedules(spans).values() if a.get(S.NUM_PREEMPTED)]
+    a = preempting[0]
+    assert a[S.PREEMPTED_SEQ_IDS] == [ids[1]] and a[S.PREEMPTED_FOR] == [ids[0]]
+    assert a[S.PREEMPTION_BLOCKS_NEEDED] == 1 and a[S.PREEMPTION_BLOCKS_FREE] == 0
+    assert a[S.BLOCKS_FREED] == 4
+    event = next(e for e in second["events"] if e["name"] == S.EVENT_PREEMPTED)
+    assert event["attributes"][S.PREEMPTED_FOR] == ids[0]
+
+
+def test_blocks_freed_and_at_debug_their_ids(tmp_path, qwen3_dir):
+    prompts = [[1] * 10, [2] * 20]   # with 4 tokens each: one block and two blocks
+
+    def body():
+        make_llm(qwen3_dir, trace_level="debug").generate(prompts, GREEDY, use_tqdm=False)
+    spans, _ = traced(tmp_path, body)
+    allocations = [s["attributes"] for s in by_name(spans, S.BLOCK_ALLOCATE) if S.SEQ_ID in s["attributes"]]
+    allocated = [a[S.BLOCK_IDS] for a in sorted(allocations, key=lambda a: a[S.SEQ_ID])]
+    assert [len(ids) for ids in allocated] == [1, 2]
+    assert len(set(allocated[0] + allocated[1])) == 3
+    frees = [s["attributes"] for s in by_name(spans, S.POSTPROCESS) if s["attributes"].get(S.FINISHED_SEQS)]
+    assert sum(a[S.BLOCKS_FREED] for a in frees) == 3
+    assert sorted(i for a in frees for i in a[S.BLOCK_IDS_FREED]) == sorted(allocated[0] + allocated[1])
+
+
+def test_block_ids_only_at_debug(tmp_path, qwen3_dir):
+    def body():
+        make_llm(qwen3_dir).generate([[1] * 10], GREEDY, use_tqdm=False)
+    spans, _ = traced(tmp_path, body)
+    keys = {k for s in spans for k in s["attributes"]}
+    assert S.BLOCKS_FREED in keys and not keys & {S.BLOCK_IDS, S.BLOCK_IDS_NEW, S.BLOCK_IDS_FREED}
+
+
+def test_the_summary_says_why_requests_waited_and_who_was_preempted(tmp_path, qwen3_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    def body():   # the preemption above, with one request more that waits for KV blocks
+        make_llm(qwen3_dir, num_kvcache_blocks=8).generate([[7] * 30, [8] * 30, [9] * 65], params, use_tqdm=False)
+    spans, summary = traced(tmp_path, body)
+    ids = sorted(s["attributes"][S.SEQ_ID] for s in spans if S.is_request(s["name"], s["attributes"]))
+    text = lines(summary)
+    preemptions = next(line for line in text if line.startswith("preemptions:"))
+    assert f"seq {ids[1]} preempted for seq {ids[0]}, which needed 1 block(s) with 0 free; 4 blocks freed" \
+        in preemptions
+    waiting = next(line for line in text if line.startswith("requests left waiting"))
+    assert "kv_blocks in" in waiting

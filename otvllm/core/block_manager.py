@@ -32,6 +32,7 @@ class Allocation:
     cached_tokens: int
     start_ns: int
     end_ns: int
+    block_ids: list[int]   # the sequence's block table after it
 
 
 def block_hash(token_ids: list[int], prefix_hash: int) -> int:
@@ -133,17 +134,22 @@ class BlockManager:
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
         self.num_tokens_admitted += len(seq)
         self.num_tokens_cached += seq.num_cached_tokens
-        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns())
+        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns(),
+                          list(seq.block_table))
 
-    def deallocate(self, seq: Sequence) -> None:
+    def deallocate(self, seq: Sequence) -> list[int]:
+        """Drop `seq`'s blocks; returns the ids of those that became free (no other sequence shares them)."""
+        freed = []
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                freed.append(block_id)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
         seq.unhashed_block = -1
+        return freed
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""

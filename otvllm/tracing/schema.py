@@ -102,6 +102,12 @@ NUM_RUNNING = "otvllm.scheduler.running"
 NUM_PREEMPTED = "otvllm.scheduler.preempted"
 PREEMPTED_SEQ_IDS = "otvllm.scheduler.preempted_seq_ids"
 TOTAL_PREEMPTIONS = "otvllm.scheduler.total_preemptions"
+# why the first waiting request was not admitted: max_num_seqs | max_num_batched_tokens | kv_blocks
+WAITING_REASON = "otvllm.scheduler.waiting_reason"
+WAITING_BLOCKS_NEEDED = "otvllm.scheduler.waiting_blocks_needed"    # kv_blocks: what it needs (free: blocks.free)
+PREEMPTED_FOR = "otvllm.scheduler.preempted_for_seq_ids"            # per preempted request: the one that needed blocks
+PREEMPTION_BLOCKS_NEEDED = "otvllm.scheduler.preemption_blocks_needed"
+PREEMPTION_BLOCKS_FREE = "otvllm.scheduler.preemption_blocks_free"  # when the first preemption was decided
 
 # block_manager.allocate and kv_cache.allocate
 BLOCKS_SEQUENCES = "otvllm.blocks.sequences"
@@ -111,6 +117,10 @@ BLOCKS_FREE = "otvllm.blocks.free"
 BLOCKS_USED = "otvllm.blocks.used"
 BLOCKS_TOTAL = "otvllm.blocks.total"
 BLOCK_SIZE = "otvllm.blocks.block_size"
+BLOCKS_FREED = "otvllm.blocks.freed"            # returned to the free list (preemptions; finished requests)
+BLOCK_IDS = "otvllm.blocks.ids"                  # debug: a sequence's block table after its allocation
+BLOCK_IDS_NEW = "otvllm.blocks.new_ids"          # debug: blocks taken for decodes in this schedule
+BLOCK_IDS_FREED = "otvllm.blocks.freed_ids"      # debug
 SEQ_ID = "otvllm.seq.id"
 KV_CACHE_SHAPE = "otvllm.kv_cache.shape"
 KV_CACHE_BYTES = "otvllm.kv_cache.bytes"

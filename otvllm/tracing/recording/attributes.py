@@ -69,8 +69,15 @@ def schedule_attrs(batch) -> dict:
         S.NUM_PREEMPTED: len(batch.preempted), S.TOTAL_PREEMPTIONS: batch.total_preemptions,
         S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: batch.num_used_blocks,
     })
-    if batch.preempted:
-        attrs[S.PREEMPTED_SEQ_IDS] = [s.seq_id for s in batch.preempted]
+    if batch.waiting_reason is not None:
+        attrs[S.WAITING_REASON] = batch.waiting_reason
+        if batch.waiting_blocks_needed:
+            attrs[S.WAITING_BLOCKS_NEEDED] = batch.waiting_blocks_needed
+    if batch.preempted:   # each needing sequence needed one block for its next token
+        attrs.update({S.PREEMPTED_SEQ_IDS: [s.seq_id for s in batch.preempted], S.PREEMPTED_FOR: batch.preempted_for,
+                      S.PREEMPTION_BLOCKS_NEEDED: len(set(batch.preempted_for)),
+                      S.PREEMPTION_BLOCKS_FREE: batch.preemption_free_blocks,
+                      S.BLOCKS_FREED: len(batch.preempt_freed_block_ids)})
     return attrs
 
 
@@ -117,6 +124,7 @@ def postprocess_attrs(finished, in_flight) -> dict:
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
         attrs[S.FINISH_REASONS] = [f.reason for f in finished]
+        attrs[S.BLOCKS_FREED] = sum(len(f.freed_block_ids) for f in finished)
     return attrs
 
 
@@ -132,8 +140,10 @@ def block_allocate_attrs(batch) -> dict:
 
 
 def sequence_allocate_attrs(allocation) -> dict:
+    """At `debug`, one sequence's allocation, with its block ids."""
     return {S.SEQ_ID: allocation.seq_id, S.BLOCKS_NEW: allocation.new_blocks,
-            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
+            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens,
+            S.BLOCK_IDS: allocation.block_ids}
 
 
 def part_attrs(part: str, index: int | None, module, args, output) -> dict:

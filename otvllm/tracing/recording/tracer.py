@@ -262,6 +262,8 @@ class _StepTrace:
     def postprocessed(self, batch, finished) -> None:
         """The tokens of `batch` (launched by this step or the one before) are in."""
         self.postprocessed_any = True
+        if finished and self.tracer.level is TraceLevel.DEBUG:   # its span is the phase just recorded
+            self.children[-1].attrs[S.BLOCK_IDS_FREED] = [i for f in finished for i in f.freed_block_ids]
         self.tracer._on_postprocess(self.call, batch, finished)
 
 
@@ -513,9 +515,10 @@ class EngineTracer:
                 if seq.seq_id in requests:
                     requests[seq.seq_id].events.append((S.EVENT_SCHEDULED, now, {
                         S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
-        for seq in batch.preempted:
+        for seq, needing in zip(batch.preempted, batch.preempted_for):
             if seq.seq_id in requests:
-                requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index}))
+                requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index,
+                                                                             S.PREEMPTED_FOR: needing}))
 
     def _on_postprocess(self, call: _Call, batch, finished) -> None:
         # Events name the step that computed the token.
@@ -698,6 +701,10 @@ class EngineTracer:
         if self.level is TraceLevel.DEBUG:
             records += [SpanRecord(S.BLOCK_ALLOCATE, parent, a.start_ns, a.end_ns, A.sequence_allocate_attrs(a))
                         for a in batch.allocations]
+            if batch.new_decode_block_ids:
+                parent.attrs[S.BLOCK_IDS_NEW] = batch.new_decode_block_ids
+            if batch.preempt_freed_block_ids:
+                schedule.attrs[S.BLOCK_IDS_FREED] = batch.preempt_freed_block_ids
         return records
 
     # ---- debug: one span per part of the forward (embedding, each layer's norms, attention and

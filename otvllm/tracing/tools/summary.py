@@ -185,7 +185,10 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
 
     lines.append(f"  prefix cache hit rate: {_hit_rate(attrs, spans)}")
     lines.append(f"  CUDA memory: {_memory(attrs, spans)}")
-    lines.append(f"  preemptions: {_preemptions(attrs, spans, requests)}")
+    lines.append(f"  preemptions: {_preemptions(attrs, spans, requests)}{_first_preemption(spans)}")
+    waits = _waiting_reasons(spans)
+    if waits:
+        lines.append(f"  requests left waiting, by reason (detailed steps): {waits}")
 
     ttft = [r.get(S.REQUEST_TTFT_MS) for r in requests if r.get(S.REQUEST_TTFT_MS) is not None]
     if ttft:
@@ -278,6 +281,25 @@ def _preemptions(attrs: dict, spans: list[_Span], requests: list[_Span]):
         return sum(r.get(S.REQUEST_PREEMPTIONS, 0) for r in requests)
     counted = [s.get(S.NUM_PREEMPTED) for s in spans if s.name == S.SCHEDULE and s.get(S.NUM_PREEMPTED) is not None]
     return f"{sum(counted)} (in traced steps)" if counted else "n/a"
+
+
+def _first_preemption(spans: list[_Span]) -> str:
+    schedules = sorted((s for s in spans if s.name == S.SCHEDULE and s.get(S.PREEMPTED_FOR)), key=lambda s: s.start_us)
+    if not schedules:
+        return ""
+    a, step = schedules[0].attrs, schedules[0].inherited(S.STEP_INDEX)
+    victims, needing = _json_list(a.get(S.PREEMPTED_SEQ_IDS, [])), _json_list(a[S.PREEMPTED_FOR])
+    return (f" (first at step {step}: seq {victims[0]} preempted for seq {needing[0]}, which needed "
+            f"{a.get(S.PREEMPTION_BLOCKS_NEEDED, '?')} block(s) with {a.get(S.PREEMPTION_BLOCKS_FREE, '?')} free; "
+            f"{a.get(S.BLOCKS_FREED, '?')} blocks freed)")
+
+
+def _waiting_reasons(spans: list[_Span]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for s in spans:
+        if s.name == S.SCHEDULE and s.get(S.WAITING_REASON):
+            counts[s.get(S.WAITING_REASON)] += 1
+    return ", ".join(f"{reason} in {n} steps" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 # ---- engine.init -------------------------------------------------------------------------------
