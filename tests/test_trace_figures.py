@@ -176,3 +176,33 @@ def test_the_summary_says_why_requests_waited_and_who_was_preempted(tmp_path, qw
         in preemptions
     waiting = next(line for line in text if line.startswith("requests left waiting"))
     assert "kv_blocks in" in waiting
+
+
+def test_steps_and_requests_of_a_generate_call_are_linked_both_ways(tmp_path, qwen3_dir):
+    lengths = [2, 5, 3]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+
+    def body():
+        make_llm(qwen3_dir).generate([[1, 2], [3, 4, 5], [6]], params, use_tqdm=False)
+    spans, _ = traced(tmp_path, body)
+    requests = {s["span_id"]: s for s in spans if S.is_request(s["name"], s["attributes"])}
+    steps = {s["span_id"]: s for s in by_name(spans, S.STEP)}
+    assert len(steps) == max(lengths)
+
+    def events(request):
+        return {e["name"]: e["attributes"][S.EVENT_STEP] for e in request["events"]}
+
+    # A request is in the batch of every step from the one that scheduled it to the one that
+    # computed its last token.
+    for step in steps.values():
+        index = step["attributes"][S.STEP_INDEX]
+        batch = {rid for rid, r in requests.items()
+                 if events(r)[S.EVENT_SCHEDULED] <= index <= events(r)[S.EVENT_FINISHED]}
+        assert sorted(step["attributes"][S.BATCH_SEQ_IDS]) == sorted(
+            requests[rid]["attributes"][S.SEQ_ID] for rid in batch)
+        assert {link["span_id"] for link in step["links"]} == batch
+    for rid, request in requests.items():   # back from each request to the steps of its batch that ended before it
+        linked = {link["span_id"] for link in request["links"]}
+        assert linked == {sid for sid, s in steps.items() if rid in {link["span_id"] for link in s["links"]}
+                          and s["end_ns"] <= request["end_ns"]}
+        assert linked

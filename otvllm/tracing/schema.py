@@ -95,6 +95,7 @@ STEP_DETAIL_REASON = "otvllm.step.detail_reason"  # first|prefill|preemption|err
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
+BATCH_SEQ_IDS = "otvllm.batch.seq_ids"           # a detailed step's requests (their otvllm.seq.id), also as links
 
 # scheduler.schedule
 NUM_WAITING = "otvllm.scheduler.waiting"

@@ -168,14 +168,14 @@ class _Call:
     """The steps of one `generate` call, or of one window of the engine loop (serving)."""
 
     def __init__(self, root: SpanRecord, level: TraceLevel, max_spans: int, requests: dict, origins: dict,
-                 launch_index: dict, first_index: int = 0, seqs=None, links: bool = False):
+                 launch_index: dict, request_rids: dict, first_index: int = 0, seqs=None):
         self.root = root
         self.seqs = seqs                          # a generate call's sequences (None for a window)
         self.requests = requests                  # seq id -> its open request record
         self.origins = origins                    # seq id -> (its sequence, its prompt)
         self.launch_index = launch_index          # id of a launched batch -> its step index
         self.first_index = first_index            # index of this call's first step
-        self.links = links                        # steps and requests in different traces: link them
+        self.request_rids = request_rids          # seq id -> its request record's rid (ended or not), for links
         self.stats = StepStats()
         self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG, first_index=first_index)
         self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
@@ -373,7 +373,7 @@ class EngineTracer:
                                                                 S.TRACE_LEVEL: str(self.level)})
             serving.windows += 1
             call = _Call(root, self.level, self.max_spans, serving.requests, serving.origins,
-                         serving.launch_index, first_index=serving.next_index, links=True)
+                         serving.launch_index, serving.request_rids, first_index=serving.next_index)
             serving.window = self._call = call
             self.sink.send(OPEN, root)
         return call
@@ -411,10 +411,11 @@ class EngineTracer:
         manager, scheduler = self.block_manager, self.scheduler
         before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
                   manager.num_tokens_cached, scheduler.num_preemptions)
-        self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, seqs=seqs)
+        self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         for seq, prompt in zip(seqs, prompts):
-            self._open_request(call.requests, call.origins, seq, prompt, root, seq.arrival_ns or root.start_ns)
+            record = self._open_request(call.requests, call.origins, seq, prompt, root, seq.arrival_ns or root.start_ns)
+            call.request_rids[seq.seq_id] = record.rid
         try:
             with root:
                 yield
@@ -529,6 +530,8 @@ class EngineTracer:
                 if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
                     call.requests[seq.seq_id].events.append(
                         (S.EVENT_FIRST_TOKEN, seq.first_token_ns or now, {S.EVENT_STEP: index}))
+        if finished and call.awaiting_gpu:   # steps whose tokens are in are built before requests link to them
+            self._send_timed(call, wait=False)
         for f in finished:
             if f.seq.seq_id in call.requests:
                 call.requests[f.seq.seq_id].events.append(
@@ -617,7 +620,8 @@ class EngineTracer:
             S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
         step.children.extend(extra)
-        if call.links and step.batch is not None:
+        if step.batch is not None and step.batch.seqs:
+            step.record.attrs[S.BATCH_SEQ_IDS] = [seq.seq_id for seq in step.batch.seqs]
             self._link(call, step)
         if step.forward is not None and step.forward.end_ns:
             try:
@@ -632,10 +636,11 @@ class EngineTracer:
         return True
 
     def _link(self, call: _Call, step: _StepTrace) -> None:
-        """A step and the request spans of its batch, each linked to the other (bounded). A
-        request whose span has already ended keeps the link from the step only."""
+        """A step and the request spans of its batch, each linked to the other (bounded): in
+        Jaeger a step's batch and a request's steps are one click away. A request whose span
+        has already ended keeps the link from the step only."""
         links = []
-        request_rids = self._serving.request_rids
+        request_rids = call.request_rids
         for seq in step.batch.seqs:
             rid = request_rids.get(seq.seq_id)
             if rid is not None and len(links) < MAX_LINKS:
