@@ -169,3 +169,14 @@ def test_a_kv_cache_too_small_for_one_sequence_reports_its_plan(tmp_path, qwen3_
     assert kv["attributes"][S.KV_CACHE_BYTES] == 2 * kv_block_bytes(qwen3_dir)
     assert any(line.startswith(f"{S.KV_CACHE_ALLOCATE}: ValueError: the KV cache has room for 2 blocks")
                for line in lines(summary))
+
+
+def test_a_model_directory_without_config_fails_in_config_load(tmp_path):
+    def body():
+        with pytest.raises(ValueError, match="no config.json"):
+            LLM(str(tmp_path / "empty"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    spans, summary = traced(tmp_path, body)
+    config, = failed(spans, S.CONFIG_LOAD)
+    assert "no config.json" in config["events"][0]["attributes"]["exception.message"]
+    assert any(line.startswith(f"{S.CONFIG_LOAD}: ValueError:") for line in lines(summary))

@@ -55,7 +55,8 @@ def test_every_schema_span_arrives_with_the_service_name(step_run):
     spans, _, _ = step_run
     names = {s["name"] for s in spans}
     request = S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3")   # the model directory's name
-    expected = {S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE, request, S.STEP, S.SCHEDULE,
+    expected = {S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE,
+                request, S.STEP, S.SCHEDULE,
                 S.BLOCK_ALLOCATE, S.PREPARE_INPUTS, S.FORWARD, S.SAMPLE, S.POSTPROCESS}
     assert expected <= names
     assert {s["resource"]["service.name"] for s in spans} == {"otvllm-test"}
@@ -71,7 +72,8 @@ def test_parent_child_structure(step_run):
         return by_id[span["parent_span_id"]]["name"] if span["parent_span_id"] else None
 
     expected_parent = {
-        S.ENGINE_INIT: None, S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
+        S.ENGINE_INIT: None, S.CONFIG_LOAD: S.ENGINE_INIT, S.TOKENIZER_LOAD: S.ENGINE_INIT,
+        S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
         S.GENERATE: None, S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3"): S.GENERATE, S.STEP: S.GENERATE,
         S.SCHEDULE: S.STEP,
         S.BLOCK_ALLOCATE: S.SCHEDULE, S.PREPARE_INPUTS: S.STEP, S.FORWARD: S.STEP, S.SAMPLE: S.STEP,
@@ -81,7 +83,7 @@ def test_parent_child_structure(step_run):
         assert parent_name(span) == expected_parent[span["name"]], span["name"]
     generate = by_name(spans, S.GENERATE)[0]
     assert all(s["trace_id"] == generate["trace_id"] for s in spans if s["name"] not in
-               (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
+               (S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
     for span in spans:   # children lie within their parents
         if span["parent_span_id"]:
             parent = by_id[span["parent_span_id"]]
@@ -192,6 +194,24 @@ def test_generate_span_totals(step_run):
     assert a[S.GEN_AI_REQUEST_MODEL] == "qwen3"
 
 
+def test_start_up_phases_are_spans_one_after_another(step_run, qwen3_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    spans, _, _ = step_run
+    init = by_name(spans, S.ENGINE_INIT)[0]
+    phases = sorted((s for s in spans if s["parent_span_id"] == init["span_id"]), key=lambda s: s["start_ns"])
+    assert [s["name"] for s in phases] == [S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE]
+    assert all(a["end_ns"] <= b["start_ns"] for a, b in zip(phases, phases[1:]))
+    config, tokenizer = phases[0]["attributes"], phases[1]["attributes"]
+    with open(f"{qwen3_dir}/config.json") as f:
+        assert config[S.MODEL_ARCHITECTURE] == json.load(f)["architectures"][0]
+    reference = AutoTokenizer.from_pretrained(qwen3_dir)
+    assert tokenizer[S.TOKENIZER_CLASS] == type(reference).__name__
+    assert tokenizer[S.TOKENIZER_VOCAB_SIZE] == len(reference)
+
+
 def test_model_load_and_kv_cache_spans(step_run):
     spans, _, llm = step_run
     load = by_name(spans, S.MODEL_LOAD)[0]["attributes"]
@@ -267,6 +287,25 @@ def test_level_debug_adds_per_sequence_blocks_and_attention_layers(qwen3_dir):
     assert prefill_layer[S.SHAPE_PREFIX + "k"] == [total, spec.num_kv_heads, spec.head_dim]
     assert prefill_layer[S.SHAPE_PREFIX + "k_cache"] == [llm.engine.block_manager.num_blocks, BLOCK,
                                                           spec.num_kv_heads, spec.head_dim]
+    # Every module a forward runs is a span of its own, in order, one after another, within the
+    # forward: its children add up to it (less the Python between them).
+    expected = [(S.EMBEDDING, None)]
+    for i in range(spec.num_layers):
+        expected += [(S.NORM, i), (S.ATTENTION, i), (S.NORM, i), (S.MLP, i)]
+    expected += [(S.NORM, None), (S.LM_HEAD, None)]
+    hidden = [sum(len(p) for p in PROMPTS), spec.hidden_size]
+    for forward in by_name(spans, S.FORWARD):
+        parts = sorted((s for s in spans if s["parent_span_id"] == forward["span_id"]), key=lambda s: s["start_ns"])
+        assert [(s["name"], s["attributes"].get(S.LAYER_INDEX)) for s in parts] == expected
+        assert all(a["end_ns"] <= b["start_ns"] for a, b in zip(parts, parts[1:]))
+        assert forward["start_ns"] <= parts[0]["start_ns"] and parts[-1]["end_ns"] <= forward["end_ns"]
+        positions = [s["attributes"][S.NORM_POSITION] for s in parts if s["name"] == S.NORM]
+        assert positions == ["input", "post_attention"] * spec.num_layers + ["final"]
+    prefill = [s for s in by_name(spans, S.FORWARD) if s["attributes"][S.PHASE] == "prefill"][0]
+    mlp = next(s for s in spans if s["parent_span_id"] == prefill["span_id"] and s["name"] == S.MLP)
+    assert mlp["attributes"][S.SHAPE_PREFIX + "input"] == mlp["attributes"][S.SHAPE_PREFIX + "output"] == hidden
+    head = next(s for s in spans if s["parent_span_id"] == prefill["span_id"] and s["name"] == S.LM_HEAD)
+    assert head["attributes"][S.SHAPE_PREFIX + "output"] == [len(PROMPTS), spec.vocab_size]
 
 
 LONG = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -292,7 +331,7 @@ def long_run(model_dir, monkeypatch, max_spans):
         covered += range(first, last + 1)
     assert sorted(covered) == list(range(100))
     assert len(requests_of(trace)) == 2                       # requests are always kept
-    generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
+    generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
     assert len(generate_subtree) <= max_spans
     return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps), steps
 

@@ -46,10 +46,10 @@ class LLMEngine:
             if config.torch_device.type == "cpu":
                 config.cpu_threads = config.resolve_cpu_threads()
                 torch.set_num_threads(config.cpu_threads)
-            arch, config.hf_config = read_config(config.model)
+            arch, config.hf_config = init.phase(S.CONFIG_LOAD, read_config, config.model, attrs=A.config_load_attrs)
             self.spec = model_spec(arch, config.hf_config)
             self._fit_max_model_len()
-            self.tokenizer = load_tokenizer(config.model)
+            self.tokenizer = init.phase(S.TOKENIZER_LOAD, load_tokenizer, config.model, attrs=A.tokenizer_attrs)
             self.eos_token_ids = self._eos_token_ids()
             self.runner = ModelRunner(config, self.spec)
             init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))

@@ -5,6 +5,8 @@ Shapes are integer arrays, memory is in bytes, durations in milliseconds (`*_ms`
 
 # ---- span names ------------------------------------------------------------------------
 ENGINE_INIT = "engine.init"
+CONFIG_LOAD = "config.load"            # the model directory's config.json (and transformers' import)
+TOKENIZER_LOAD = "tokenizer.load"
 MODEL_LOAD = "model.load"
 KV_CACHE_ALLOCATE = "kv_cache.allocate"
 CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
@@ -210,6 +212,8 @@ MODEL_VOCAB_SIZE = "otvllm.model.vocab_size"
 MODEL_DTYPE = "otvllm.model.dtype"
 MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
 CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
+TOKENIZER_CLASS = "otvllm.tokenizer.class"       # "none" for a directory without a tokenizer
+TOKENIZER_VOCAB_SIZE = "otvllm.tokenizer.vocab_size"
 
 # errors and interruptions
 ERROR_TYPE = "error.type"                        # OpenTelemetry's; a signal's name for an interrupt

@@ -28,6 +28,16 @@ def config_attrs(config) -> dict:
     return {S.CONFIG_PREFIX + k: getattr(config, k) for k in keys if getattr(config, k) is not None}
 
 
+def config_load_attrs(result, model_dir: str) -> dict:
+    return {S.MODEL_ARCHITECTURE: result[0]} if result is not None else {}
+
+
+def tokenizer_attrs(tokenizer, model_dir: str) -> dict:
+    if tokenizer is None:
+        return {S.TOKENIZER_CLASS: "none"}
+    return {S.TOKENIZER_CLASS: type(tokenizer).__name__, S.TOKENIZER_VOCAB_SIZE: len(tokenizer)}
+
+
 def model_attrs(runner) -> dict:
     """The model's shape; its parameter bytes once it is loaded."""
     spec = runner.spec

@@ -309,6 +309,9 @@ def _init_lines(init: _Span) -> list[str]:
     for span in init.descendants():
         found.setdefault(span.name, span)
     lines = [f"  init {_ms(init.ms)}" + (f" FAILED ({init.error})" if init.error else "")]
+    loads = [found[name] for name in (S.CONFIG_LOAD, S.TOKENIZER_LOAD) if name in found]
+    if loads:
+        lines.append("  " + ", ".join(f"{s.name} {_ms(s.ms)}" for s in loads))
     load = found.get(S.MODEL_LOAD)
     if load is not None:
         a = load.attrs
