@@ -74,7 +74,7 @@ def test_a_step_out_of_memory_names_its_phase_shapes_and_advice(tmp_path, qwen3_
     assert a[S.SHAPE_PREFIX + "context_lens"] == [len(PROMPTS)]
     assert "gpu_memory_utilization" in a[S.ERROR_ADVICE] and "max_num_seqs" in a[S.ERROR_ADVICE]
     assert a[S.ERROR_TYPE] == "OutOfMemoryError"
-    step, = failed(spans, S.STEP)
+    step, = failed(spans, S.step_name("decode"))
     assert step["attributes"][S.STEP_INDEX] == 2 and step["attributes"][S.STEP_DETAIL_REASON] == "error"
     assert forward["parent_span_id"] == step["span_id"]
 

@@ -29,7 +29,7 @@ class _Builder:
 
 
 def _step(b, gen, index, phase, start, end, seqs, tokens, children=None, base=T0):
-    step = b.span(S.STEP, start, end, gen, base=base, **{S.STEP_INDEX: index, S.PHASE: phase,
+    step = b.span(S.step_name(phase), start, end, gen, base=base, **{S.STEP_INDEX: index, S.PHASE: phase,
                                                          S.NUM_SEQS: seqs, S.NUM_BATCHED_TOKENS: tokens})
     for name, s, e, attrs in children or ():
         b.span(name, s, e, step, base=base, **attrs)

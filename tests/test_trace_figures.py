@@ -22,7 +22,9 @@ def make_llm(model_dir, **kwargs):
 
 
 def by_name(spans, name):
-    return [s for s in spans if s["name"] == name]
+    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
+    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
+    return [s for s in spans if match(s["name"])]
 
 
 def test_prefix_cache_hit_rate_counts_prompt_tokens(tmp_path, qwen3_dir):
@@ -206,3 +208,26 @@ def test_steps_and_requests_of_a_generate_call_are_linked_both_ways(tmp_path, qw
         assert linked == {sid for sid, s in steps.items() if rid in {link["span_id"] for link in s["links"]}
                           and s["end_ns"] <= request["end_ns"]}
         assert linked
+
+
+def test_jaeger_rows_name_the_phase_and_group_the_requests(tmp_path, qwen3_dir, monkeypatch):
+    monkeypatch.setenv("OTVLLM_TRACE_FIRST_STEPS", "2")
+    monkeypatch.setenv("OTVLLM_TRACE_LAST_STEPS", "2")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def body():
+        make_llm(qwen3_dir).generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    spans, _ = traced(tmp_path, body)
+    steps, aggregates = by_name(spans, S.STEP), by_name(spans, S.STEPS)
+    assert {s["name"] for s in steps} == {"engine.step prefill", "engine.step decode"}
+    assert all(s["name"] == f"engine.step {s['attributes'][S.PHASE]}" for s in steps)
+    assert aggregates and all(s["name"] == f"engine.steps {s['attributes'][S.PHASE]}" for s in aggregates)
+    # The request spans are the children of one span under llm.generate, which covers them.
+    generate, = by_name(spans, S.GENERATE)
+    group, = by_name(spans, S.REQUESTS)
+    requests = [s for s in spans if S.is_request(s["name"], s["attributes"])]
+    assert group["parent_span_id"] == generate["span_id"] and group["attributes"][S.GEN_NUM_REQUESTS] == 2
+    assert len(requests) == 2 and all(r["parent_span_id"] == group["span_id"] for r in requests)
+    assert group["start_ns"] <= min(r["start_ns"] for r in requests)
+    assert group["end_ns"] == max(r["end_ns"] for r in requests)
+    assert not [s for s in spans if s["parent_span_id"] == generate["span_id"] and S.is_request(s["name"], s["attributes"])]

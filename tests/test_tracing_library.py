@@ -60,8 +60,9 @@ def test_spans_nest_under_the_callers_span(exporter, qwen3_dir):
     assert all(s.context.trace_id == parent.get_span_context().trace_id for s in ours)
     requests = [s for s in ours if S.is_request(s.name, s.attributes)]
     assert [r.attributes[S.GEN_AI_USAGE_OUTPUT_TOKENS] for r in requests] == [len(o.token_ids) for o in outputs]
-    assert all(by_id[r.parent.span_id].name == S.GENERATE for r in requests)
-    steps = [s for s in ours if s.name == S.STEP]
+    assert all(by_id[by_id[r.parent.span_id].parent.span_id] is generate for r in requests)
+    assert {by_id[r.parent.span_id].name for r in requests} == {S.REQUESTS}
+    steps = [s for s in ours if S.is_step(s.name)]
     assert len(steps) == PARAMS.max_tokens
     assert all(by_id[s.parent.span_id] is generate for s in steps)
 
@@ -72,7 +73,7 @@ def test_flush_after_generate_exports_everything(exporter, qwen3_dir):
     llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)
     trace.get_tracer_provider().force_flush()
     names = [s.name for s in exporter.get_finished_spans()]
-    assert names.count(S.GENERATE) == 1 and names.count(S.STEP) == PARAMS.max_tokens
+    assert names.count(S.GENERATE) == 1 and sum(map(S.is_step, names)) == PARAMS.max_tokens
 
 
 def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter, qwen3_dir, monkeypatch):
@@ -91,7 +92,7 @@ def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter,
     with pytest.raises(RuntimeError, match="kernel exploded"):
         llm.generate([[1, 2, 3], [4, 5, 6, 7]], PARAMS, use_tqdm=False)
     spans = {s.name: s for s in exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR}
-    assert {S.FORWARD, S.STEP, S.GENERATE} <= set(spans)
+    assert {S.FORWARD, S.step_name("decode"), S.GENERATE} <= set(spans)
     forward = spans[S.FORWARD]
     assert "kernel exploded" in forward.status.description
     assert forward.events[0].name == "exception"
@@ -169,7 +170,7 @@ def test_step_spans_reach_the_callers_processor_while_generate_runs(exporter, qw
 
     class Watch(SimpleSpanProcessor):
         def on_end(self, span):
-            if span.name == S.STEP:
+            if S.is_step(span.name):
                 engine_steps_at_delivery.append(llm.engine.step_index)
 
     trace.get_tracer_provider().add_span_processor(Watch(InMemorySpanExporter()))

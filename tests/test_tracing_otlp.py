@@ -44,7 +44,9 @@ def step_run(qwen3_dir):
 
 
 def by_name(spans, name):
-    return [s for s in spans if s["name"] == name]
+    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
+    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
+    return [s for s in spans if match(s["name"])]
 
 
 def requests_of(spans):
@@ -56,7 +58,7 @@ def test_every_schema_span_arrives_with_the_service_name(step_run):
     names = {s["name"] for s in spans}
     request = S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3")   # the model directory's name
     expected = {S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE,
-                request, S.STEP, S.SCHEDULE,
+                S.REQUESTS, request, S.step_name("prefill"), S.step_name("decode"), S.SCHEDULE,
                 S.BLOCK_ALLOCATE, S.PREPARE_INPUTS, S.FORWARD, S.SAMPLE, S.POSTPROCESS}
     assert expected <= names
     assert {s["resource"]["service.name"] for s in spans} == {"otvllm-test"}
@@ -68,19 +70,22 @@ def test_parent_child_structure(step_run):
     spans, _, _ = step_run
     by_id = {s["span_id"]: s for s in spans}
 
-    def parent_name(span):
-        return by_id[span["parent_span_id"]]["name"] if span["parent_span_id"] else None
+    def kind(name):   # a step's name carries its phase
+        return S.STEP if S.is_step(name) else name
+
+    def parent_kind(span):
+        return kind(by_id[span["parent_span_id"]]["name"]) if span["parent_span_id"] else None
 
     expected_parent = {
         S.ENGINE_INIT: None, S.CONFIG_LOAD: S.ENGINE_INIT, S.TOKENIZER_LOAD: S.ENGINE_INIT,
         S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
-        S.GENERATE: None, S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3"): S.GENERATE, S.STEP: S.GENERATE,
-        S.SCHEDULE: S.STEP,
+        S.GENERATE: None, S.REQUESTS: S.GENERATE, S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3"): S.REQUESTS,
+        S.STEP: S.GENERATE, S.SCHEDULE: S.STEP,
         S.BLOCK_ALLOCATE: S.SCHEDULE, S.PREPARE_INPUTS: S.STEP, S.FORWARD: S.STEP, S.SAMPLE: S.STEP,
         S.POSTPROCESS: S.STEP,
     }
     for span in spans:
-        assert parent_name(span) == expected_parent[span["name"]], span["name"]
+        assert parent_kind(span) == expected_parent[kind(span["name"])], span["name"]
     generate = by_name(spans, S.GENERATE)[0]
     assert all(s["trace_id"] == generate["trace_id"] for s in spans if s["name"] not in
                (S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
@@ -267,7 +272,7 @@ def test_level_request_sends_request_spans_only(qwen3_dir):
     spans, _, _ = traced_run(qwen3_dir, level="request")
     names = {s["name"] for s in spans}
     assert {S.GENERATE, S.ENGINE_INIT} <= names and len(requests_of(spans)) == len(PROMPTS)
-    assert not names & {S.STEP, *S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
+    assert not by_name(spans, S.STEP) and not names & {*S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
     request = requests_of(spans)[0]
     assert {e["name"] for e in request["events"]} == {S.EVENT_SCHEDULED, S.EVENT_FIRST_TOKEN, S.EVENT_FINISHED}
 

@@ -11,14 +11,15 @@ MODEL_LOAD = "model.load"
 KV_CACHE_ALLOCATE = "kv_cache.allocate"
 CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
 GENERATE = "llm.generate"
-STEP = "engine.step"
+REQUESTS = "llm.requests"              # a generate call's request spans, under one (collapsible) span
+STEP = "engine.step"                   # a detailed step's span is named "engine.step <phase>" (step_name)
 SCHEDULE = "scheduler.schedule"
 BLOCK_ALLOCATE = "block_manager.allocate"
 PREPARE_INPUTS = "model.prepare_inputs"
 FORWARD = "model.forward"
 SAMPLE = "sampler.sample"
 POSTPROCESS = "scheduler.postprocess"
-STEPS = "engine.steps"                 # aggregate: a run of steps that are not detailed
+STEPS = "engine.steps"                 # aggregate of steps not detailed, "engine.steps <phases>" (steps_name)
 CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
 ENGINE_LOOP = "engine.loop"            # serving: a window of the engine loop, its steps as children
 # debug level: one span per part of the forward, in the order it runs
@@ -43,6 +44,24 @@ def request_name(operation: str, model: str) -> str:
 def is_request(name: str, attrs) -> bool:
     """Whether a span of this name and these attributes is a request's span."""
     return name == request_name(attrs.get(GEN_AI_OPERATION), attrs.get(GEN_AI_REQUEST_MODEL))
+
+
+# A step's row in Jaeger says its phase, without a click: "engine.step prefill", "engine.step
+# decode", "engine.steps decode+drain" (a few names, no indexes in them).
+def step_name(phase: str) -> str:
+    return f"{STEP} {phase}"
+
+
+def steps_name(phases: str) -> str:
+    return f"{STEPS} {phases}"
+
+
+def is_step(name: str) -> bool:
+    return name.startswith(STEP + " ")
+
+
+def is_steps(name: str) -> bool:
+    return name.startswith(STEPS + " ")
 
 
 # ---- request events --------------------------------------------------------------------

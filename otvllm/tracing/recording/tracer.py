@@ -182,8 +182,9 @@ class _Call:
         self.ahead: deque[int] = deque()   # detailed steps the open stretch has not reached yet
         self.stretch = StepStretch()
         self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
-        # Spans of this call's steps: the root (and a generate call's request spans) are always kept.
-        self.budget = max_spans - 1 - (len(seqs) if seqs is not None else 0)
+        # Spans of this call's steps: the root (and a generate call's request spans and their group)
+        # are always kept.
+        self.budget = max_spans - 1 - (len(seqs) + 1 if seqs is not None else 0)
         self.steps = self.prefill_steps = self.drain_steps = 0
         self.prefill_ns = self.decode_ns = 0
         self.last_end_ns = 0
@@ -413,9 +414,11 @@ class EngineTracer:
                   manager.num_tokens_cached, scheduler.num_preemptions)
         self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
-        for seq, prompt in zip(seqs, prompts):
-            record = self._open_request(call.requests, call.origins, seq, prompt, root, seq.arrival_ns or root.start_ns)
-            call.request_rids[seq.seq_id] = record.rid
+        group = SpanRecord(S.REQUESTS, root, root.start_ns, attrs={S.GEN_NUM_REQUESTS: len(seqs)})
+        sink.send(OPEN, group)
+        records = [self._open_request(call.requests, call.origins, seq, prompt, group, seq.arrival_ns or root.start_ns)
+                   for seq, prompt in zip(seqs, prompts)]
+        call.request_rids.update((seq.seq_id, record.rid) for seq, record in zip(seqs, records))
         try:
             with root:
                 yield
@@ -425,6 +428,8 @@ class EngineTracer:
             for seq in seqs:
                 if seq.seq_id in call.requests:
                     self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
+            group.end_ns = max(r.end_ns for r in records)
+            sink.send(CLOSE, group)
             after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
                      manager.num_tokens_cached, scheduler.num_preemptions)
             root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(after, before))))
@@ -600,7 +605,9 @@ class EngineTracer:
         if not len(stretch):
             return
         first, last = stretch.steps[0], stretch.steps[-1]
-        self._send_spans(call, [SpanRecord(S.STEPS, call.root, first.start_ns, last.end_ns, stretch.attrs())])
+        attrs = stretch.attrs()
+        self._send_spans(call, [SpanRecord(S.steps_name(attrs[S.PHASE]), call.root, first.start_ns, last.end_ns,
+                                           attrs)])
         call.budget -= 1
         call.aggregates += 1
         call.stretch = StepStretch()
@@ -616,6 +623,7 @@ class EngineTracer:
         summary = step.summary
         call.ahead.append(summary.index)
         call.detailed_indexes.add(summary.index)
+        step.record.name = S.step_name(summary.phase)
         step.record.attrs.update({
             S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})

@@ -106,7 +106,7 @@ def _phase_of(span: _Span) -> str:
 def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     """`gen` is the llm.generate span (None: a trace with step spans but no generate span)."""
     attrs = gen.attrs if gen is not None else {}
-    steps = [s for s in spans if s.name == S.STEP]
+    steps = [s for s in spans if S.is_step(s.name)]
     requests = [s for s in spans if _is_request(s)]
     by_phase: dict[str, list[_Span]] = defaultdict(list)
     for step in steps:
@@ -412,10 +412,10 @@ def _summarize_trace(trace: dict) -> list[str]:
         if len(gens) > 1 or inits:
             lines.append(f" {gen.name} ({_ms(gen.ms)}):")
         lines.extend(_generate_lines(gen, list(gen.descendants())))
-    if not gens and any(s.name == S.STEP for s in spans):
+    if not gens and any(S.is_step(s.name) for s in spans):
         lines.append("  (no llm.generate span in this trace; figures from the step spans)")
         lines.extend(_generate_lines(None, spans))
-    if not gens and not inits and not any(s.name == S.STEP for s in spans):
+    if not gens and not inits and not any(S.is_step(s.name) for s in spans):
         counts: dict[str, int] = defaultdict(int)
         for s in spans:
             counts[s.name] += 1
