@@ -78,6 +78,8 @@ def test_a_step_out_of_memory_names_its_phase_shapes_and_advice(tmp_path, qwen3_
     assert step["attributes"][S.STEP_INDEX] == 2 and step["attributes"][S.STEP_DETAIL_REASON] == "error"
     assert forward["parent_span_id"] == step["span_id"]
 
+    in_error = [s for s in spans if s["status_code"] == ERROR]
+    assert len(in_error) == 5 and all(s["attributes"][S.ERROR_TYPE] == "OutOfMemoryError" for s in in_error)
     text = lines(summary)
     assert not any(line.startswith("Generation complete") for line in text)
     assert any(line.startswith("Generation failed (OutOfMemoryError)") for line in text)
