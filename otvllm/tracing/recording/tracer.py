@@ -629,8 +629,8 @@ class EngineTracer:
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
         step.children.extend(extra)
         if step.batch is not None and step.batch.seqs:
-            step.record.attrs[S.BATCH_SEQ_IDS] = [seq.seq_id for seq in step.batch.seqs]
-            self._link(call, step)
+            seq_ids = step.record.attrs[S.BATCH_SEQ_IDS] = [seq.seq_id for seq in step.batch.seqs]
+            self._link(call, step.record, seq_ids)
         if step.forward is not None and step.forward.end_ns:
             try:
                 step.forward.attrs.update(memory_snapshot(self.device))
@@ -643,23 +643,20 @@ class EngineTracer:
             self._send_step(call, step)
         return True
 
-    def _link(self, call: _Call, step: _StepTrace) -> None:
+    def _link(self, call: _Call, record: SpanRecord, seq_ids: list[int]) -> None:
         """A step and the request spans of its batch, each linked to the other (bounded): in
         Jaeger a step's batch and a request's steps are one click away. A request whose span
         has already ended keeps the link from the step only."""
-        links = []
-        request_rids = call.request_rids
-        for seq in step.batch.seqs:
-            rid = request_rids.get(seq.seq_id)
-            if rid is not None and len(links) < MAX_LINKS:
-                links.append(rid)
-            request = call.requests.get(seq.seq_id)
+        rids, requests, rid = call.request_rids, call.requests, record.rid
+        record.links = [rids[i] for i in seq_ids[:MAX_LINKS] if i in rids]
+        for i in seq_ids:
+            request = requests.get(i)
             if request is not None:
-                if request.links is None:
-                    request.links = []
-                if len(request.links) < MAX_LINKS:
-                    request.links.append(step.record.rid)
-        step.record.links = links
+                links = request.links
+                if links is None:
+                    request.links = [rid]
+                elif len(links) < MAX_LINKS:
+                    links.append(rid)
 
     def _send_timed(self, call: _Call, wait: bool) -> None:
         """Send the detailed steps whose forward has finished on the device, with its GPU time."""
