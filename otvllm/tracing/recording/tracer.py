@@ -101,7 +101,7 @@ class NullTracer:
     def serve(self):
         return _NULL
 
-    def request_arrived(self, seq, prompt, parent) -> None:
+    def request_arrived(self, seq, prompt, parent, operation=None, response_id=None) -> None:
         pass
 
     def request_ended(self, seq, reason: str) -> None:
