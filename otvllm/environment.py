@@ -113,6 +113,19 @@ def boolean(text: str) -> bool:
     raise ValueError(f"expected true or false ({', '.join(TRUE)} / {', '.join(FALSE)})")
 
 
+def content_capture(text: str) -> bool:
+    """The GenAI instrumentations' switch: true/false, or where content goes (span_only,
+    span_and_event: on the span; event_only, no_content: not on it)."""
+    if text.lower() in ("span_only", "span_and_event"):
+        return True
+    if text.lower() in ("event_only", "no_content"):
+        return False
+    try:
+        return boolean(text)
+    except ValueError:
+        raise ValueError("expected true or false, or span_only, span_and_event, event_only, no_content") from None
+
+
 def choice(*names: str):
     def parse(text: str) -> str:
         if text.lower() not in names:
@@ -210,7 +223,8 @@ def _otlp_variables() -> list[Variable]:
 
 VARIABLES: dict[str, Variable] = {var.name: var for var in [
     Variable("OTVLLM_TRACE_LEVEL", choice(*TRACE_LEVELS), "step", "trace detail, when trace_level= is not given"),
-    Variable("OTVLLM_TRACE_CONTENT", boolean, False, "put prompt and output text on request spans"),
+    Variable("OTVLLM_TRACE_CONTENT", boolean, False,
+             "an alias of OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"),
     Variable("OTVLLM_TRACE_MAX_SPANS", integer(100), 2000, "spans one generate call (or loop window) may keep"),
     Variable("OTVLLM_TRACE_FIRST_STEPS", integer(0), 16, "the first steps of a call that are always detailed"),
     Variable("OTVLLM_TRACE_LAST_STEPS", integer(0), 8, "the last steps of a call that are always detailed"),
@@ -224,6 +238,9 @@ VARIABLES: dict[str, Variable] = {var.name: var for var in [
     Variable("OTVLLM_CACHE_DIR", directory, lambda: os.path.join(os.path.expanduser("~"), ".cache", "otvllm"),
              "where the synthetic model is written"),
     Variable("OTEL_SDK_DISABLED", boolean, False, "no trace or metric export at all"),
+    Variable("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", content_capture, False,
+             "put prompts and outputs (gen_ai.input.messages, gen_ai.output.messages), their token ids and "
+             "logprobs on request spans"),
     Variable("OTEL_SERVICE_NAME", any_text, "otvllm", "service.name of exported spans and metrics"),
     Variable("OTEL_METRIC_EXPORT_INTERVAL", integer(1, 86_400_000), 60_000,
              "milliseconds between OTLP metric exports (otvllm serve)"),

@@ -10,7 +10,8 @@
 # 3. sends one completion through the server (POST /v1/completions) and checks the answer;
 # 4. polls Jaeger's HTTP query API (/api/v3/services, /api/v3/traces) until one trace of
 #    service "otvllm-loadgen" holds the load generator's client span and otvllm's spans
-#    "request" and "POST /v1/completions" (client -> server -> request in one trace);
+#    "text_completion synthetic-qwen3-v1" (the request) and "POST /v1/completions"
+#    (client -> server -> request in one trace);
 # 5. polls Prometheus (/api/v1/query) until otvllm's metrics are there
 #    (gen_ai_server_time_to_first_token_seconds_count, otvllm_tokens_total) along with the
 #    spanmetrics series of Jaeger's Monitor tab, and /api/v1/query_exemplars until a TTFT
@@ -47,7 +48,8 @@ COLLECTOR_HEALTH_URL="${COLLECTOR_HEALTH_URL:-http://127.0.0.1:13133/}"
 SERVICE_NAME="otvllm"
 LOADGEN_SERVICE_NAME="otvllm-loadgen"
 # Spans of otvllm that must share a trace with a span of the load generator.
-REQUIRED_SPANS=(request "POST /v1/completions")
+# A request's span is named "{gen_ai.operation.name} {gen_ai.request.model}".
+REQUIRED_SPANS=("text_completion synthetic-qwen3-v1" "POST /v1/completions")
 PROMETHEUS_METRICS=(gen_ai_server_time_to_first_token_seconds_count otvllm_tokens_total traces_span_metrics_calls_total)
 GRAFANA_DASHBOARD_UID="otvllm"
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import configure
+from otvllm.tracing import schema as S
 from tests.otlp_receiver import OtlpReceiver
 
 # Each architecture with the variations the loader must handle: GQA, a head_dim that is
@@ -114,4 +115,25 @@ def traced_run(model_dir, level="step", prompts=PROMPTS, params=PARAMS, **kwargs
 
 
 def by_name(spans, name):
-    return [s for s in spans if s["name"] == name]
+    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
+    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
+    return [s for s in spans if match(s["name"])]
+
+
+def traced(tmp_path, body):
+    """Run `body()` with tracing to a real OTLP receiver and to a trace file: (the receiver's
+    spans, `otvllm trace summary` of the file)."""
+    from otvllm.tracing.tools.summary import summarize_file
+
+    path = tmp_path / "trace.json"
+    with OtlpReceiver() as receiver:
+        session = configure(endpoint=receiver.endpoint, trace_file=str(path))
+        try:
+            body()
+        finally:
+            session.shutdown()
+        return receiver.spans(), summarize_file(str(path))
+
+
+def lines(summary: str) -> list[str]:
+    return [line.strip() for line in summary.splitlines()]

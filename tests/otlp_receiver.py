@@ -91,7 +91,8 @@ class OtlpReceiver:
                         "parent_span_id": s.parent_span_id.hex(),
                         "start_ns": s.start_time_unix_nano, "end_ns": s.end_time_unix_nano,
                         "attributes": _attrs(s.attributes),
-                        "events": [{"name": e.name, "attributes": _attrs(e.attributes)} for e in s.events],
+                        "events": [{"name": e.name, "time_ns": e.time_unix_nano, "attributes": _attrs(e.attributes)}
+                                   for e in s.events],
                         "links": [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
                                   for link in s.links],
                         "status_code": s.status.code, "resource": resource, "scope_name": ss.scope.name,

@@ -106,3 +106,65 @@ def test_a_cpu_engine_made_after_a_cuda_engine_compiles_nothing(qwen3_dir):
     outputs = cpu.generate(PROMPTS[:2], params, use_tqdm=False)
     assert counters["frames"]["total"] == frames
     assert outputs[0].token_ids == hf_greedy(qwen3_dir, PROMPTS[0], GREEDY.max_tokens)
+
+
+def test_a_real_out_of_memory_in_a_step_carries_the_memory_figures(qwen3_dir):
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", trace_level="step")
+        forward, calls = llm.engine.runner.forward, []
+
+        def greedy_forward(inputs):   # the third forward asks for more than the device has
+            calls.append(1)
+            if len(calls) == 3:
+                torch.empty(torch.cuda.get_device_properties(0).total_memory * 2, dtype=torch.uint8, device="cuda")
+            return forward(inputs)
+        llm.engine.runner.forward = greedy_forward
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    spans = memory.get_finished_spans()
+    failed = [s for s in spans if s.name == S.FORWARD and not s.status.is_ok]
+    assert len(failed) == 1
+    a = failed[0].attributes
+    free, total = torch.cuda.mem_get_info()
+    assert a[S.MEM_TOTAL] == total and 0 < a[S.MEM_FREE] <= total
+    assert 0 < a[S.MEM_ALLOCATED] <= a[S.MEM_RESERVED] <= total
+    assert "gpu_memory_utilization" in a[S.ERROR_ADVICE]
+    assert a[S.PHASE] == "decode" and a[S.SHAPE_PREFIX + "input_ids"] == [len(PROMPTS)]
+
+
+DEVICE_ASSERT_RUN = """
+import sys, torch
+from otvllm import LLM, SamplingParams
+from otvllm.tracing import configure
+session = configure(trace_file=sys.argv[2])
+llm = LLM(sys.argv[1], kvcache_block_size=16, max_model_len=512, device="cuda", gpu_memory_utilization=0.3,
+          trace_level="debug")
+mlp = llm.engine.runner.model.model.layers[1].mlp
+forward = mlp.forward
+def bad_index(x):   # an out-of-bounds gather: a device-side assert, reported asynchronously
+    out = forward(x)
+    return out[torch.full((out.shape[0],), 1 << 30, device=out.device)]
+mlp.forward = bad_index
+try:
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+except Exception as e:
+    print(type(e).__name__)
+session.shutdown()
+"""
+
+
+def test_at_debug_a_device_side_error_is_pinned_to_its_layer(qwen3_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "trace.json"
+    result = subprocess.run([sys.executable, "-c", DEVICE_ASSERT_RUN, qwen3_dir, str(path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    spans = [s for t in json.load(open(path))["data"] for s in t["spans"]]
+    tags = [{t["key"]: t["value"] for t in s["tags"]} for s in spans]
+    failed = [(s["operationName"], t.get(S.LAYER_INDEX)) for s, t in zip(spans, tags) if t.get("error")]
+    # The one part of the forward in ERROR is layer 1's MLP, where the device was synchronised.
+    parts = [f for f in failed if f[0] in (S.EMBEDDING, S.NORM, S.ATTENTION, S.MLP, S.LM_HEAD)]
+    assert parts == [(S.MLP, 1)], failed

@@ -123,7 +123,7 @@ def test_detailed_steps_carry_nvml_telemetry(qwen3_dir):
     spans, llm = traced(lambda: LLM(qwen3_dir, device="cuda", kvcache_block_size=16, max_model_len=256,
                                     gpu_memory_utilization=0.3, trace_level="step"),
                         lambda llm: llm.generate(prompts, params, use_tqdm=False))
-    steps = [s for s in spans if s.name == S.STEP]
+    steps = [s for s in spans if S.is_step(s.name)]
     assert len(steps) == params.max_tokens
     keys = (S.GPU_UTILIZATION, S.GPU_MEMORY_UTILIZATION, S.GPU_SM_CLOCK, S.GPU_MEMORY_CLOCK, S.GPU_POWER,
             S.GPU_TEMPERATURE)

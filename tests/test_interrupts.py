@@ -140,7 +140,9 @@ def load_spans(path) -> list[dict]:
 
 
 def named(spans, name) -> list[dict]:
-    return [s for s in spans if s["operationName"] == name]
+    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
+    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
+    return [s for s in spans if match(s["operationName"])]
 
 
 def the(spans, name) -> dict:
@@ -160,7 +162,7 @@ def finished(request) -> bool:
 
 def check_requests(spans, error_type, n):
     """Requests that finished before the interruption are fine; the others end in error."""
-    requests = named(spans, S.REQUEST)
+    requests = [s for s in spans if S.is_request(s["operationName"], s["attrs"])]
     assert len(requests) == n
     unfinished = [r for r in requests if not finished(r)]
     assert unfinished, "every request finished before the interruption: make the run longer"

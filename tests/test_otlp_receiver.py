@@ -36,7 +36,9 @@ def test_sdk_exporter_delivers_to_receiver():
     assert step["attributes"] == {"otvllm.step.index": 3, "otvllm.phase": "decode",
                                   "otvllm.forward.gpu_time_ms": 1.5, "otvllm.forward.cuda_graph": True,
                                   "otvllm.shape.logits": [4, 151936], "otvllm.postprocess.finish_reasons": ["stop"]}
-    assert step["events"] == [{"name": "first_token", "attributes": {"otvllm.step.index": 3}}]
+    event, = step["events"]
+    assert event["name"] == "first_token" and event["attributes"] == {"otvllm.step.index": 3}
+    assert step["start_ns"] <= event["time_ns"] <= step["end_ns"]
     assert step["status_code"] == StatusCode.ERROR.value
     assert step["resource"]["service.name"] == "otvllm-test"
     assert step["scope_name"] == "otvllm"

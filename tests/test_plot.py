@@ -37,14 +37,14 @@ def file_steps(path):
     tags = {s["spanID"]: {t["key"]: t["value"] for t in s["tags"]} for s in spans}
     steps = {}
     for s in spans:
-        if s["operationName"] == S.STEP:
+        if S.is_step(s["operationName"]):
             steps[tags[s["spanID"]][S.STEP_INDEX]] = {"span": s, "tags": tags[s["spanID"]], "children": {}}
     for s in spans:
         for ref in s.get("references") or []:
             for step in steps.values():
                 if ref["spanID"] == step["span"]["spanID"]:
                     step["children"][s["operationName"]] = tags[s["spanID"]]
-    return dict(sorted(steps.items())), [s for s in spans if s["operationName"] == S.STEPS]
+    return dict(sorted(steps.items())), [s for s in spans if S.is_steps(s["operationName"])]
 
 
 def series(figure: dict) -> dict:
@@ -100,11 +100,11 @@ def test_plot_draws_gpu_time_memory_and_telemetry_where_the_trace_has_them(trace
     """The CPU trace with CUDA figures added to its spans, as a GPU run records them."""
     doc = json.loads(trace_file.read_text())
     spans = [s for t in doc["data"] for s in t["spans"]]
-    step_ids = {s["spanID"] for s in spans if s["operationName"] == S.STEP}
+    step_ids = {s["spanID"] for s in spans if S.is_step(s["operationName"])}
     expected = {}
     for s in spans:
         parent = next((r["spanID"] for r in s.get("references") or []), None)
-        if s["operationName"] == S.STEP:
+        if S.is_step(s["operationName"]):
             s["tags"].append({"key": S.GPU_UTILIZATION, "type": "int64", "value": 70})
         elif s["operationName"] == S.FORWARD and parent in step_ids:
             gpu_ms = 0.25 + len(expected)

@@ -178,7 +178,7 @@ def test_summary_prints_the_top_operators_and_gpu_telemetry(tmp_path):
     ]
     telemetry = [(80, 1980, 400.0, 61), (40, 1500, 300.0, 65)]
     for i, ((names, ms, calls, kernels, total), (util, clock, power, temp)) in enumerate(zip(profiles, telemetry)):
-        step = tracer.start_span(S.STEP, context=trace.set_span_in_context(gen), start_time=t0 + i * 10**7,
+        step = tracer.start_span(S.step_name("decode"), context=trace.set_span_in_context(gen), start_time=t0 + i * 10**7,
                                  attributes={S.STEP_INDEX: i, S.PHASE: "decode", S.GPU_UTILIZATION: util,
                                              S.GPU_SM_CLOCK: clock, S.GPU_POWER: power, S.GPU_TEMPERATURE: temp})
         forward = tracer.start_span(S.FORWARD, context=trace.set_span_in_context(step), start_time=t0 + i * 10**7,
@@ -227,7 +227,7 @@ def test_a_profiled_step_that_fails_is_detailed_as_an_error(qwen3_dir, monkeypat
     finally:
         set_sink(None)
     spans = memory.get_finished_spans()
-    step = [s for s in spans if s.name == S.STEP and s.attributes[S.STEP_INDEX] == 1][0]
+    step = [s for s in spans if S.is_step(s.name) and s.attributes[S.STEP_INDEX] == 1][0]
     assert step.attributes[S.STEP_DETAIL_REASON] == "error" and step.status.status_code == StatusCode.ERROR
     forward = [s for s in spans if s.name == S.FORWARD and s.parent.span_id == step.context.span_id][0]
     assert forward.attributes[S.PROFILE_KERNELS] > 0   # its forward's profile is kept

@@ -70,7 +70,9 @@ def served(tmp_path_factory):
 
 
 def by_name(spans, name):
-    return [s for s in spans if s["name"] == name]
+    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
+    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
+    return [s for s in spans if match(s["name"])]
 
 
 def test_the_clients_trace_continues_into_the_engine(served):
@@ -80,7 +82,7 @@ def test_the_clients_trace_continues_into_the_engine(served):
     assert len(http) == 6
     traced_http = [s for s in http if s["trace_id"] == CLIENT_TRACE]
     assert len(traced_http) == 3 and all(s["parent_span_id"] == CLIENT_SPAN for s in traced_http)
-    requests = by_name(spans, S.REQUEST)
+    requests = [s for s in spans if S.is_request(s["name"], s["attributes"])]
     assert len(requests) == 6
     http_ids = {s["span_id"]: s for s in http}
     for request in requests:   # each request span is the child of its own HTTP span, in its trace
@@ -88,11 +90,14 @@ def test_the_clients_trace_continues_into_the_engine(served):
         assert request["trace_id"] == parent["trace_id"]
         assert request["attributes"][S.GEN_AI_USAGE_OUTPUT_TOKENS] == 24
     assert sum(r["trace_id"] == CLIENT_TRACE for r in requests) == 3
+    # gen_ai.response.id is the id of the HTTP response the client got.
+    assert sorted(r["attributes"][S.GEN_AI_RESPONSE_ID] for r in requests) == sorted(a.id for a in answers)
+    assert all(r["name"] == f"text_completion {SYNTHETIC_NAME}" for r in requests)
 
 
 def test_steps_live_in_engine_loop_traces_linked_to_their_requests(served):
     spans, *_ = served
-    requests = {s["span_id"]: s for s in by_name(spans, S.REQUEST)}
+    requests = {s["span_id"]: s for s in spans if S.is_request(s["name"], s["attributes"])}
     loops = by_name(spans, S.ENGINE_LOOP)
     assert loops and all(not s["parent_span_id"] for s in loops)
     loop_traces = {s["trace_id"] for s in loops}

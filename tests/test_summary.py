@@ -13,6 +13,8 @@ from otvllm.tracing.tools.summary import human_bytes, summarize_file
 T0 = 1_760_000_000_000_000_000   # ns since the epoch
 MS = 1_000_000
 GiB = 1 << 30
+REQUEST = "text_completion m"   # a request span is named by its operation and model
+REQUEST_IDS = {S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: "m"}
 
 
 class _Builder:
@@ -27,7 +29,7 @@ class _Builder:
 
 
 def _step(b, gen, index, phase, start, end, seqs, tokens, children=None, base=T0):
-    step = b.span(S.STEP, start, end, gen, base=base, **{S.STEP_INDEX: index, S.PHASE: phase,
+    step = b.span(S.step_name(phase), start, end, gen, base=base, **{S.STEP_INDEX: index, S.PHASE: phase,
                                                          S.NUM_SEQS: seqs, S.NUM_BATCHED_TOKENS: tokens})
     for name, s, e, attrs in children or ():
         b.span(name, s, e, step, base=base, **attrs)
@@ -52,9 +54,9 @@ def summary(tmp_path_factory):
         (S.SCHEDULE, 14, 15, {}), (S.FORWARD, 15, 28, {S.MEM_PEAK: 2 * GiB + GiB // 2}),
         (S.SAMPLE, 28, 29, {}), (S.POSTPROCESS, 29, 30, {})])
     _step(b, gen, 3, "decode", 30, 33, 1, 1)
-    b.span(S.REQUEST, 0, 14, gen, **{S.GEN_AI_USAGE_INPUT_TOKENS: 20, S.GEN_AI_USAGE_OUTPUT_TOKENS: 2,
+    b.span(REQUEST, 0, 14, gen, **REQUEST_IDS, **{S.GEN_AI_USAGE_INPUT_TOKENS: 20, S.GEN_AI_USAGE_OUTPUT_TOKENS: 2,
                                      S.REQUEST_TTFT_MS: 10.0, S.REQUEST_PREEMPTIONS: 0})
-    b.span(S.REQUEST, 0, 33, gen, **{S.GEN_AI_USAGE_INPUT_TOKENS: 10, S.GEN_AI_USAGE_OUTPUT_TOKENS: 4,
+    b.span(REQUEST, 0, 33, gen, **REQUEST_IDS, **{S.GEN_AI_USAGE_INPUT_TOKENS: 10, S.GEN_AI_USAGE_OUTPUT_TOKENS: 4,
                                      S.REQUEST_TTFT_MS: 12.0, S.REQUEST_PREEMPTIONS: 1})
     gen.end(end_time=T0 + 100 * MS)
 

@@ -172,16 +172,16 @@ def test_a_hung_collector_does_not_hold_up_the_trace_file_or_the_exit(cache_dir,
 
 @pytest.fixture(scope="module")
 def one_layer_model(tmp_path_factory):
-    """A Qwen3 with one narrow layer: at debug level a step is 7 spans (step, 5 phases, one
-    attention layer) for ~2-3 ms of engine time on this CPU, where the 4-layer synthetic model
-    needs ~8-10 ms for 10 spans: 60,000 spans in ~25 s rather than ~55 s."""
+    """A Qwen3 with one narrow layer: at debug level a step is 13 spans (step, 5 phases, and the
+    forward's 7 parts: embedding, two norms, attention, MLP, final norm, output head) for a few ms
+    of engine time on this CPU, fewer steps than the 4-layer synthetic model needs for as many spans."""
     from otvllm.synthetic import write_model
     return write_model(str(tmp_path_factory.mktemp("models") / "one-layer"), num_hidden_layers=1, hidden_size=32,
                        intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 
 
 def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_layer_model):
-    prompts, max_tokens = 5, 1750    # one sequence at a time: 5 x 1750 steps, 7 spans each
+    prompts, max_tokens = 5, 950    # one sequence at a time: 5 x 950 steps, 13 spans each
     trace = tmp_path / "debug.json"
     args = ["generate", "--model", one_layer_model, "--max-tokens", str(max_tokens), "--ignore-eos",
             "--max-num-seqs", "1", "--trace-level", "debug", "--no-progress", "--trace-file", str(trace)]
@@ -202,11 +202,12 @@ def test_a_60000_span_debug_trace_is_written_whole(cache_dir, tmp_path, one_laye
     assert tag(generate, S.GEN_OUTPUT_TOKENS) == prompts * max_tokens
     assert tag(generate, S.TRACE_STEPS_DETAILED) == steps
     assert tag(generate, S.TRACE_STEPS_OVER_BUDGET) == 0 and tag(generate, S.TRACE_SPANS_DROPPED) == 0
-    assert names.count(S.STEP) == steps and S.STEPS not in names
-    assert names.count(S.FORWARD) == names.count(S.ATTENTION) == prompts * max_tokens   # one layer
+    assert sum(map(S.is_step, names)) == steps and not any(map(S.is_steps, names))
+    assert names.count(S.FORWARD) == names.count(S.ATTENTION) == names.count(S.MLP) == prompts * max_tokens
+    assert names.count(S.NORM) == 3 * prompts * max_tokens   # one layer: its two norms and the final one
     for phase in (S.PREPARE_INPUTS, S.SAMPLE, S.POSTPROCESS):
         assert names.count(phase) == prompts * max_tokens
-    assert names.count(S.REQUEST) == prompts
+    assert names.count(S.request_name(S.OPERATION_TEXT_COMPLETION, "one-layer")) == prompts
     assert_one_trace_per_run(spans)   # every span's parent is in the file
     assert os.listdir(tmp_path) == ["debug.json"]
 
@@ -276,7 +277,8 @@ def test_a_trace_with_prompt_text_is_private_whatever_the_umask(cache_dir, tmp_p
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(os.stat(trace).st_mode) == 0o600
     _, spans = file_spans(trace)   # replaced whole
-    assert "hello" in {tag(s, S.GEN_AI_PROMPT) for s in spans if s["operationName"] == S.REQUEST}
+    inputs = [json.loads(tag(s, S.GEN_AI_INPUT_MESSAGES)) for s in spans if tag(s, S.GEN_AI_INPUT_MESSAGES)]
+    assert sorted(m[0]["parts"][0]["content"] for m in inputs) == ["hello", "world"]
 
 
 # ---- 5. default names: two runs at once in one directory ------------------------------------------

@@ -54,10 +54,11 @@ def test_spans_nest_under_the_callers_span(exporter, qwen3_dir):
         assert root.parent.span_id == parent.get_span_context().span_id
         assert root.context.trace_id == parent.get_span_context().trace_id
     assert all(s.context.trace_id == parent.get_span_context().trace_id for s in ours)
-    requests = [s for s in ours if s.name == S.REQUEST]
+    requests = [s for s in ours if S.is_request(s.name, s.attributes)]
     assert [r.attributes[S.GEN_AI_USAGE_OUTPUT_TOKENS] for r in requests] == [len(o.token_ids) for o in outputs]
-    assert all(by_id[r.parent.span_id].name == S.GENERATE for r in requests)
-    steps = [s for s in ours if s.name == S.STEP]
+    assert all(by_id[by_id[r.parent.span_id].parent.span_id] is generate for r in requests)
+    assert {by_id[r.parent.span_id].name for r in requests} == {S.REQUESTS}
+    steps = [s for s in ours if S.is_step(s.name)]
     assert len(steps) == PARAMS.max_tokens
     assert all(by_id[s.parent.span_id] is generate for s in steps)
 
@@ -68,7 +69,7 @@ def test_flush_after_generate_exports_everything(exporter, qwen3_dir):
     llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)
     trace.get_tracer_provider().force_flush()
     names = [s.name for s in exporter.get_finished_spans()]
-    assert names.count(S.GENERATE) == 1 and names.count(S.STEP) == PARAMS.max_tokens
+    assert names.count(S.GENERATE) == 1 and sum(map(S.is_step, names)) == PARAMS.max_tokens
 
 
 def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter, qwen3_dir, monkeypatch):
@@ -87,12 +88,12 @@ def test_a_failing_phase_ends_spans_with_error_and_the_engine_recovers(exporter,
     with pytest.raises(RuntimeError, match="kernel exploded"):
         llm.generate([[1, 2, 3], [4, 5, 6, 7]], PARAMS, use_tqdm=False)
     spans = {s.name: s for s in exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR}
-    assert {S.FORWARD, S.STEP, S.GENERATE} <= set(spans)
+    assert {S.FORWARD, S.step_name("decode"), S.GENERATE} <= set(spans)
     forward = spans[S.FORWARD]
     assert "kernel exploded" in forward.status.description
     assert forward.events[0].name == "exception"
     assert forward.events[0].attributes["exception.type"] == "RuntimeError"
-    requests = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST]
+    requests = [s for s in exporter.get_finished_spans() if S.is_request(s.name, s.attributes)]
     assert len(requests) == 2 and all(r.status.status_code == StatusCode.ERROR for r in requests)
     # The failed call's requests were dropped and their blocks freed: the engine still works.
     manager = llm.engine.block_manager
@@ -116,17 +117,34 @@ def test_cuda_out_of_memory_at_start_up_says_what_to_change(exporter, qwen3_dir,
     assert "max_model_len" in failed[S.KV_CACHE_ALLOCATE].attributes[S.ERROR_ADVICE]
 
 
-def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch):
+@pytest.mark.parametrize("switch", [("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+                                    ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "SPAN_ONLY"),
+                                    ("OTVLLM_TRACE_CONTENT", "1")])
+def test_prompt_text_only_with_opt_in(exporter, qwen3_dir, monkeypatch, switch):
+    import json
+
     llm = make_llm(qwen3_dir)
     exporter.clear()
     llm.generate(["secret prompt"], PARAMS, use_tqdm=False)
     assert not any("secret" in str(v) for s in exporter.get_finished_spans() for v in s.attributes.values())
-    monkeypatch.setenv("OTVLLM_TRACE_CONTENT", "1")
+    for off in ("false", "EVENT_ONLY", "NO_CONTENT"):   # no content on spans
+        monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", off)
+        exporter.clear()
+        llm.generate(["secret prompt"], PARAMS, use_tqdm=False)
+        assert not any("secret" in str(v) for s in exporter.get_finished_spans() for v in s.attributes.values())
+    monkeypatch.delenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")
+    monkeypatch.setenv(*switch)
     exporter.clear()
     out = llm.generate(["secret prompt"], PARAMS, use_tqdm=False)[0]
-    request = [s for s in exporter.get_finished_spans() if s.name == S.REQUEST][0]
-    assert request.attributes[S.GEN_AI_PROMPT] == "secret prompt"
-    assert request.attributes[S.GEN_AI_COMPLETION] == llm.tokenizer.decode(out.token_ids)
+    request = [s for s in exporter.get_finished_spans() if S.is_request(s.name, s.attributes)][0]
+    a = request.attributes
+    assert json.loads(a[S.GEN_AI_INPUT_MESSAGES]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "secret prompt"}]}]
+    assert json.loads(a[S.GEN_AI_OUTPUT_MESSAGES]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": out.text}], "finish_reason": "length"}]
+    assert list(a[S.REQUEST_PROMPT_TOKEN_IDS]) == llm.tokenizer.encode("secret prompt")
+    assert list(a[S.REQUEST_OUTPUT_TOKEN_IDS]) == out.token_ids
+    assert S.REQUEST_LOGPROBS not in a   # none asked for
 
 
 def test_level_off_emits_nothing_to_the_callers_provider(exporter, qwen3_dir):
@@ -148,7 +166,7 @@ def test_step_spans_reach_the_callers_processor_while_generate_runs(exporter, qw
 
     class Watch(SimpleSpanProcessor):
         def on_end(self, span):
-            if span.name == S.STEP:
+            if S.is_step(span.name):
                 engine_steps_at_delivery.append(llm.engine.step_index)
 
     trace.get_tracer_provider().add_span_processor(Watch(InMemorySpanExporter()))

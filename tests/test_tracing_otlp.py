@@ -9,6 +9,7 @@ from contextlib import redirect_stderr
 import pytest
 import torch
 
+import otvllm
 from otvllm import SamplingParams
 from otvllm.tracing import configure
 from otvllm.tracing import schema as S
@@ -23,13 +24,20 @@ def step_run(qwen3_dir):
     return traced_run(qwen3_dir)
 
 
+def requests_of(spans):
+    return [s for s in spans if S.is_request(s["name"], s["attributes"])]
+
+
 def test_every_schema_span_arrives_with_the_service_name(step_run):
     spans, _, _ = step_run
     names = {s["name"] for s in spans}
-    expected = {S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE, S.REQUEST, S.STEP, S.SCHEDULE,
+    request = S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3")   # the model directory's name
+    expected = {S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE, S.GENERATE,
+                S.REQUESTS, request, S.step_name("prefill"), S.step_name("decode"), S.SCHEDULE,
                 S.BLOCK_ALLOCATE, S.PREPARE_INPUTS, S.FORWARD, S.SAMPLE, S.POSTPROCESS}
     assert expected <= names
     assert {s["resource"]["service.name"] for s in spans} == {"otvllm-test"}
+    assert {s["resource"]["service.version"] for s in spans} == {otvllm.__version__}
     assert {s["scope_name"] for s in spans} == {"otvllm"}
 
 
@@ -37,20 +45,25 @@ def test_parent_child_structure(step_run):
     spans, _, _ = step_run
     by_id = {s["span_id"]: s for s in spans}
 
-    def parent_name(span):
-        return by_id[span["parent_span_id"]]["name"] if span["parent_span_id"] else None
+    def kind(name):   # a step's name carries its phase
+        return S.STEP if S.is_step(name) else name
+
+    def parent_kind(span):
+        return kind(by_id[span["parent_span_id"]]["name"]) if span["parent_span_id"] else None
 
     expected_parent = {
-        S.ENGINE_INIT: None, S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
-        S.GENERATE: None, S.REQUEST: S.GENERATE, S.STEP: S.GENERATE, S.SCHEDULE: S.STEP,
+        S.ENGINE_INIT: None, S.CONFIG_LOAD: S.ENGINE_INIT, S.TOKENIZER_LOAD: S.ENGINE_INIT,
+        S.MODEL_LOAD: S.ENGINE_INIT, S.KV_CACHE_ALLOCATE: S.ENGINE_INIT,
+        S.GENERATE: None, S.REQUESTS: S.GENERATE, S.request_name(S.OPERATION_TEXT_COMPLETION, "qwen3"): S.REQUESTS,
+        S.STEP: S.GENERATE, S.SCHEDULE: S.STEP,
         S.BLOCK_ALLOCATE: S.SCHEDULE, S.PREPARE_INPUTS: S.STEP, S.FORWARD: S.STEP, S.SAMPLE: S.STEP,
         S.POSTPROCESS: S.STEP,
     }
     for span in spans:
-        assert parent_name(span) == expected_parent[span["name"]], span["name"]
+        assert parent_kind(span) == expected_parent[kind(span["name"])], span["name"]
     generate = by_name(spans, S.GENERATE)[0]
     assert all(s["trace_id"] == generate["trace_id"] for s in spans if s["name"] not in
-               (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
+               (S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE))
     for span in spans:   # children lie within their parents
         if span["parent_span_id"]:
             parent = by_id[span["parent_span_id"]]
@@ -118,7 +131,7 @@ def test_block_allocation_spans_agree_with_the_engine(step_run):
 
 def test_request_spans_have_gen_ai_usage_and_events(step_run):
     spans, outputs, _ = step_run
-    requests = sorted(by_name(spans, S.REQUEST), key=lambda s: s["attributes"][S.SEQ_ID])
+    requests = sorted(requests_of(spans), key=lambda s: s["attributes"][S.SEQ_ID])
     assert len(requests) == len(PROMPTS)
     for span, prompt, out in zip(requests, PROMPTS, outputs):
         a = span["attributes"]
@@ -127,14 +140,18 @@ def test_request_spans_have_gen_ai_usage_and_events(step_run):
         assert a[S.GEN_AI_RESPONSE_FINISH_REASONS] == ["length"]
         assert a[S.GEN_AI_REQUEST_MAX_TOKENS] == PARAMS.max_tokens
         assert a[S.GEN_AI_REQUEST_TEMPERATURE] == 0.0 and a[S.GEN_AI_REQUEST_TOP_P] == 1.0
-        assert a[S.GEN_AI_OPERATION] == "text_completion"
+        assert a[S.GEN_AI_OPERATION] == "text_completion" and a[S.GEN_AI_SYSTEM] == "otvllm"
+        assert span["name"] == f"text_completion {a[S.GEN_AI_REQUEST_MODEL]}" == "text_completion qwen3"
+        assert a[S.GEN_AI_RESPONSE_MODEL] == "qwen3"
+        assert a[S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 0   # nothing shared with an earlier prompt
         assert a[S.REQUEST_TTFT_MS] >= a[S.REQUEST_QUEUE_TIME_MS] >= 0
         events = {e["name"]: e["attributes"] for e in span["events"]}
         assert events[S.EVENT_SCHEDULED][S.EVENT_STEP] == 0
         assert events[S.EVENT_FIRST_TOKEN][S.EVENT_STEP] == 0
         assert events[S.EVENT_FINISHED][S.EVENT_STEP] == PARAMS.max_tokens - 1
         assert events[S.EVENT_FINISHED][S.EVENT_REASON] == "length"
-        assert S.GEN_AI_PROMPT not in a and S.GEN_AI_COMPLETION not in a   # content is opt-in
+        assert not a.keys() & {S.GEN_AI_INPUT_MESSAGES, S.GEN_AI_OUTPUT_MESSAGES, S.REQUEST_PROMPT_TOKEN_IDS,
+                               S.REQUEST_OUTPUT_TOKEN_IDS}   # content is opt-in
 
 
 def test_generate_span_totals(step_run):
@@ -155,6 +172,24 @@ def test_generate_span_totals(step_run):
                                                   abs=0.01)
     assert a[S.STEP_TIME_MEAN_MS] == pytest.approx(sum(durations_ms) / len(durations_ms), abs=0.01)
     assert a[S.GEN_AI_REQUEST_MODEL] == "qwen3"
+
+
+def test_start_up_phases_are_spans_one_after_another(step_run, qwen3_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    spans, _, _ = step_run
+    init = by_name(spans, S.ENGINE_INIT)[0]
+    phases = sorted((s for s in spans if s["parent_span_id"] == init["span_id"]), key=lambda s: s["start_ns"])
+    assert [s["name"] for s in phases] == [S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE]
+    assert all(a["end_ns"] <= b["start_ns"] for a, b in zip(phases, phases[1:]))
+    config, tokenizer = phases[0]["attributes"], phases[1]["attributes"]
+    with open(f"{qwen3_dir}/config.json") as f:
+        assert config[S.MODEL_ARCHITECTURE] == json.load(f)["architectures"][0]
+    reference = AutoTokenizer.from_pretrained(qwen3_dir)
+    assert tokenizer[S.TOKENIZER_CLASS] == type(reference).__name__
+    assert tokenizer[S.TOKENIZER_VOCAB_SIZE] == len(reference)
 
 
 def test_model_load_and_kv_cache_spans(step_run):
@@ -209,9 +244,14 @@ def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
     block_spans = [s for s in by_name(spans, S.BLOCK_ALLOCATE)
                    if s["trace_id"] == second["trace_id"] and s["attributes"][S.PHASE] == "prefill"]
     assert block_spans[0]["attributes"][S.BLOCKS_CACHE_HITS] == hits
-    assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 1.0
-    request = [s for s in by_name(spans, S.REQUEST) if s["trace_id"] == second["trace_id"]][0]
+    # As vLLM counts it: cached prompt tokens of all prompt tokens (the last token is always
+    # computed); every full block looked up was a hit.
+    assert second["attributes"][S.GEN_PREFIX_HIT_RATE] == 32 / len(prompts[1])
+    assert second["attributes"][S.GEN_PREFIX_CACHED_TOKENS] == 32
+    assert second["attributes"][S.GEN_PREFIX_BLOCK_HIT_RATE] == 1.0
+    request = [s for s in requests_of(spans) if s["trace_id"] == second["trace_id"]][0]
     assert request["attributes"][S.REQUEST_CACHED_TOKENS] == 32
+    assert request["attributes"][S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 32
 
 
 def test_level_off_sends_nothing(qwen3_dir):
@@ -223,9 +263,9 @@ def test_level_off_sends_nothing(qwen3_dir):
 def test_level_request_sends_request_spans_only(qwen3_dir):
     spans, _, _ = traced_run(qwen3_dir, level="request")
     names = {s["name"] for s in spans}
-    assert {S.GENERATE, S.REQUEST, S.ENGINE_INIT} <= names
-    assert not names & {S.STEP, *S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
-    request = by_name(spans, S.REQUEST)[0]
+    assert {S.GENERATE, S.ENGINE_INIT} <= names and len(requests_of(spans)) == len(PROMPTS)
+    assert not by_name(spans, S.STEP) and not names & {*S.STEP_PHASE_SPANS, S.BLOCK_ALLOCATE}
+    request = requests_of(spans)[0]
     assert {e["name"] for e in request["events"]} == {S.EVENT_SCHEDULED, S.EVENT_FIRST_TOKEN, S.EVENT_FINISHED}
 
 
@@ -244,6 +284,25 @@ def test_level_debug_adds_per_sequence_blocks_and_attention_layers(qwen3_dir):
     assert prefill_layer[S.SHAPE_PREFIX + "k"] == [total, spec.num_kv_heads, spec.head_dim]
     assert prefill_layer[S.SHAPE_PREFIX + "k_cache"] == [llm.engine.block_manager.num_blocks, BLOCK,
                                                           spec.num_kv_heads, spec.head_dim]
+    # Every module a forward runs is a span of its own, in order, one after another, within the
+    # forward: its children add up to it (less the Python between them).
+    expected = [(S.EMBEDDING, None)]
+    for i in range(spec.num_layers):
+        expected += [(S.NORM, i), (S.ATTENTION, i), (S.NORM, i), (S.MLP, i)]
+    expected += [(S.NORM, None), (S.LM_HEAD, None)]
+    hidden = [sum(len(p) for p in PROMPTS), spec.hidden_size]
+    for forward in by_name(spans, S.FORWARD):
+        parts = sorted((s for s in spans if s["parent_span_id"] == forward["span_id"]), key=lambda s: s["start_ns"])
+        assert [(s["name"], s["attributes"].get(S.LAYER_INDEX)) for s in parts] == expected
+        assert all(a["end_ns"] <= b["start_ns"] for a, b in zip(parts, parts[1:]))
+        assert forward["start_ns"] <= parts[0]["start_ns"] and parts[-1]["end_ns"] <= forward["end_ns"]
+        positions = [s["attributes"][S.NORM_POSITION] for s in parts if s["name"] == S.NORM]
+        assert positions == ["input", "post_attention"] * spec.num_layers + ["final"]
+    prefill = [s for s in by_name(spans, S.FORWARD) if s["attributes"][S.PHASE] == "prefill"][0]
+    mlp = next(s for s in spans if s["parent_span_id"] == prefill["span_id"] and s["name"] == S.MLP)
+    assert mlp["attributes"][S.SHAPE_PREFIX + "input"] == mlp["attributes"][S.SHAPE_PREFIX + "output"] == hidden
+    head = next(s for s in spans if s["parent_span_id"] == prefill["span_id"] and s["name"] == S.LM_HEAD)
+    assert head["attributes"][S.SHAPE_PREFIX + "output"] == [len(PROMPTS), spec.vocab_size]
 
 
 LONG = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -268,8 +327,8 @@ def long_run(model_dir, monkeypatch, max_spans):
         assert agg["attributes"][S.STEPS_COUNT] == last - first + 1
         covered += range(first, last + 1)
     assert sorted(covered) == list(range(100))
-    assert len(by_name(trace, S.REQUEST)) == 2                # requests are always kept
-    generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
+    assert len(requests_of(trace)) == 2                       # requests are always kept
+    generate_subtree = [s for s in trace if s["name"] not in (S.ENGINE_INIT, S.CONFIG_LOAD, S.TOKENIZER_LOAD, S.MODEL_LOAD, S.KV_CACHE_ALLOCATE)]
     assert len(generate_subtree) <= max_spans
     return a, sorted(s["attributes"][S.STEP_INDEX] for s in steps), steps
 

@@ -32,6 +32,7 @@ class Allocation:
     cached_tokens: int
     start_ns: int
     end_ns: int
+    block_ids: list[int]   # the sequence's block table after it
 
 
 def block_hash(token_ids: list[int], prefix_hash: int) -> int:
@@ -48,8 +49,10 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered set, oldest first
-        self.num_cache_queries = 0   # full blocks looked up in the prefix cache
+        self.num_cache_queries = 0   # full blocks looked up (a sequence's lookups stop at its first miss)
         self.num_cache_hits = 0
+        self.num_tokens_admitted = 0   # tokens of the sequences given blocks (prompts; more once preempted)
+        self.num_tokens_cached = 0     # of those, tokens whose KV came from the prefix cache
 
     @property
     def num_blocks(self) -> int:
@@ -129,17 +132,24 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = cached_blocks * self.block_size
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
-        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns())
+        self.num_tokens_admitted += len(seq)
+        self.num_tokens_cached += seq.num_cached_tokens
+        return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns(),
+                          list(seq.block_table))
 
-    def deallocate(self, seq: Sequence) -> None:
+    def deallocate(self, seq: Sequence) -> list[int]:
+        """Drop `seq`'s blocks; returns the ids of those that became free (no other sequence shares them)."""
+        freed = []
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                freed.append(block_id)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
         seq.unhashed_block = -1
+        return freed
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""

@@ -42,13 +42,13 @@ class LLMEngine:
         self.in_flight: InFlight | None = None
         self.tracer = make_tracer(level, torch.device(device), config.model)
         with self.tracer.init(config) as init:
-            arch, hf_config = read_config(config.model)
+            arch, hf_config = init.phase(S.CONFIG_LOAD, read_config, config.model, attrs=A.config_load_attrs)
             self.spec = model_spec(arch, hf_config)
             self.resolved = resolve_config(config, self.spec, level, device)
             init.decided(self.resolved)
             if self.resolved.cpu_threads is not None:
                 torch.set_num_threads(self.resolved.cpu_threads)
-            self.tokenizer = load_tokenizer(config.model)
+            self.tokenizer = init.phase(S.TOKENIZER_LOAD, load_tokenizer, config.model, attrs=A.tokenizer_attrs)
             self.eos_token_ids = self._eos_token_ids()
             self.runner = ModelRunner(self.resolved, self.spec)
             init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))
@@ -60,7 +60,7 @@ class LLMEngine:
         self._observe()
 
     def _observe(self) -> None:
-        self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.attention_layers(),
+        self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.traced_parts(),
                             self.tokenizer, self.resolved.cuda_graphs)
 
     def set_trace_level(self, level: str) -> None:
@@ -148,6 +148,7 @@ class LLMEngine:
                 inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch, attrs=A.prepare_attrs)
                 logits, _ = trace.phase(S.FORWARD, self.forward, inputs, attrs=A.forward_attrs)
                 launched = InFlight(batch, trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs))
+                self._first_tokens_arrived(launched)
                 self.scheduler.reserve_tokens(batch)
             previous, self.in_flight = self.in_flight, launched
             finished = []
@@ -187,16 +188,24 @@ class LLMEngine:
         token_ids = result.host_token_ids()   # waits for that step's device work, not for later steps
         if result.sampled_logprobs is not None:
             self._record_logprobs(batch.seqs, token_ids, result)
+        self._first_tokens_arrived(step)
         now = time.time_ns()
-        if batch.is_prefill:   # a sequence's first token always comes from a prefill
-            for seq in batch.seqs:
-                if not seq.first_token_ns:
-                    seq.first_token_ns = now
         finished = self.scheduler.postprocess(batch, token_ids)
         for f in finished:
             f.seq.finished_ns = now
         self.step_index += 1
         return finished
+
+    @staticmethod
+    def _first_tokens_arrived(step: InFlight) -> None:
+        """Stamp a prefill's first tokens when they reach the host: right after sampling on a
+        device that runs synchronously (CPU), else when postprocess has waited for them."""
+        if not step.batch.is_prefill or not step.result.on_host():   # a first token comes from a prefill
+            return
+        now = time.time_ns()
+        for seq in step.batch.seqs:
+            if not seq.first_token_ns:
+                seq.first_token_ns = now
 
     @staticmethod
     def _record_logprobs(seqs: list[Sequence], token_ids: list[int], result: SampleResult) -> None:

@@ -76,6 +76,12 @@ class ModelRunner:
         return (2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
 
     def plan_num_kvcache_blocks(self) -> int:
+        """The blocks to allocate, also kept in num_kvcache_blocks (an allocation that fails
+        reports what it tried)."""
+        self.num_kvcache_blocks = self._num_kvcache_blocks()
+        return self.num_kvcache_blocks
+
+    def _num_kvcache_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kvcache_blocks is not None:
             return cfg.num_kvcache_blocks

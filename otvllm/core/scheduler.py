@@ -21,7 +21,10 @@ class ScheduledBatch:
     num_batched_tokens: int = 0       # tokens the forward computes (cached prefix tokens excluded)
     allocations: list[Allocation] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    new_decode_blocks: int = 0
+    preempted_for: list[int] = field(default_factory=list)   # per preempted sequence: the one that needed blocks
+    preemption_free_blocks: int = 0   # free blocks when the first preemption was decided
+    preempt_freed_block_ids: list[int] = field(default_factory=list)
+    new_decode_block_ids: list[int] = field(default_factory=list)
     token_indexes: list[int] = field(default_factory=list)   # where each row's sampled token goes
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
     # The state the scheduler decided in, after this batch was taken:
@@ -30,6 +33,14 @@ class ScheduledBatch:
     num_free_blocks: int = 0
     num_used_blocks: int = 0
     total_preemptions: int = 0
+    # Why the first waiting sequence was not admitted: "max_num_seqs", "max_num_batched_tokens" or
+    # "kv_blocks" (then the blocks it needs); None when nothing waits.
+    waiting_reason: str | None = None
+    waiting_blocks_needed: int = 0
+
+    @property
+    def new_decode_blocks(self) -> int:
+        return len(self.new_decode_block_ids)
 
     @property
     def phase(self) -> str:
@@ -41,6 +52,7 @@ class ScheduledBatch:
 class Finished:
     seq: Sequence
     reason: str
+    freed_block_ids: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -64,7 +76,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = self._schedule_prefill()
         if not batch.seqs:
+            admission = batch
             batch = self._schedule_decode()
+            batch.waiting_reason, batch.waiting_blocks_needed = admission.waiting_reason, admission.waiting_blocks_needed
         batch.num_waiting, batch.num_running = len(self.waiting), len(self.running)
         manager = self.block_manager
         batch.num_free_blocks = manager.num_free_blocks
@@ -75,9 +89,17 @@ class Scheduler:
     def _schedule_prefill(self) -> ScheduledBatch:
         batch = ScheduledBatch([], is_prefill=True)
         budget = self.max_num_batched_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
-            if batch.num_batched_tokens + len(seq) > budget or not self.block_manager.can_allocate(seq):
+            if len(self.running) >= self.max_num_seqs:
+                batch.waiting_reason = "max_num_seqs"
+                break
+            if batch.num_batched_tokens + len(seq) > budget:
+                batch.waiting_reason = "max_num_batched_tokens"
+                break
+            if not self.block_manager.can_allocate(seq):
+                batch.waiting_reason = "kv_blocks"
+                batch.waiting_blocks_needed = self.block_manager.num_blocks_needed(seq)
                 break
             batch.allocations.append(self.block_manager.allocate(seq))
             batch.num_batched_tokens += len(seq) - seq.num_cached_tokens
@@ -96,14 +118,18 @@ class Scheduler:
             if self._length_reached(seq, seq.num_tokens):
                 complete.append(seq)
                 continue
-            while not self.block_manager.can_append(seq):
+            while not self.block_manager.can_append(seq):   # it needs one new block, none is free
                 victim = self.running.pop() if self.running else seq
-                self._preempt(victim)
+                if not batch.preempted:
+                    batch.preemption_free_blocks = self.block_manager.num_free_blocks
+                batch.preempt_freed_block_ids += self._preempt(victim)
                 batch.preempted.append(victim)
+                batch.preempted_for.append(seq.seq_id)
                 if victim is seq:
                     break
             else:
-                batch.new_decode_blocks += self.block_manager.may_append(seq)
+                if self.block_manager.may_append(seq):
+                    batch.new_decode_block_ids.append(seq.block_table[-1])
                 batch.seqs.append(seq)
         self.running.extendleft(reversed(batch.seqs + complete))
         batch.num_batched_tokens = len(batch.seqs)
@@ -131,12 +157,14 @@ class Scheduler:
             seq.drop_pending()
             seq.status = SequenceStatus.FINISHED
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> list[int]:
+        """Back to the front of the queue; returns the ids of the blocks it freed."""
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.block_manager.deallocate(seq)
+        freed = self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
+        return freed
 
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Finished]:
         """Fill in each sampled token; finish and free the sequences that are done. Rows of
@@ -153,8 +181,7 @@ class Scheduler:
                 (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = reason
-                self.block_manager.deallocate(seq)
-                finished.append(Finished(seq, reason))
+                finished.append(Finished(seq, reason, self.block_manager.deallocate(seq)))
         return finished
 
     def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:

@@ -75,6 +75,10 @@ class SampleResult:
         self._ready.record()
         return self
 
+    def on_host(self) -> bool:
+        """Whether the sampled tokens have reached the host (always, on a device that runs synchronously)."""
+        return self._ready is None or self._ready.query()
+
     def _on_host(self) -> tuple:
         if self._ready is not None:
             self._ready.synchronize()

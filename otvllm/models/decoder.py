@@ -110,3 +110,13 @@ class DecoderForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def traced_parts(self) -> list[tuple[str, int | None, nn.Module]]:
+        """(part, layer index or None, module) for every module a forward runs, in order: a
+        tracer at level debug gives each a span, so that a forward's spans add up to it."""
+        m = self.model
+        parts = [("embedding", None, m.embed_tokens)]
+        for i, layer in enumerate(m.layers):
+            parts += [("input_norm", i, layer.input_layernorm), ("attention", i, layer.self_attn),
+                      ("post_attention_norm", i, layer.post_attention_layernorm), ("mlp", i, layer.mlp)]
+        return parts + [("final_norm", None, m.norm), ("lm_head", None, self.lm_head)]

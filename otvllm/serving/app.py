@@ -16,6 +16,7 @@ from otvllm.serving.detokenize import TextStream
 from otvllm.serving.engine_loop import EngineLoop, QueueFull, ServerRequest
 from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
                                      now, usage)
+from otvllm.tracing import schema as S
 from otvllm.tracing.recording.records import remote_parent_of
 
 
@@ -94,7 +95,10 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             raise APIError(404, f"The model `{name}` does not exist (this server serves `{model_name}`).",
                            param="model", code="model_not_found")
 
-    def make_choices(prompts: list, params, stream: bool, stops: list[str]) -> tuple[list[Choice], asyncio.Queue]:
+    def make_choices(prompts: list, params, stream: bool, stops: list[str], response_id: str,
+                     operation: str = S.OPERATION_TEXT_COMPLETION,
+                     traced_prompt=None) -> tuple[list[Choice], asyncio.Queue]:
+        """`traced_prompt`: the prompt as the trace shows it (opt-in), when not `prompts` (chat messages)."""
         updates: asyncio.Queue = asyncio.Queue()
         parent = remote_parent_of()   # the HTTP server span, when the server is traced
         choices = []
@@ -105,7 +109,8 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             except ValueError as e:
                 where = f"prompt {index}: " if len(prompts) > 1 else ""
                 raise APIError(400, f"{where}{e}", param="prompt") from None
-            request = ServerRequest(seq, prompt, parent, stream or bool(stops), updates, index)
+            request = ServerRequest(seq, prompt if traced_prompt is None else traced_prompt, parent,
+                                    stream or bool(stops), updates, index, operation, response_id)
             choices.append(Choice(request, TextStream(tokenizer, stops)))
         try:
             state["loop"].submit([c.request for c in choices])
@@ -174,9 +179,9 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
     def completion_tokens(choices: list[Choice]) -> int:
         return sum(len(c.token_ids) for c in choices)
 
-    def chunker(kind: str, prefix: str):
+    def chunker(kind: str, rid: str):
         """The response (or stream chunk) maker of one request: its id, time, model."""
-        rid, created = new_id(prefix), now()
+        created = now()
 
         def chunk(choices_payload: list, usage_payload=None) -> dict:
             out = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": choices_payload}
@@ -233,8 +238,9 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             raise APIError(400, "echo is not supported: the prompt is not returned with the completion", param="echo")
         params = body.sampling_params(body.max_tokens, body.logprobs)
         stops = body.stop_strings()
-        choices, updates = make_choices(prompts, params, body.stream, stops)
-        chunk = chunker("text_completion", "cmpl")
+        rid = new_id("cmpl")
+        choices, updates = make_choices(prompts, params, body.stream, stops, rid)
+        chunk = chunker("text_completion", rid)
         n = body.logprobs or 0
         if body.stream:
             offsets = [0] * len(choices)
@@ -280,16 +286,18 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "the model's tokenizer has no chat template, so chat messages cannot be turned "
                                 "into a prompt: use /v1/completions with a prompt", param="messages")
+        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template([{"role": m.role, "content": message_text(m)} for m in body.messages],
-                                                 tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:   # the template's own error (e.g. an unsupported role)
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         n = body.top_logprobs or 0
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
                                       n if body.logprobs else None)
-        choices, updates = make_choices([ids], params, body.stream, body.stop_strings())
+        rid = new_id("chatcmpl")
+        choices, updates = make_choices([ids], params, body.stream, body.stop_strings(), rid, S.OPERATION_CHAT,
+                                        messages)
         if body.stream:
             def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
                 return {"index": 0, "delta": {"content": delta} if delta else {},
@@ -298,12 +306,12 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
 
             opening = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}]
-            return streamed(choices, updates, chunker("chat.completion.chunk", "chatcmpl"), entry,
+            return streamed(choices, updates, chunker("chat.completion.chunk", rid), entry,
                             body.stream_options, opening)
 
         await run_to_end(request, choices, updates)
         choice = choices[0]
-        return chunker("chat.completion", "chatcmpl")(
+        return chunker("chat.completion", rid)(
             [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
               "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs else None,
               "finish_reason": choice.finish_reason}],

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from otvllm.core.sequence import PENDING_TOKEN, Sequence
+from otvllm.tracing import schema as S
 
 IDLE_WAIT_S = 0.5
 
@@ -33,10 +34,13 @@ class Update:
 class ServerRequest:
     """One sequence of one HTTP request, and where its updates go."""
 
-    def __init__(self, seq: Sequence, prompt, parent, stream: bool, updates: asyncio.Queue, index: int = 0):
+    def __init__(self, seq: Sequence, prompt, parent, stream: bool, updates: asyncio.Queue, index: int = 0,
+                 operation: str = S.OPERATION_TEXT_COMPLETION, response_id: str | None = None):
         self.seq = seq
         self.index = index              # which prompt of its HTTP request (the choice's index)
-        self.prompt = prompt
+        self.prompt = prompt            # as the trace shows it (opt-in): text, token ids or chat messages
+        self.operation = operation      # text_completion | chat
+        self.response_id = response_id  # the HTTP response's id
         self.parent = parent            # the HTTP server span it continues (a RemoteParent), or None
         self.stream = stream
         self.updates = updates          # (index, Update), on the event loop
@@ -123,7 +127,8 @@ class EngineLoop:
             with self._lock:
                 self._pending -= 1
             self._active[request.seq.seq_id] = request
-            engine.tracer.request_arrived(request.seq, request.prompt, request.parent)
+            engine.tracer.request_arrived(request.seq, request.prompt, request.parent, request.operation,
+                                          request.response_id)
             engine.add(request.seq)
         news = []
         while not self._aborts.empty():

@@ -40,9 +40,9 @@ class ServerMetrics:
             readers.append(_otlp_reader(otlp, interval_ms))
         views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(buckets))
                  for name, buckets in ((TTFT, TTFT_BUCKETS), (TPOT, TPOT_BUCKETS), (DURATION, DURATION_BUCKETS))]
-        self.provider = MeterProvider(metric_readers=readers, views=views,
-                                      resource=Resource.create({"service.name": service_name}))
         from otvllm import __version__
+        self.provider = MeterProvider(metric_readers=readers, views=views, resource=Resource.create(
+            {"service.name": service_name, "service.version": __version__}))
         meter = self.provider.get_meter("otvllm", __version__)
         self.attrs = {S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: model_name,
                       S.GEN_AI_SYSTEM: "otvllm"}
@@ -63,8 +63,8 @@ class ServerMetrics:
         meter.create_observable_gauge(KV_USAGE, [observe(lambda: 1 - manager.num_free_blocks / manager.num_blocks)],
                                       unit="1", description="Fraction of KV-cache blocks in use")
         meter.create_observable_gauge(PREFIX_HIT_RATE, [observe(
-            lambda: manager.num_cache_hits / manager.num_cache_queries if manager.num_cache_queries else 0.0)],
-            unit="1", description="Prefix-cache hits over lookups since start")
+            lambda: manager.num_tokens_cached / manager.num_tokens_admitted if manager.num_tokens_admitted else 0.0)],
+            unit="1", description="Prompt tokens served from the prefix cache, of all prompt tokens, since start")
         meter.create_observable_counter(PREEMPTIONS, [observe(lambda: scheduler.num_preemptions)],
                                         unit="{preemption}", description="Sequences preempted since start")
         meter.create_observable_counter(STEPS, [observe(lambda: engine.step_index)], unit="{step}",

@@ -5,26 +5,66 @@ Shapes are integer arrays, memory is in bytes, durations in milliseconds (`*_ms`
 
 # ---- span names ------------------------------------------------------------------------
 ENGINE_INIT = "engine.init"
+CONFIG_LOAD = "config.load"            # the model directory's config.json (and transformers' import)
+TOKENIZER_LOAD = "tokenizer.load"
 MODEL_LOAD = "model.load"
 KV_CACHE_ALLOCATE = "kv_cache.allocate"
 CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
 GENERATE = "llm.generate"
-REQUEST = "request"
-STEP = "engine.step"
+REQUESTS = "llm.requests"              # a generate call's request spans, under one (collapsible) span
+STEP = "engine.step"                   # a detailed step's span is named "engine.step <phase>" (step_name)
 SCHEDULE = "scheduler.schedule"
 BLOCK_ALLOCATE = "block_manager.allocate"
 PREPARE_INPUTS = "model.prepare_inputs"
 FORWARD = "model.forward"
 SAMPLE = "sampler.sample"
 POSTPROCESS = "scheduler.postprocess"
-STEPS = "engine.steps"                 # aggregate: a run of steps that are not detailed
+STEPS = "engine.steps"                 # aggregate of steps not detailed, "engine.steps <phases>" (steps_name)
 CLI_RUN = "otvllm.run"                 # the CLI's root span: one trace per run
 ENGINE_LOOP = "engine.loop"            # serving: a window of the engine loop, its steps as children
-ATTENTION = "attention.layer"          # debug level: one per layer and forward
+# debug level: one span per part of the forward, in the order it runs
+EMBEDDING = "model.embedding"
+NORM = "norm.layer"                    # the norms before attention and MLP, and the final one
+ATTENTION = "attention.layer"          # q/k/v projection, rotary, KV store, attention, output projection
+MLP = "mlp.layer"
+LM_HEAD = "model.lm_head"
 KERNELS_OTHER = "kernels.other"        # a profiled forward's kernels that have no span of their own
 # (a profiled forward's other kernel spans are named after their kernel or operator, e.g. `aten::linear`)
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
+
+# A request's span is named as the GenAI conventions have it, `{gen_ai.operation.name}
+# {gen_ai.request.model}` ("text_completion Qwen3-0.6B"); the operation is one of these.
+OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_CHAT = "chat"
+
+
+def request_name(operation: str, model: str) -> str:
+    return f"{operation} {model}"
+
+
+def is_request(name: str, attrs) -> bool:
+    """Whether a span of this name and these attributes is a request's span."""
+    return name == request_name(attrs.get(GEN_AI_OPERATION), attrs.get(GEN_AI_REQUEST_MODEL))
+
+
+# A step's row in Jaeger says its phase, without a click: "engine.step prefill", "engine.step
+# decode", "engine.steps decode+drain" (a few names, no indexes in them).
+def step_name(phase: str) -> str:
+    return f"{STEP} {phase}"
+
+
+def steps_name(phases: str) -> str:
+    return f"{STEPS} {phases}"
+
+
+def is_step(name: str) -> bool:
+    return name.startswith(STEP + " ")
+
+
+def is_steps(name: str) -> bool:
+    return name.startswith(STEPS + " ")
+
 
 # ---- request events --------------------------------------------------------------------
 EVENT_SCHEDULED = "scheduled"
@@ -44,9 +84,20 @@ GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
-GEN_AI_RESPONSE_ID = "gen_ai.response.id"
-GEN_AI_PROMPT = "gen_ai.prompt"                 # only with OTVLLM_TRACE_CONTENT=1
-GEN_AI_COMPLETION = "gen_ai.completion"         # only with OTVLLM_TRACE_CONTENT=1
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"        # unique: the HTTP response's id in `serve`
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"   # prompt tokens from the prefix cache
+# Content, only when OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT (or OTVLLM_TRACE_CONTENT) opts in:
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"     # JSON: [{"role", "parts": [{"type": "text", "content"}]}]
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"   # JSON: the same, with "finish_reason"
+REQUEST_PROMPT_TOKEN_IDS = "otvllm.request.prompt_token_ids"
+REQUEST_OUTPUT_TOKEN_IDS = "otvllm.request.output_token_ids"
+# ... and when the request asked for `logprobs` N: per generated token, its log-probability, and
+# the top N (token ids and log-probabilities, N per generated token, one flat array each)
+REQUEST_LOGPROBS = "otvllm.request.logprobs"
+REQUEST_TOP_LOGPROBS_N = "otvllm.request.top_logprobs_n"
+REQUEST_TOP_TOKEN_IDS = "otvllm.request.top_token_ids"
+REQUEST_TOP_LOGPROBS = "otvllm.request.top_logprobs"
 
 # engine.loop (serving)
 LOOP_WINDOW = "otvllm.loop.window"               # 0, 1, 2, ... since the server started
@@ -67,6 +118,7 @@ STEP_DETAIL_REASON = "otvllm.step.detail_reason"  # first|prefill|preemption|err
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
+BATCH_SEQ_IDS = "otvllm.batch.seq_ids"           # a detailed step's requests (their otvllm.seq.id), also as links
 
 # scheduler.schedule
 NUM_WAITING = "otvllm.scheduler.waiting"
@@ -74,6 +126,12 @@ NUM_RUNNING = "otvllm.scheduler.running"
 NUM_PREEMPTED = "otvllm.scheduler.preempted"
 PREEMPTED_SEQ_IDS = "otvllm.scheduler.preempted_seq_ids"
 TOTAL_PREEMPTIONS = "otvllm.scheduler.total_preemptions"
+# why the first waiting request was not admitted: max_num_seqs | max_num_batched_tokens | kv_blocks
+WAITING_REASON = "otvllm.scheduler.waiting_reason"
+WAITING_BLOCKS_NEEDED = "otvllm.scheduler.waiting_blocks_needed"    # kv_blocks: what it needs (free: blocks.free)
+PREEMPTED_FOR = "otvllm.scheduler.preempted_for_seq_ids"            # per preempted request: the one that needed blocks
+PREEMPTION_BLOCKS_NEEDED = "otvllm.scheduler.preemption_blocks_needed"
+PREEMPTION_BLOCKS_FREE = "otvllm.scheduler.preemption_blocks_free"  # when the first preemption was decided
 
 # block_manager.allocate and kv_cache.allocate
 BLOCKS_SEQUENCES = "otvllm.blocks.sequences"
@@ -83,6 +141,10 @@ BLOCKS_FREE = "otvllm.blocks.free"
 BLOCKS_USED = "otvllm.blocks.used"
 BLOCKS_TOTAL = "otvllm.blocks.total"
 BLOCK_SIZE = "otvllm.blocks.block_size"
+BLOCKS_FREED = "otvllm.blocks.freed"            # returned to the free list (preemptions; finished requests)
+BLOCK_IDS = "otvllm.blocks.ids"                  # debug: a sequence's block table after its allocation
+BLOCK_IDS_NEW = "otvllm.blocks.new_ids"          # debug: blocks taken for decodes in this schedule
+BLOCK_IDS_FREED = "otvllm.blocks.freed_ids"      # debug
 SEQ_ID = "otvllm.seq.id"
 KV_CACHE_SHAPE = "otvllm.kv_cache.shape"
 KV_CACHE_BYTES = "otvllm.kv_cache.bytes"
@@ -94,6 +156,7 @@ CUDA_GRAPH = "otvllm.forward.cuda_graph"
 GPU_TIME_MS = "otvllm.forward.gpu_time_ms"
 ATTENTION_BACKEND = "otvllm.attention.backend"
 LAYER_INDEX = "otvllm.layer.index"
+NORM_POSITION = "otvllm.norm.position"           # input | post_attention | final
 
 # profiled steps (OTVLLM_TRACE_PROFILE_STEPS): on model.forward, the profile in figures
 PROFILE_DEVICE = "otvllm.profile.device"          # cuda: CUDA kernels; cpu: top-level aten operators
@@ -160,7 +223,9 @@ GEN_PREFILL_TIME_MS = "otvllm.generate.prefill_time_ms"
 GEN_DECODE_TIME_MS = "otvllm.generate.decode_time_ms"
 GEN_THROUGHPUT = "otvllm.generate.output_tokens_per_s"
 GEN_PREEMPTIONS = "otvllm.generate.preemptions"
-GEN_PREFIX_HIT_RATE = "otvllm.generate.prefix_cache_hit_rate"
+GEN_PREFIX_HIT_RATE = "otvllm.generate.prefix_cache_hit_rate"   # prompt tokens served from the cache, of all
+GEN_PREFIX_CACHED_TOKENS = "otvllm.generate.prefix_cache_hit_tokens"
+GEN_PREFIX_BLOCK_HIT_RATE = "otvllm.generate.prefix_cache_block_hit_rate"   # hits of full-block lookups
 GEN_MEM_START = "otvllm.generate.cuda_memory_start_bytes"
 GEN_MEM_END = "otvllm.generate.cuda_memory_end_bytes"
 GEN_MEM_PEAK = "otvllm.generate.cuda_memory_peak_bytes"
@@ -192,6 +257,8 @@ MODEL_VOCAB_SIZE = "otvllm.model.vocab_size"
 MODEL_DTYPE = "otvllm.model.dtype"
 MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
 CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
+TOKENIZER_CLASS = "otvllm.tokenizer.class"       # "none" for a directory without a tokenizer
+TOKENIZER_VOCAB_SIZE = "otvllm.tokenizer.vocab_size"
 
 # errors and interruptions
 ERROR_TYPE = "error.type"                        # OpenTelemetry's; a signal's name for an interrupt

@@ -83,7 +83,8 @@ class _Exporting:
         from otvllm.tracing.recording.sinks import TRACER_NAME
 
         self.settings = settings
-        self.resource = Resource.create({"service.name": settings["service_name"]})
+        self.resource = Resource.create({"service.name": settings["service_name"],
+                                         "service.version": settings["version"]})
         self.provider = TracerProvider(resource=self.resource)
         self.processors = []
         self.file = None

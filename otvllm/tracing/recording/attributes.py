@@ -1,6 +1,7 @@
 """Span attributes from the engine's objects."""
 
 import dataclasses
+import json
 
 import torch
 
@@ -8,8 +9,11 @@ from otvllm.environment import read as read_environment
 from otvllm.tracing import schema as S
 
 
+
 def trace_content_enabled() -> bool:
-    return read_environment("OTVLLM_TRACE_CONTENT")
+    """Whether prompts and outputs go on request spans (sensitive: off unless opted in)."""
+    return read_environment("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT") or \
+        read_environment("OTVLLM_TRACE_CONTENT")
 
 
 def shape(t: torch.Tensor | None) -> list[int]:
@@ -22,24 +26,39 @@ def config_attrs(config) -> dict:
     return {S.CONFIG_PREFIX + name: value for name, value in values if value is not None}
 
 
+def config_load_attrs(result, model_dir: str) -> dict:
+    return {S.MODEL_ARCHITECTURE: result[0]} if result is not None else {}
+
+
+def tokenizer_attrs(tokenizer, model_dir: str) -> dict:
+    if tokenizer is None:
+        return {S.TOKENIZER_CLASS: "none"}
+    return {S.TOKENIZER_CLASS: type(tokenizer).__name__, S.TOKENIZER_VOCAB_SIZE: len(tokenizer)}
+
+
 def model_attrs(runner) -> dict:
+    """The model's shape; its parameter bytes once it is loaded."""
     spec = runner.spec
-    return {
+    attrs = {
         S.MODEL_ARCHITECTURE: spec.architecture, S.MODEL_LAYERS: spec.num_layers,
         S.MODEL_HIDDEN_SIZE: spec.hidden_size, S.MODEL_HEADS: spec.num_heads,
         S.MODEL_KV_HEADS: spec.num_kv_heads, S.MODEL_HEAD_DIM: spec.head_dim,
         S.MODEL_VOCAB_SIZE: spec.vocab_size, S.MODEL_DTYPE: str(runner.dtype).removeprefix("torch."),
-        S.MODEL_PARAMETER_BYTES: runner.parameter_bytes, S.ATTENTION_BACKEND: runner.backend.name,
+        S.ATTENTION_BACKEND: runner.backend.name,
     }
+    if runner.model is not None:
+        attrs[S.MODEL_PARAMETER_BYTES] = runner.parameter_bytes
+    return attrs
 
 
 def kv_cache_attrs(runner) -> dict:
-    cache = runner.kv_cache
-    return {
-        S.BLOCKS_TOTAL: runner.num_kvcache_blocks, S.BLOCK_SIZE: runner.block_size,
-        S.KV_CACHE_SHAPE: shape(cache), S.KV_CACHE_BYTES: cache.numel() * cache.element_size(),
-        S.KV_CACHE_BLOCK_BYTES: runner.block_bytes,
-    }
+    """The cache as planned: also on the span of an allocation that failed."""
+    attrs = {S.BLOCK_SIZE: runner.block_size, S.KV_CACHE_BLOCK_BYTES: runner.block_bytes}
+    blocks = runner.num_kvcache_blocks
+    if blocks:
+        attrs.update({S.BLOCKS_TOTAL: blocks, S.KV_CACHE_SHAPE: list(runner.kv_cache_shape(blocks)),
+                      S.KV_CACHE_BYTES: blocks * runner.block_bytes})
+    return attrs
 
 
 def batch_attrs(batch) -> dict:
@@ -47,7 +66,8 @@ def batch_attrs(batch) -> dict:
 
 
 # ---- one function per step phase: attrs(result, *args of the phase), cheap (no loops over
-# the batch, no device queries): they run for every step at `step` level ----------------------
+# the batch, no device queries): they run for every step at `step` level. A phase that raised
+# gets attrs(None, *args): what can be said without its result ---------------------------------
 
 def schedule_attrs(batch) -> dict:
     attrs = batch_attrs(batch)
@@ -57,8 +77,15 @@ def schedule_attrs(batch) -> dict:
         S.NUM_PREEMPTED: len(batch.preempted), S.TOTAL_PREEMPTIONS: batch.total_preemptions,
         S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: batch.num_used_blocks,
     })
-    if batch.preempted:
-        attrs[S.PREEMPTED_SEQ_IDS] = [s.seq_id for s in batch.preempted]
+    if batch.waiting_reason is not None:
+        attrs[S.WAITING_REASON] = batch.waiting_reason
+        if batch.waiting_blocks_needed:
+            attrs[S.WAITING_BLOCKS_NEEDED] = batch.waiting_blocks_needed
+    if batch.preempted:   # each needing sequence needed one block for its next token
+        attrs.update({S.PREEMPTED_SEQ_IDS: [s.seq_id for s in batch.preempted], S.PREEMPTED_FOR: batch.preempted_for,
+                      S.PREEMPTION_BLOCKS_NEEDED: len(set(batch.preempted_for)),
+                      S.PREEMPTION_BLOCKS_FREE: batch.preemption_free_blocks,
+                      S.BLOCKS_FREED: len(batch.preempt_freed_block_ids)})
     return attrs
 
 
@@ -67,7 +94,6 @@ def prepare_attrs(inputs, batch) -> dict:
 
 
 def forward_attrs(result, inputs) -> dict:
-    logits, used_graph = result
     ctx = inputs.ctx
     attrs = {
         S.PHASE: "prefill" if ctx.is_prefill else "decode",
@@ -75,9 +101,11 @@ def forward_attrs(result, inputs) -> dict:
         S.SHAPE_PREFIX + "positions": shape(inputs.positions),
         S.SHAPE_PREFIX + "slot_mapping": shape(ctx.slot_mapping),
         S.SHAPE_PREFIX + "block_tables": shape(ctx.block_tables),
-        S.SHAPE_PREFIX + "logits": shape(logits),
-        S.CUDA_GRAPH: used_graph,
     }
+    if result is not None:
+        logits, used_graph = result
+        attrs[S.SHAPE_PREFIX + "logits"] = shape(logits)
+        attrs[S.CUDA_GRAPH] = used_graph
     if ctx.is_prefill:
         attrs[S.SHAPE_PREFIX + "cu_seqlens_q"] = shape(ctx.cu_seqlens_q)
         attrs[S.SHAPE_PREFIX + "cu_seqlens_k"] = shape(ctx.cu_seqlens_k)
@@ -98,10 +126,13 @@ def sample_attrs(result, logits, inputs) -> dict:
 
 
 def postprocess_attrs(finished, in_flight) -> dict:
+    if finished is None:
+        return batch_attrs(in_flight.batch)
     attrs = {S.TOKENS_APPENDED: len(in_flight.batch.seqs), S.FINISHED_SEQS: len(finished)}
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
         attrs[S.FINISH_REASONS] = [f.reason for f in finished]
+        attrs[S.BLOCKS_FREED] = sum(len(f.freed_block_ids) for f in finished)
     return attrs
 
 
@@ -117,33 +148,52 @@ def block_allocate_attrs(batch) -> dict:
 
 
 def sequence_allocate_attrs(allocation) -> dict:
+    """At `debug`, one sequence's allocation, with its block ids."""
     return {S.SEQ_ID: allocation.seq_id, S.BLOCKS_NEW: allocation.new_blocks,
-            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens}
+            S.BLOCKS_CACHE_HITS: allocation.cached_blocks, S.NUM_CACHED_TOKENS: allocation.cached_tokens,
+            S.BLOCK_IDS: allocation.block_ids}
+
+
+def part_attrs(part: str, index: int | None, module, args, output) -> dict:
+    """A part of the forward at `debug` (see the model's `traced_parts`); `output` is None when it raised."""
+    if part == "attention":
+        return attention_attrs(module, args, output)
+    attrs = {S.SHAPE_PREFIX + "input": shape(args[0])}
+    if index is not None:
+        attrs[S.LAYER_INDEX] = index
+    if part.endswith("_norm"):
+        attrs[S.NORM_POSITION] = part.removesuffix("_norm")
+        output = output[0] if isinstance(output, tuple) else output   # (normed, residual)
+    attrs[S.SHAPE_PREFIX + "output"] = shape(output)
+    return attrs
 
 
 def attention_attrs(module, args, output) -> dict:
-    q, k, v, ctx = args[0], args[1], args[2], args[3]
+    """A layer's attention block, from the q/k/v projection to the output projection."""
+    x, ctx = args[1], args[2]
+    n, attn = x.shape[0], module.attn
     return {
-        S.LAYER_INDEX: module.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
-        S.SHAPE_PREFIX + "q": shape(q), S.SHAPE_PREFIX + "k": shape(k), S.SHAPE_PREFIX + "v": shape(v),
-        S.SHAPE_PREFIX + "k_cache": shape(module.k_cache), S.SHAPE_PREFIX + "v_cache": shape(module.v_cache),
-        S.SHAPE_PREFIX + "output": shape(output), S.ATTENTION_BACKEND: module.backend.name,
+        S.LAYER_INDEX: attn.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.SHAPE_PREFIX + "q": [n, module.num_heads, module.head_dim],
+        S.SHAPE_PREFIX + "k": [n, module.num_kv_heads, module.head_dim],
+        S.SHAPE_PREFIX + "v": [n, module.num_kv_heads, module.head_dim],
+        S.SHAPE_PREFIX + "k_cache": shape(attn.k_cache), S.SHAPE_PREFIX + "v_cache": shape(attn.v_cache),
+        S.SHAPE_PREFIX + "output": shape(output), S.ATTENTION_BACKEND: attn.backend.name,
     }
 
 
-def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text: str | None,
-                  ended_as: str | None = None) -> dict:
+def request_attrs(seq, model_name: str, ended_as: str | None = None) -> dict:
     """`ended_as`: why a request that did not finish in the engine ended (abort, stop, shutdown)."""
     p = seq.params
     metrics = seq.metrics()
     attrs = {
-        S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_SYSTEM: "otvllm",
-        S.GEN_AI_REQUEST_MODEL: model_name, S.GEN_AI_REQUEST_MAX_TOKENS: p.max_tokens,
+        S.GEN_AI_REQUEST_MAX_TOKENS: p.max_tokens,
         S.GEN_AI_REQUEST_TEMPERATURE: float(p.temperature), S.GEN_AI_REQUEST_TOP_P: float(p.top_p),
         S.GEN_AI_USAGE_INPUT_TOKENS: seq.num_prompt_tokens,
         S.GEN_AI_USAGE_OUTPUT_TOKENS: seq.num_completion_tokens,
+        S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: min(seq.max_cached_tokens, seq.num_prompt_tokens),
+        S.GEN_AI_RESPONSE_MODEL: model_name,
         S.GEN_AI_RESPONSE_FINISH_REASONS: [seq.finish_reason or ended_as or "error"],
-        S.GEN_AI_RESPONSE_ID: str(seq.seq_id), S.SEQ_ID: seq.seq_id,
         S.REQUEST_CACHED_TOKENS: seq.max_cached_tokens, S.REQUEST_PREEMPTIONS: seq.num_preemptions,
     }
     if p.top_k != -1:
@@ -154,9 +204,38 @@ def request_attrs(seq, model_name: str, prompt_text: str | None, completion_text
         attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
     if seq.first_token_ns:
         attrs[S.REQUEST_TTFT_MS] = metrics["time_to_first_token_ms"]
-    if trace_content_enabled():
-        if prompt_text is not None:
-            attrs[S.GEN_AI_PROMPT] = prompt_text
-        if completion_text is not None:
-            attrs[S.GEN_AI_COMPLETION] = completion_text
+    return attrs
+
+
+def content_attrs(seq, prompt, tokenizer, ended_as: str | None = None) -> dict:
+    """Opt-in (trace_content_enabled): the prompt and the output as the GenAI conventions'
+    messages (JSON strings), their token ids and, when the request asked for `logprobs`, the
+    log-probabilities of each generated token and its top N as flat arrays. `prompt`: text,
+    token ids or chat messages ({"role", "content"})."""
+    output_ids = seq.completion_token_ids
+    attrs = {S.REQUEST_PROMPT_TOKEN_IDS: seq.token_ids[:seq.num_prompt_tokens], S.REQUEST_OUTPUT_TOKEN_IDS: output_ids}
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        messages = [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in prompt]
+    elif isinstance(prompt, str) or tokenizer is not None:
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(attrs[S.REQUEST_PROMPT_TOKEN_IDS])
+        messages = [{"role": "user", "parts": [{"type": "text", "content": text}]}]
+    else:
+        messages = None
+    if messages is not None:
+        attrs[S.GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
+    if tokenizer is not None:
+        attrs[S.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
+            "role": "assistant", "parts": [{"type": "text", "content": tokenizer.decode(output_ids,
+                                                                                         skip_special_tokens=True)}],
+            "finish_reason": seq.finish_reason or ended_as or "error"}], ensure_ascii=False)
+    n = seq.params.logprobs
+    if n is not None and seq.logprobs:
+        chosen, top_ids, top_values = [], [], []
+        for token, entry in zip(output_ids, seq.logprobs):   # entry: the top N, then the chosen one if not among them
+            chosen.append(entry[token])
+            for token_id, value in list(entry.items())[:n]:
+                top_ids.append(token_id)
+                top_values.append(value)
+        attrs.update({S.REQUEST_LOGPROBS: chosen, S.REQUEST_TOP_LOGPROBS_N: n, S.REQUEST_TOP_TOKEN_IDS: top_ids,
+                      S.REQUEST_TOP_LOGPROBS: top_values})
     return attrs

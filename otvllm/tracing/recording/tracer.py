@@ -20,6 +20,8 @@ steps keep their spans is decided after each step ends (retention.py).
 """
 
 import os
+import sys
+import uuid
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 
@@ -31,6 +33,7 @@ from otvllm.tracing import schema as S
 from otvllm.tracing.level import TraceLevel
 from otvllm.tracing.recording import attributes as A
 from otvllm.tracing.recording.cuda import GpuTimer, memory_snapshot
+from otvllm.tracing.recording.failures import OOM_ADVICE, describe_failure
 from otvllm.tracing.recording.nvml import GpuTelemetry
 from otvllm.tracing.recording.profiler import StepProfiler
 from otvllm.tracing.recording.records import (CLOSE, OPEN, SPANS, SpanRecord, error_type, now_ns,
@@ -41,9 +44,6 @@ from otvllm.tracing.recording.sinks import current_sink
 LOOP_WINDOW_NS = 10_000_000_000   # the engine loop starts a new trace this often (while it has work)
 MAX_LINKS = 128                   # links of a step to its requests, and of a request to its steps
 RECENT_REQUESTS = 8192            # requests a step detailed late can still link to
-
-OOM_ADVICE = ("CUDA ran out of memory: lower gpu_memory_utilization (leaves more for activations), "
-              "max_num_seqs or max_num_batched_tokens (smaller batches), or max_model_len")
 
 _PARENT_RECORD = otel_context.create_key("otvllm-parent-record")
 
@@ -107,7 +107,7 @@ class NullTracer:
     def serve(self):
         return _NULL
 
-    def request_arrived(self, seq, prompt, parent) -> None:
+    def request_arrived(self, seq, prompt, parent, operation=None, response_id=None) -> None:
         pass
 
     def request_ended(self, seq, reason: str) -> None:
@@ -150,20 +150,25 @@ class _InitTrace:
         self.record.attrs.update(A.config_attrs(resolved))
 
     def phase(self, name, fn, *args, attrs=None):
+        """`attrs(result, *args)`; on failure `attrs(None, *args)`: what was planned."""
         record = SpanRecord(name, self.record, now_ns())
         try:
             with record:
-                try:
-                    result = fn(*args)
-                except torch.cuda.OutOfMemoryError as e:
-                    record.attrs[S.ERROR_ADVICE] = OOM_ADVICE
-                    raise torch.cuda.OutOfMemoryError(f"{OOM_ADVICE}. During {name}: {e}") from e
-            if attrs is not None:
-                record.attrs.update(attrs(result, *args))
-            return result
-        finally:
-            record.attrs.update(memory_snapshot(self.device))
+                result = fn(*args)
+        except Exception as e:
+            describe_failure(record, e, attrs, args, self.device)
             self.sink.send(SPANS, [record])
+            if isinstance(e, torch.cuda.OutOfMemoryError):   # the caller's message says what to change
+                raise torch.cuda.OutOfMemoryError(f"{OOM_ADVICE}. During {name}: {e}") from e
+            raise
+        except BaseException:
+            self.sink.send(SPANS, [record])
+            raise
+        if attrs is not None:
+            record.attrs.update(attrs(result, *args))
+        record.attrs.update(memory_snapshot(self.device))
+        self.sink.send(SPANS, [record])
+        return result
 
 
 # ---- one generate call ------------------------------------------------------------------------
@@ -172,22 +177,23 @@ class _Call:
     """The steps of one `generate` call, or of one window of the engine loop (serving)."""
 
     def __init__(self, root: SpanRecord, level: TraceLevel, max_spans: int, requests: dict, origins: dict,
-                 launch_index: dict, first_index: int = 0, seqs=None, links: bool = False):
+                 launch_index: dict, request_rids: dict, first_index: int = 0, seqs=None):
         self.root = root
         self.seqs = seqs                          # a generate call's sequences (None for a window)
         self.requests = requests                  # seq id -> its open request record
         self.origins = origins                    # seq id -> (its sequence, its prompt)
         self.launch_index = launch_index          # id of a launched batch -> its step index
         self.first_index = first_index            # index of this call's first step
-        self.links = links                        # steps and requests in different traces: link them
+        self.request_rids = request_rids          # seq id -> its request record's rid (ended or not), for links
         self.stats = StepStats()
         self.policy = RetentionPolicy(every_step=level is TraceLevel.DEBUG, first_index=first_index)
         self.ring: deque[_StepTrace] = deque()   # the newest undecided steps
         self.ahead: deque[int] = deque()   # detailed steps the open stretch has not reached yet
         self.stretch = StepStretch()
         self.awaiting_gpu: deque[_StepTrace] = deque()   # detailed, their GPU time not known yet
-        # Spans of this call's steps: the root (and a generate call's request spans) are always kept.
-        self.budget = max_spans - 1 - (len(seqs) if seqs is not None else 0)
+        # Spans of this call's steps: the root (and a generate call's request spans and their group)
+        # are always kept.
+        self.budget = max_spans - 1 - (len(seqs) + 1 if seqs is not None else 0)
         self.steps = self.prefill_steps = self.drain_steps = 0
         self.prefill_ns = self.decode_ns = 0
         self.last_end_ns = 0
@@ -247,8 +253,12 @@ class _StepTrace:
             timer = self.tracer.gpu_timer
             if timer is not None:
                 start = timer.start()
-        with record:
-            result = fn(*args) if profile is None else profile.run(fn, *args)
+        try:
+            with record:
+                result = fn(*args) if profile is None else profile.run(fn, *args)
+        except Exception as e:
+            describe_failure(record, e, attrs, args, self.tracer.device, self.batch.phase if self.batch else None)
+            raise
         if timer is not None:
             self.gpu = timer.stop(start)
         if name == S.FORWARD:
@@ -268,6 +278,8 @@ class _StepTrace:
     def postprocessed(self, batch, finished) -> None:
         """The tokens of `batch` (launched by this step or the one before) are in."""
         self.postprocessed_any = True
+        if finished and self.tracer.level is TraceLevel.DEBUG:   # its span is the phase just recorded
+            self.children[-1].attrs[S.BLOCK_IDS_FREED] = [i for f in finished for i in f.freed_block_ids]
         self.tracer._on_postprocess(self.call, batch, finished)
 
 
@@ -298,7 +310,7 @@ class EngineTracer:
         self._call: _Call | None = None
         self._serving: _Serving | None = None
         self._current_step: _StepTrace | None = None
-        self._layer_hooks = []
+        self._part_hooks = []
 
     # ---- start-up ---------------------------------------------------------------------------------
 
@@ -309,18 +321,19 @@ class EngineTracer:
             self.profiler.warm_up()
         return trace
 
-    def observe(self, scheduler, block_manager, layers, tokenizer=None, uses_graphs: bool = False) -> None:
+    def observe(self, scheduler, block_manager, parts, tokenizer=None, uses_graphs: bool = False) -> None:
         """What later spans read: the scheduler's and block manager's counters (for each call's
-        totals), the tokenizer (for opt-in content), and at `debug` the attention layers, one
-        span each per forward."""
+        totals), the tokenizer (for opt-in content), and at `debug` the model's parts, (part,
+        layer index or None, module) in the order a forward runs them, one span each per forward."""
         self.block_manager, self.scheduler = block_manager, scheduler
         self.tokenizer = tokenizer
         self._uses_graphs = uses_graphs
-        if self.level is TraceLevel.DEBUG and not self._layer_hooks:
+        if self.level is TraceLevel.DEBUG and not self._part_hooks:
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
-            for layer in layers:
-                self._layer_hooks.append(layer.register_forward_pre_hook(self._layer_start(sync)))
-                self._layer_hooks.append(layer.register_forward_hook(self._layer_end(sync)))
+            for part, index, module in parts:
+                self._part_hooks.append(module.register_forward_pre_hook(self._part_start(sync)))
+                self._part_hooks.append(module.register_forward_hook(self._part_end(sync, part, index),
+                                                                     always_call=True))
 
     # ---- serving: the engine loop's own traces ------------------------------------------------
     #
@@ -350,13 +363,15 @@ class EngineTracer:
             self._serving = None
             sink.drain()
 
-    def request_arrived(self, seq, prompt, parent) -> None:
-        """A request joined the engine loop; `parent`: the HTTP server span it continues."""
+    def request_arrived(self, seq, prompt, parent, operation: str = S.OPERATION_TEXT_COMPLETION,
+                        response_id: str | None = None) -> None:
+        """A request joined the engine loop; `parent`: the HTTP server span it continues,
+        `response_id`: the id of the HTTP response."""
         serving = self._serving
         if serving is None:
             return
         record = self._open_request(serving.requests, serving.origins, seq, prompt, None, seq.arrival_ns or now_ns(),
-                                    remote_parent=parent)
+                                    remote_parent=parent, operation=operation, response_id=response_id)
         serving.request_rids[seq.seq_id] = record.rid
         if len(serving.request_rids) > RECENT_REQUESTS:
             serving.request_rids.popitem(last=False)
@@ -379,7 +394,7 @@ class EngineTracer:
                                                                 S.TRACE_LEVEL: str(self.level)})
             serving.windows += 1
             call = _Call(root, self.level, self.max_spans, serving.requests, serving.origins,
-                         serving.launch_index, first_index=serving.next_index, links=True)
+                         serving.launch_index, serving.request_rids, first_index=serving.next_index)
             serving.window = self._call = call
             self.sink.send(OPEN, root)
         return call
@@ -415,11 +430,15 @@ class EngineTracer:
             torch.cuda.reset_peak_memory_stats(self.device)
             root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
         manager, scheduler = self.block_manager, self.scheduler
-        before = (manager.num_cache_queries, manager.num_cache_hits, scheduler.num_preemptions)
-        self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, seqs=seqs)
+        before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
+                  manager.num_tokens_cached, scheduler.num_preemptions)
+        self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
-        for seq, prompt in zip(seqs, prompts):
-            self._open_request(call.requests, call.origins, seq, prompt, root, seq.arrival_ns or root.start_ns)
+        group = SpanRecord(S.REQUESTS, root, root.start_ns, attrs={S.GEN_NUM_REQUESTS: len(seqs)})
+        sink.send(OPEN, group)
+        records = [self._open_request(call.requests, call.origins, seq, prompt, group, seq.arrival_ns or root.start_ns)
+                   for seq, prompt in zip(seqs, prompts)]
+        call.request_rids.update((seq.seq_id, record.rid) for seq, record in zip(seqs, records))
         try:
             with root:
                 yield
@@ -429,17 +448,21 @@ class EngineTracer:
             for seq in seqs:
                 if seq.seq_id in call.requests:
                     self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
-            root.attrs.update(self._generate_totals(call, manager.num_cache_hits - before[1],
-                                                    manager.num_cache_queries - before[0],
-                                                    scheduler.num_preemptions - before[2]))
+            group.end_ns = max(r.end_ns for r in records)
+            sink.send(CLOSE, group)
+            after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
+                     manager.num_tokens_cached, scheduler.num_preemptions)
+            root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(after, before))))
             sink.send(CLOSE, root)
             sink.drain()
 
     def _open_request(self, requests: dict, origins: dict, seq, prompt, parent: SpanRecord | None, start_ns: int,
-                      remote_parent=None) -> SpanRecord:
-        """Announce a request's span (its attributes come when it ends)."""
-        record = SpanRecord(S.REQUEST, parent, start_ns, attrs={
-            S.GEN_AI_OPERATION: "text_completion", S.GEN_AI_REQUEST_MODEL: self.model_name, S.SEQ_ID: seq.seq_id})
+                      remote_parent=None, operation: str = S.OPERATION_TEXT_COMPLETION,
+                      response_id: str | None = None) -> SpanRecord:
+        """Announce a request's span with what identifies it (the rest comes when it ends)."""
+        record = SpanRecord(S.request_name(operation, self.model_name), parent, start_ns, attrs={
+            S.GEN_AI_OPERATION: operation, S.GEN_AI_SYSTEM: "otvllm", S.GEN_AI_REQUEST_MODEL: self.model_name,
+            S.GEN_AI_RESPONSE_ID: response_id or f"otvllm-{uuid.uuid4().hex}", S.SEQ_ID: seq.seq_id})
         record.remote_parent = remote_parent
         requests[seq.seq_id] = record
         origins[seq.seq_id] = (seq, prompt)
@@ -453,17 +476,17 @@ class EngineTracer:
         record = requests.pop(seq_id)
         seq, prompt = origins.pop(seq_id)
         record.end_ns = seq.finished_ns or now_ns()
-        texts = self.tokenizer is not None and A.trace_content_enabled()
-        completion = self.tokenizer.decode(seq.completion_token_ids) if texts else None
-        record.attrs.update(A.request_attrs(seq, self.model_name, prompt if isinstance(prompt, str) else None,
-                                            completion, reason))
+        record.attrs.update(A.request_attrs(seq, self.model_name, reason))
+        if A.trace_content_enabled():
+            record.attrs.update(A.content_attrs(seq, prompt, self.tokenizer, reason))
         if seq.finish_reason is None and failure is not None:
             kind, message = (failure[0], failure[1]) if isinstance(failure, tuple) else \
                 (error_type(failure), str(failure))
             record.error = (kind, f"the run ended before this request finished ({message or kind})", "")
         self.sink.send(CLOSE, record)
 
-    def _generate_totals(self, call: _Call, hits: int, queries: int, preemptions: int) -> dict:
+    def _generate_totals(self, call: _Call, queries: int, hits: int, admitted_tokens: int, cached_tokens: int,
+                         preemptions: int) -> dict:
         output_tokens = sum(s.num_completion_tokens for s in call.seqs)
         seconds = max(call.root.end_ns - call.root.start_ns, 1) / 1e9
         attrs = {
@@ -471,7 +494,9 @@ class EngineTracer:
             S.GEN_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps,
             S.GEN_PREFILL_TIME_MS: call.prefill_ns / 1e6, S.GEN_DECODE_TIME_MS: call.decode_ns / 1e6,
             S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
-            S.GEN_PREFIX_HIT_RATE: hits / queries if queries else 0.0,
+            S.GEN_PREFIX_HIT_RATE: cached_tokens / admitted_tokens if admitted_tokens else 0.0,
+            S.GEN_PREFIX_CACHED_TOKENS: cached_tokens,
+            S.GEN_PREFIX_BLOCK_HIT_RATE: hits / queries if queries else 0.0,
         }
         attrs.update(self._step_totals(call))
         if self.device.type == "cuda" and call.root.error is None:
@@ -516,9 +541,10 @@ class EngineTracer:
                 if seq.seq_id in requests:
                     requests[seq.seq_id].events.append((S.EVENT_SCHEDULED, now, {
                         S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
-        for seq in batch.preempted:
+        for seq, needing in zip(batch.preempted, batch.preempted_for):
             if seq.seq_id in requests:
-                requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index}))
+                requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index,
+                                                                             S.PREEMPTED_FOR: needing}))
 
     def _on_postprocess(self, call: _Call, batch, finished) -> None:
         # Events name the step that computed the token.
@@ -527,7 +553,10 @@ class EngineTracer:
         if batch.is_prefill:
             for seq, token_index in zip(batch.seqs, batch.token_indexes):
                 if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
-                    call.requests[seq.seq_id].events.append((S.EVENT_FIRST_TOKEN, now, {S.EVENT_STEP: index}))
+                    call.requests[seq.seq_id].events.append(
+                        (S.EVENT_FIRST_TOKEN, seq.first_token_ns or now, {S.EVENT_STEP: index}))
+        if finished and call.awaiting_gpu:   # steps whose tokens are in are built before requests link to them
+            self._send_timed(call, wait=False)
         for f in finished:
             if f.seq.seq_id in call.requests:
                 call.requests[f.seq.seq_id].events.append(
@@ -597,7 +626,9 @@ class EngineTracer:
         if not len(stretch):
             return
         first, last = stretch.steps[0], stretch.steps[-1]
-        self._send_spans(call, [SpanRecord(S.STEPS, call.root, first.start_ns, last.end_ns, stretch.attrs())])
+        attrs = stretch.attrs()
+        self._send_spans(call, [SpanRecord(S.steps_name(attrs[S.PHASE]), call.root, first.start_ns, last.end_ns,
+                                           attrs)])
         call.budget -= 1
         call.aggregates += 1
         call.stretch = StepStretch()
@@ -613,12 +644,14 @@ class EngineTracer:
         summary = step.summary
         call.ahead.append(summary.index)
         call.detailed_indexes.add(summary.index)
+        step.record.name = S.step_name(summary.phase)
         step.record.attrs.update({
             S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
         step.children.extend(extra)
-        if call.links and step.batch is not None:
-            self._link(call, step)
+        if step.batch is not None and step.batch.seqs:
+            seq_ids = step.record.attrs[S.BATCH_SEQ_IDS] = [seq.seq_id for seq in step.batch.seqs]
+            self._link(call, step.record, seq_ids)
         if step.forward is not None and step.forward.end_ns:
             try:
                 step.forward.attrs.update(memory_snapshot(self.device))
@@ -633,22 +666,20 @@ class EngineTracer:
             self._send_step(call, step)
         return True
 
-    def _link(self, call: _Call, step: _StepTrace) -> None:
-        """A step and the request spans of its batch, each linked to the other (bounded). A
-        request whose span has already ended keeps the link from the step only."""
-        links = []
-        request_rids = self._serving.request_rids
-        for seq in step.batch.seqs:
-            rid = request_rids.get(seq.seq_id)
-            if rid is not None and len(links) < MAX_LINKS:
-                links.append(rid)
-            request = call.requests.get(seq.seq_id)
+    def _link(self, call: _Call, record: SpanRecord, seq_ids: list[int]) -> None:
+        """A step and the request spans of its batch, each linked to the other (bounded): in
+        Jaeger a step's batch and a request's steps are one click away. A request whose span
+        has already ended keeps the link from the step only."""
+        rids, requests, rid = call.request_rids, call.requests, record.rid
+        record.links = [rids[i] for i in seq_ids[:MAX_LINKS] if i in rids]
+        for i in seq_ids:
+            request = requests.get(i)
             if request is not None:
-                if request.links is None:
-                    request.links = []
-                if len(request.links) < MAX_LINKS:
-                    request.links.append(step.record.rid)
-        step.record.links = links
+                links = request.links
+                if links is None:
+                    request.links = [rid]
+                elif len(links) < MAX_LINKS:
+                    links.append(rid)
 
     def _send_timed(self, call: _Call, wait: bool) -> None:
         """Send the detailed steps whose forward has finished on the device, with its GPU time."""
@@ -703,32 +734,53 @@ class EngineTracer:
         if self.level is TraceLevel.DEBUG:
             records += [SpanRecord(S.BLOCK_ALLOCATE, parent, a.start_ns, a.end_ns, A.sequence_allocate_attrs(a))
                         for a in batch.allocations]
+            if batch.new_decode_block_ids:
+                parent.attrs[S.BLOCK_IDS_NEW] = batch.new_decode_block_ids
+            if batch.preempt_freed_block_ids:
+                schedule.attrs[S.BLOCK_IDS_FREED] = batch.preempt_freed_block_ids
         return records
 
-    # ---- debug: one span per attention layer -----------------------------------------------------
+    # ---- debug: one span per part of the forward (embedding, each layer's norms, attention and
+    # MLP, the final norm, the output head), the device synchronised around each ----------------
 
     def _forward_in_progress(self) -> SpanRecord | None:
         step = self._current_step
         forward = step.forward if step is not None else None
         return forward if forward is not None and not forward.end_ns else None
 
-    def _layer_start(self, sync):
+    def _part_start(self, sync):
         def hook(module, args):
             if self._forward_in_progress() is not None:
                 sync()
                 module._otvllm_start_ns = now_ns()
         return hook
 
-    def _layer_end(self, sync):
-        def hook(module, args, output):
+    def _part_end(self, sync, part: str, index: int | None):
+        name = PART_SPANS[part]
+
+        def hook(module, args, output):   # also called when the part raised (output None)
             forward = self._forward_in_progress()
             if forward is None:
                 return
-            sync()
+            failure = sys.exc_info()[1] if output is None else None
+            if failure is None:
+                try:
+                    sync()   # where a failed kernel surfaces: this part launched it
+                except Exception as e:
+                    failure = e
+            record = SpanRecord(name, forward, module._otvllm_start_ns, now_ns(),
+                                A.part_attrs(part, index, module, args, output))
+            if failure is not None:
+                record.fail(failure)
             # After the forward's record in the step's list: the builder meets the parent first.
-            self._current_step.children.append(SpanRecord(
-                S.ATTENTION, forward, module._otvllm_start_ns, now_ns(), A.attention_attrs(module, args, output)))
+            self._current_step.children.append(record)
+            if failure is not None and output is not None:
+                raise failure
         return hook
+
+
+PART_SPANS = {"embedding": S.EMBEDDING, "input_norm": S.NORM, "attention": S.ATTENTION,
+              "post_attention_norm": S.NORM, "mlp": S.MLP, "final_norm": S.NORM, "lm_head": S.LM_HEAD}
 
 
 def make_tracer(level: TraceLevel, device: torch.device, model: str):

@@ -60,15 +60,15 @@ def read_calls(path: str) -> list[Call]:
             generates += 1
             calls.append(call)
         for child in children.get(root["spanID"], ()):
-            if child.get("operationName") == S.STEP:
+            if S.is_step(child.get("operationName", "")):
                 call.steps.append(_step_figures(child, children))
-            elif child.get("operationName") == S.STEPS:
+            elif S.is_steps(child.get("operationName", "")):
                 a = _tags(child)
                 call.stretches.append((a.get(S.STEPS_FIRST_INDEX), a.get(S.STEPS_LAST_INDEX),
                                        a.get(S.STEP_TIME_MEAN_MS)))
     calls = [c for c in calls if c.steps]
     if not calls:
-        orphan = any(s.get("operationName") == S.STEP and _parent(s) not in by_id for s in spans)
+        orphan = any(S.is_step(s.get("operationName", "")) and _parent(s) not in by_id for s in spans)
         raise ValueError(f"{path}: no engine steps to plot" + (
             " (their llm.generate span is not in the file)" if orphan else
             " (traced at level request or off? steps need level step or debug)"))

@@ -14,7 +14,7 @@ from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
 
 
 class _Span:
-    __slots__ = ("id", "parent", "name", "start_us", "duration_us", "attrs", "children")
+    __slots__ = ("id", "parent", "up", "name", "start_us", "duration_us", "attrs", "children")
 
     def __init__(self, raw: dict):
         self.id = raw["spanID"]
@@ -24,6 +24,7 @@ class _Span:
         self.duration_us = raw.get("duration", 0)
         self.attrs = {t["key"]: t.get("value") for t in raw.get("tags") or []}
         self.children: list[_Span] = []
+        self.up: _Span | None = None   # the parent, when it is in the file
 
     @property
     def error(self) -> str | None:
@@ -46,13 +47,23 @@ class _Span:
             yield span
             stack.extend(span.children)
 
+    def inherited(self, key):
+        """`key` of this span or of its nearest ancestor that has it."""
+        span = self
+        while span is not None:
+            if key in span.attrs:
+                return span.attrs[key]
+            span = span.up
+        return None
+
 
 def _tree(trace: dict) -> list[_Span]:
     spans = [_Span(raw) for raw in trace.get("spans") or []]
     by_id = {s.id: s for s in spans}
     for span in spans:
         if span.parent in by_id:
-            by_id[span.parent].children.append(span)
+            span.up = by_id[span.parent]
+            span.up.children.append(span)
     for span in spans:
         span.children.sort(key=lambda s: s.start_us)
     return sorted(spans, key=lambda s: s.start_us)
@@ -96,8 +107,8 @@ def _phase_of(span: _Span) -> str:
 def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     """`gen` is the llm.generate span (None: a trace with step spans but no generate span)."""
     attrs = gen.attrs if gen is not None else {}
-    steps = [s for s in spans if s.name == S.STEP]
-    requests = [s for s in spans if s.name == S.REQUEST]
+    steps = [s for s in spans if S.is_step(s.name)]
+    requests = [s for s in spans if _is_request(s)]
     by_phase: dict[str, list[_Span]] = defaultdict(list)
     for step in steps:
         by_phase[_phase_of(step)].append(step)
@@ -123,12 +134,15 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if throughput is None and output_tokens and wall_ms:
         throughput = output_tokens / (wall_ms / 1000)
 
-    outcome = "Generation complete"
-    if gen is not None and gen.name == S.ENGINE_LOOP:
+    if gen is None:   # no evidence that the run completed
+        outcome = "Steps"
+    elif gen.name == S.ENGINE_LOOP:
         outcome = f"Engine loop window {gen.get(S.LOOP_WINDOW, '?')}"
-    elif gen is not None and gen.error is not None:
+    elif gen.error is not None:
         verb = "interrupted" if gen.error in INTERRUPTS or gen.get(S.INTERRUPTED) else "failed"
         outcome = f"Generation {verb} ({gen.error})"
+    else:
+        outcome = "Generation complete"
     lines = [f"  {outcome}: {n_steps} steps ({prefill_steps} prefill, {decode_steps} decode), "
              f"requests={n_requests}, prompt_tokens={_num(prompt_tokens) if prompt_tokens is not None else 'n/a'}, "
              f"total_output_tokens={_num(output_tokens) if output_tokens is not None else 'n/a'}",
@@ -173,7 +187,10 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
 
     lines.append(f"  prefix cache hit rate: {_hit_rate(attrs, spans)}")
     lines.append(f"  CUDA memory: {_memory(attrs, spans)}")
-    lines.append(f"  preemptions: {_preemptions(attrs, spans, requests)}")
+    lines.append(f"  preemptions: {_preemptions(attrs, spans, requests)}{_first_preemption(spans)}")
+    waits = _waiting_reasons(spans)
+    if waits:
+        lines.append(f"  requests left waiting, by reason (detailed steps): {waits}")
 
     ttft = [r.get(S.REQUEST_TTFT_MS) for r in requests if r.get(S.REQUEST_TTFT_MS) is not None]
     if ttft:
@@ -224,17 +241,23 @@ def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> lis
 
 
 def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
+    """Prompt tokens served from the prefix cache, of all prompt tokens (as vLLM counts it); the
+    block-lookup rate beside it is higher, since a sequence's lookups stop at its first miss."""
     rate = attrs.get(S.GEN_PREFIX_HIT_RATE)
     if rate is not None:
-        return f"{100 * rate:.1f}% of blocks"
-    blocks = [s for s in spans if s.name == S.BLOCK_ALLOCATE]
-    ids = {s.id for s in blocks}
-    blocks = [s for s in blocks if s.parent not in ids]   # debug level nests one per sequence
-    hits = sum(s.get(S.BLOCKS_CACHE_HITS, 0) for s in blocks)
-    new = sum(s.get(S.BLOCKS_NEW, 0) for s in blocks)
-    if not hits + new:
+        if S.GEN_PREFIX_BLOCK_HIT_RATE not in attrs:   # a trace from before otvllm counted tokens
+            return f"{100 * rate:.1f}% of block lookups"
+        text = f"{100 * rate:.1f}% of prompt tokens"
+        if S.GEN_PREFIX_CACHED_TOKENS in attrs:
+            text += f" ({_num(attrs[S.GEN_PREFIX_CACHED_TOKENS])} tokens)"
+        return text + (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
+                       f"(a sequence's lookups stop at its first miss)")
+    prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) == "prefill"]
+    cached = sum(s.get(S.NUM_CACHED_TOKENS, 0) for s in prefills)
+    computed = sum(s.get(S.NUM_BATCHED_TOKENS, 0) for s in prefills)
+    if not cached + computed:
         return "n/a"
-    return f"{100 * hits / (hits + new):.1f}% of blocks (in traced steps)"
+    return f"{100 * cached / (cached + computed):.1f}% of prompt tokens (in traced steps)"
 
 
 def _memory(attrs: dict, spans: list[_Span]) -> str:
@@ -262,6 +285,25 @@ def _preemptions(attrs: dict, spans: list[_Span], requests: list[_Span]):
     return f"{sum(counted)} (in traced steps)" if counted else "n/a"
 
 
+def _first_preemption(spans: list[_Span]) -> str:
+    schedules = sorted((s for s in spans if s.name == S.SCHEDULE and s.get(S.PREEMPTED_FOR)), key=lambda s: s.start_us)
+    if not schedules:
+        return ""
+    a, step = schedules[0].attrs, schedules[0].inherited(S.STEP_INDEX)
+    victims, needing = _json_list(a.get(S.PREEMPTED_SEQ_IDS, [])), _json_list(a[S.PREEMPTED_FOR])
+    return (f" (first at step {step}: seq {victims[0]} preempted for seq {needing[0]}, which needed "
+            f"{a.get(S.PREEMPTION_BLOCKS_NEEDED, '?')} block(s) with {a.get(S.PREEMPTION_BLOCKS_FREE, '?')} free; "
+            f"{a.get(S.BLOCKS_FREED, '?')} blocks freed)")
+
+
+def _waiting_reasons(spans: list[_Span]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for s in spans:
+        if s.name == S.SCHEDULE and s.get(S.WAITING_REASON):
+            counts[s.get(S.WAITING_REASON)] += 1
+    return ", ".join(f"{reason} in {n} steps" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 # ---- engine.init -------------------------------------------------------------------------------
 
 def _init_lines(init: _Span) -> list[str]:
@@ -269,6 +311,9 @@ def _init_lines(init: _Span) -> list[str]:
     for span in init.descendants():
         found.setdefault(span.name, span)
     lines = [f"  init {_ms(init.ms)}" + (f" FAILED ({init.error})" if init.error else "")]
+    loads = [found[name] for name in (S.CONFIG_LOAD, S.TOKENIZER_LOAD) if name in found]
+    if loads:
+        lines.append("  " + ", ".join(f"{s.name} {_ms(s.ms)}" for s in loads))
     load = found.get(S.MODEL_LOAD)
     if load is not None:
         a = load.attrs
@@ -288,7 +333,10 @@ def _init_lines(init: _Span) -> list[str]:
         line = f"  KV cache: {a.get(S.BLOCKS_TOTAL, '?')} blocks of {a.get(S.BLOCK_SIZE, '?')} tokens"
         if S.KV_CACHE_BYTES in a:
             line += f", {human_bytes(a[S.KV_CACHE_BYTES])}"
-        lines.append(line + f" (allocated in {_ms(kv.ms)})")
+        if kv.error is not None:
+            lines.append(line + f" planned, FAILED ({kv.error})")
+        else:
+            lines.append(line + f" (allocated in {_ms(kv.ms)})")
     graphs = found.get(S.CUDA_GRAPH_CAPTURE)
     if graphs is not None:
         sizes = _json_list(graphs.get(S.CUDA_GRAPH_BATCH_SIZES, []))
@@ -296,6 +344,48 @@ def _init_lines(init: _Span) -> list[str]:
         lines.append(f"  CUDA graphs: {count} batch sizes captured in {_ms(graphs.ms)}")
     peaks = [s.get(S.MEM_PEAK) for s in [init, *init.descendants()] if s.get(S.MEM_PEAK) is not None]
     lines.append(f"  CUDA memory: {f'peak {human_bytes(max(peaks))}' if peaks else 'n/a (CPU)'}")
+    return lines
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def _is_request(span: _Span) -> bool:
+    return S.is_request(span.name, span.attrs)
+
+
+def _error_lines(spans: list[_Span]) -> list[str]:
+    """Every span in ERROR, where it failed first (innermost, earliest end) and what it took down
+    after; request spans ended by the failure as one line."""
+    failed = [s for s in spans if s.error is not None]
+    if not failed:
+        return []
+    requests = [s for s in failed if _is_request(s)]
+    others = [s for s in failed if not _is_request(s)]
+
+    def depth(span):
+        n = 0
+        while span.up is not None:
+            span, n = span.up, n + 1
+        return n
+
+    lines = [f"  errors: {len(failed)} spans in ERROR"]
+    for span in sorted(others, key=lambda s: (s.start_us + s.duration_us, -depth(s))):
+        where = []
+        if span.get(S.LAYER_INDEX) is not None:
+            where.append(f"layer {span.get(S.LAYER_INDEX)}")
+        phase, step = span.inherited(S.PHASE), span.inherited(S.STEP_INDEX)
+        if phase is not None:
+            where.append(str(phase))
+        if step is not None:
+            where.append(f"step {step}")
+        message = span.get("otel.status_description") or span.error
+        lines.append(f"    {span.name}{' (' + ', '.join(where) + ')' if where else ''}: {message}")
+        if span.get(S.ERROR_ADVICE):
+            lines.append(f"      advice: {span.get(S.ERROR_ADVICE)}")
+    if requests:
+        kinds = sorted({r.error for r in requests})
+        lines.append(f"    {len(requests)} request spans ({', '.join(kinds)}): "
+                     f"{requests[0].get('otel.status_description') or requests[0].error}")
     return lines
 
 
@@ -313,6 +403,7 @@ def _summarize_trace(trace: dict) -> list[str]:
         return [f"trace {trace.get('traceID', '?')}: no spans"]
     roots = [s for s in spans if s.parent is None or all(s.parent != o.id for o in spans)]
     lines = [_trace_header(trace, roots[0] if roots else spans[0], len(spans))]
+    lines.extend(_error_lines(spans))
     gens = [s for s in spans if s.name in (S.GENERATE, S.ENGINE_LOOP)]
     inits = [s for s in spans if s.name == S.ENGINE_INIT]
     for init in inits:
@@ -323,10 +414,10 @@ def _summarize_trace(trace: dict) -> list[str]:
         if len(gens) > 1 or inits:
             lines.append(f" {gen.name} ({_ms(gen.ms)}):")
         lines.extend(_generate_lines(gen, list(gen.descendants())))
-    if not gens and any(s.name == S.STEP for s in spans):
+    if not gens and any(S.is_step(s.name) for s in spans):
         lines.append("  (no llm.generate span in this trace; figures from the step spans)")
         lines.extend(_generate_lines(None, spans))
-    if not gens and not inits and not any(s.name == S.STEP for s in spans):
+    if not gens and not inits and not any(S.is_step(s.name) for s in spans):
         counts: dict[str, int] = defaultdict(int)
         for s in spans:
             counts[s.name] += 1
