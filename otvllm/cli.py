@@ -295,7 +295,7 @@ def _serve(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     from otvllm.serving.server import serve
     return _traced_run(args, {"otvllm.cli.port": args.port}, default_trace_file=False,
-                       body=lambda: serve(args, _make_llm(args)))
+                       body=lambda: serve(args, _model(args), _engine_options(args)))
 
 
 def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
@@ -349,16 +349,20 @@ def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
     return code
 
 
-def _make_llm(args):
-    from otvllm import LLM
+def _model(args) -> str:
+    """The model directory: --model, or the built-in synthetic model (written on first use)."""
     from otvllm.synthetic import synthetic_model_dir
 
-    model = args.model
-    if model is None:
-        model = synthetic_model_dir()
-        print(f"using the built-in synthetic model at {model} (random weights: its output is noise)",
-              file=sys.stderr)
-    return LLM(model, **_engine_options(args))
+    if args.model is not None:
+        return args.model
+    model = synthetic_model_dir()
+    print(f"using the built-in synthetic model at {model} (random weights: its output is noise)", file=sys.stderr)
+    return model
+
+
+def _make_llm(args):
+    from otvllm import LLM
+    return LLM(_model(args), **_engine_options(args))
 
 
 def _run(args, requests: list[_Request]) -> int:

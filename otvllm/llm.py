@@ -12,6 +12,7 @@ from otvllm.core.sequence import Sequence
 from otvllm.outputs import RequestOutput
 from otvllm.sampling_params import SamplingParams
 from otvllm.synthetic import SYNTHETIC_MODEL, resolve_model
+from otvllm.tokenizer import tokenize
 
 Prompt = str | list[int]
 
@@ -110,13 +111,7 @@ class LLM:
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids (a string through the model's tokenizer); ValueError if it has none."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt: a prompt needs at least one token")
-            if self.tokenizer is None:
-                raise ValueError("the model directory has no tokenizer: pass prompts as lists of token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return tokenize(self.tokenizer, prompt)
 
     def _output(self, index: int, prompt: Prompt, seq: Sequence) -> RequestOutput:
         ids = seq.completion_token_ids

@@ -14,3 +14,14 @@ def load_tokenizer(model_dir: str):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load the tokenizer of {model_dir!r}: {e}") from e
+
+
+def tokenize(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids (a string through `tokenizer`); ValueError if it cannot be."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("empty prompt: a prompt needs at least one token")
+        if tokenizer is None:
+            raise ValueError("the model directory has no tokenizer: pass prompts as lists of token ids")
+        return tokenizer.encode(prompt)
+    return list(prompt)

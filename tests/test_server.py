@@ -102,6 +102,16 @@ class Server:
         kwargs.setdefault("timeout", 60)
         return openai.OpenAI(base_url=f"http://{HOST}:{self.port}/v1", api_key="unused", **kwargs)
 
+    def engine_pid(self) -> int:
+        """The engine process: the server's child started by multiprocessing's spawn."""
+        children = []
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with open(f"/proc/{self.proc.pid}/task/{tid}/children") as f:
+                children += [int(p) for p in f.read().split()]
+        engines = [pid for pid in children if b"spawn_main" in _cmdline(pid)]
+        assert len(engines) == 1, f"engine processes among the server's children: {engines}"
+        return engines[0]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -110,6 +120,32 @@ class Server:
                 pass
             self.proc.wait(timeout=30)
         self._log.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -740,6 +776,7 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_0(synthetic_dir, cache_d
         reader.start()
         assert started.wait(30), "the stream never started"
         assert "error" not in result, result.get("error")
+        engine = server.engine_pid()
         os.kill(server.proc.pid, signal.SIGTERM)
         sent = time.monotonic()
 
@@ -765,5 +802,49 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_0(synthetic_dir, cache_d
         assert text == ref.generate(prompt, k, ignore_eos=True).text
         code = server.proc.wait(timeout=max(1.0, 30 - (time.monotonic() - sent)))
         assert code == 0, f"exit code {code}:\n{server.log[-3000:]}"
+        assert _wait_gone(engine, 10), "the engine process outlived the drained server"
+    finally:
+        server.stop()
+
+
+# ---- the engine in a process of its own ----------------------------------------------------------
+
+def test_a_dead_engine_process_is_reported_not_hung_on(synthetic_dir, cache_dir, tmp_path_factory, ref):
+    """The engine runs in its own process; when it dies, /health says so, requests get an
+    OpenAI error at once, and the server still stops cleanly on SIGTERM."""
+    server = _start([], cache_dir, tmp_path_factory, "dead-engine")
+    try:
+        engine = server.engine_pid()
+        assert engine != server.proc.pid
+        out = server.client().completions.create(model=SYNTHETIC_NAME, prompt="alive", max_tokens=4, temperature=0)
+        assert out.choices[0].text == ref.generate("alive", 4).text
+
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while get(server.port, "/health")[0] != 503:
+            assert time.monotonic() < deadline, "/health still answers 200 after the engine died"
+            time.sleep(0.1)
+        status, body = get(server.port, "/health")
+        assert "engine" in json.loads(body)["error"]["message"]
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as failed:
+            server.client(timeout=20).completions.create(model=SYNTHETIC_NAME, prompt="dead", max_tokens=4)
+        assert failed.value.status_code == 503 and time.monotonic() - start < 10
+        assert "engine" in error_of(failed.value)["message"]
+
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, server.log[-3000:]
+    finally:
+        server.stop()
+
+
+def test_the_engine_process_ends_with_the_server_even_when_the_server_is_killed(synthetic_dir, cache_dir,
+                                                                               tmp_path_factory):
+    server = _start([], cache_dir, tmp_path_factory, "killed-server")
+    try:
+        engine = server.engine_pid()
+        os.kill(server.proc.pid, signal.SIGKILL)   # no drain, no goodbye: the engine sees its pipe close
+        server.proc.wait(timeout=30)
+        assert _wait_gone(engine, 30), "the engine process outlived the server by 30 s"
     finally:
         server.stop()

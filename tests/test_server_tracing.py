@@ -16,6 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from otvllm.synthetic import SYNTHETIC_NAME  # noqa: E402
+from tests.helpers import by_name  # noqa: E402
 from otvllm.tracing import schema as S  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
@@ -69,10 +70,20 @@ def served(tmp_path_factory):
         return receiver.spans(), answers, tmp / "t.json", receiver.metrics(), prometheus
 
 
-def by_name(spans, name):
-    """Spans named `name`; for engine.step and engine.steps, whatever phase their names carry."""
-    match = {S.STEP: S.is_step, S.STEPS: S.is_steps}.get(name, name.__eq__)
-    return [s for s in spans if match(s["name"])]
+def test_the_engine_process_start_up_is_in_the_runs_trace(served):
+    """engine.init is recorded in the engine process and joins the front end's otvllm.run."""
+    spans, *_ = served
+    run = the_one(spans, S.CLI_RUN)
+    init = the_one(spans, S.ENGINE_INIT)
+    assert (init["trace_id"], init["parent_span_id"]) == (run["trace_id"], run["span_id"])
+    assert the_one(spans, S.MODEL_LOAD)["parent_span_id"] == init["span_id"]
+    assert run["start_ns"] <= init["start_ns"] and init["end_ns"] <= run["end_ns"]
+
+
+def the_one(spans, name):
+    found = by_name(spans, name)
+    assert len(found) == 1, (name, len(found))
+    return found[0]
 
 
 def test_the_clients_trace_continues_into_the_engine(served):

@@ -13,6 +13,7 @@ import torch
 from otvllm.config import EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
+from otvllm.core.request_limits import RequestLimits
 from otvllm.core.resolved_config import resolve_config, resolve_device
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
 from otvllm.core.sequence import Sequence
@@ -103,22 +104,14 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.spec.vocab_size, self.resolved.max_model_len, self.resolved.max_logprobs)
+
     def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         """A request checked against the engine's limits; raises ValueError naming the problem."""
-        cfg = self.resolved
-        if not prompt_token_ids:
-            raise ValueError("empty prompt: a prompt needs at least one token")
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.spec.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.spec.vocab_size})")
-        if params.logprobs is not None and params.logprobs > min(cfg.max_logprobs, self.spec.vocab_size):
-            raise ValueError(f"logprobs={params.logprobs} is more than the engine allows (max_logprobs="
-                             f"{cfg.max_logprobs}, vocabulary {self.spec.vocab_size})")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > cfg.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens plus max_tokens={params.max_tokens} is "
-                             f"{total} tokens, more than max_model_len={cfg.max_model_len}")
-        return Sequence(prompt_token_ids, params, cfg.kvcache_block_size)
+        self.limits.check(prompt_token_ids, params)
+        return Sequence(prompt_token_ids, params, self.resolved.kvcache_block_size)
 
     def add(self, seq: Sequence) -> None:
         seq.arrival_ns = seq.arrival_ns or time.time_ns()   # a server stamps it when the request arrives

@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI): OpenAI's /v1/completions and /v1/chat/completions, /v1/models,
-/health. Requests are checked here, before they reach the engine loop; a bad one gets a 400
+/health. Requests are checked here, before they reach the engine process; a bad one gets a 400
 with the library's message and nothing else is disturbed."""
 
 import asyncio
@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otvllm.serving.detokenize import TextStream
-from otvllm.serving.engine_loop import EngineLoop, QueueFull, ServerRequest
+from otvllm.serving.engine_client import EngineClient, EngineFailed, QueueFull, ServerRequest
 from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
                                      now, usage)
 from otvllm.tracing import schema as S
+from otvllm.tokenizer import tokenize
 from otvllm.tracing.recording.records import remote_parent_of
 
 
@@ -30,21 +31,17 @@ class Choice:
         self.finish_reason: str | None = None
 
 
-def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interval_s: float = 0.0) -> FastAPI:
-    """`metrics`: a ServerMetrics (served at /metrics, fed as requests end), or None."""
-    tokenizer = llm.tokenizer
-    engine = llm.engine
-    state: dict = {}
+def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) -> FastAPI:
+    """`engine`: the started engine process; `tokenizer`: the model's (None when it has none);
+    `metrics`: a ServerMetrics (served at /metrics, fed as requests end), or None."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = EngineLoop(llm, max_queue, asyncio.get_running_loop(), stream_interval_s)
-        loop.start()
-        state["loop"] = loop
+        engine.start(asyncio.get_running_loop())
         try:
             yield
         finally:
-            await asyncio.to_thread(loop.stop)
+            await asyncio.to_thread(engine.stop)
             if metrics is not None:
                 await asyncio.to_thread(metrics.shutdown)
 
@@ -73,9 +70,8 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
 
     @app.get("/health")
     async def health():
-        loop = state.get("loop")
-        if loop is None or loop.error is not None:
-            raise APIError(503, "the engine loop is not running", kind="server_error")
+        if engine.error is not None:
+            raise APIError(503, f"the engine is not running: {engine.error}", kind="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -88,7 +84,7 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
-                                            "owned_by": "otvllm", "max_model_len": engine.resolved.max_model_len}]}
+                                            "owned_by": "otvllm", "max_model_len": engine.limits.max_model_len}]}
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -104,23 +100,24 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         choices = []
         for index, prompt in enumerate(prompts):
             try:
-                seq = engine.make_sequence(llm.tokenize(prompt), params)
-                seq.arrival_ns = time.time_ns()
+                token_ids = tokenize(tokenizer, prompt)
+                engine.limits.check(token_ids, params)
             except ValueError as e:
                 where = f"prompt {index}: " if len(prompts) > 1 else ""
                 raise APIError(400, f"{where}{e}", param="prompt") from None
-            request = ServerRequest(seq, prompt if traced_prompt is None else traced_prompt, parent,
+            request = ServerRequest(token_ids, params, prompt if traced_prompt is None else traced_prompt, parent,
                                     stream or bool(stops), updates, index, operation, response_id)
             choices.append(Choice(request, TextStream(tokenizer, stops)))
         try:
-            state["loop"].submit([c.request for c in choices])
+            engine.submit([c.request for c in choices])
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e}; retry later", kind="server_overloaded") from None
+        except EngineFailed as e:
+            raise APIError(503, str(e), kind="server_error") from None
         return choices, updates
 
     async def progress(choices: list[Choice], updates: asyncio.Queue):
         """Yields (choice, delta text, new token ids, their logprobs) until every choice ended."""
-        loop: EngineLoop = state["loop"]
         remaining = len(choices)
         while remaining:
             index, update = await updates.get()
@@ -128,7 +125,7 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             if choice.finish_reason is not None:
                 continue
             if update.finish_reason == "error":
-                raise APIError(500, f"the engine failed: {loop.error!r}", kind="server_error")
+                raise APIError(500, f"the engine failed: {engine.error}", kind="server_error")
             before = choice.text.num_tokens
             delta = choice.text.add(update.token_ids, final=update.finish_reason is not None)
             kept = choice.text.num_tokens - before   # tokens after a stop string are dropped
@@ -138,19 +135,19 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
             reason = update.finish_reason
             if choice.text.stopped:
                 if reason is None:
-                    loop.abort(choice.request, "stop")
+                    engine.abort(choice.request, "stop")
                 reason = "stop"
             if reason is not None:
                 choice.finish_reason = reason
                 remaining -= 1
                 if metrics is not None:
-                    metrics.request_ended(choice.request.seq, len(choice.token_ids), time.time_ns(), reason)
+                    metrics.request_ended(choice.request, len(choice.token_ids), time.time_ns(), reason)
             yield choice, delta, ids, logprobs
 
     def abort_unfinished(choices: list[Choice]) -> None:
         for choice in choices:
             if choice.finish_reason is None:
-                state["loop"].abort(choice.request, "abort")
+                engine.abort(choice.request, "abort")
 
     async def run_to_end(request: Request, choices: list[Choice], updates: asyncio.Queue) -> None:
         async def consume():
@@ -174,7 +171,7 @@ def build_app(llm, model_name: str, max_queue: int, metrics=None, stream_interva
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
     def prompt_tokens(choices: list[Choice]) -> int:
-        return sum(c.request.seq.num_prompt_tokens for c in choices)
+        return sum(c.request.num_prompt_tokens for c in choices)
 
     def completion_tokens(choices: list[Choice]) -> int:
         return sum(len(c.token_ids) for c in choices)

@@ -3,8 +3,8 @@ endpoint and OTEL_* variables as the traces) and served for Prometheus at /metri
 
 The GenAI server metrics (OpenTelemetry semantic conventions, seconds) are recorded when a
 request ends, inside its HTTP server span, so their histogram buckets carry exemplars with
-that request's trace id. The engine's gauges and counters are read when metrics are
-collected (no work per step)."""
+that request's trace id. The engine's gauges and counters are the latest figures its process
+sent (with each step's news), read when metrics are collected."""
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -30,7 +30,9 @@ STEPS = "otvllm.steps"
 
 
 class ServerMetrics:
-    def __init__(self, engine, model_name: str, service_name: str, otlp: dict | None, interval_ms: int):
+    def __init__(self, stats, model_name: str, service_name: str, otlp: dict | None, interval_ms: int):
+        """`stats()`: the engine's latest gauges (running, waiting, kv_usage, prefix_hit_rate,
+        preemptions, steps)."""
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry
 
@@ -50,37 +52,36 @@ class ServerMetrics:
         self.tpot = meter.create_histogram(TPOT, unit="s", description="Time per output token after the first")
         self.duration = meter.create_histogram(DURATION, unit="s", description="Request duration, arrival to end")
         self.tokens = meter.create_counter(TOKENS, unit="{token}", description="Prompt and generated tokens")
-        scheduler, manager = engine.scheduler, engine.block_manager
 
-        def observe(value_of):
+        def observe(key: str):
             from opentelemetry.metrics import Observation
-            return lambda options: [Observation(value_of())]
+            return lambda options: [Observation(stats().get(key, 0))]
 
-        meter.create_observable_gauge(RUNNING, [observe(lambda: len(scheduler.running))], unit="{request}",
+        meter.create_observable_gauge(RUNNING, [observe("running")], unit="{request}",
                                       description="Requests in the running batch")
-        meter.create_observable_gauge(WAITING, [observe(lambda: len(scheduler.waiting))], unit="{request}",
+        meter.create_observable_gauge(WAITING, [observe("waiting")], unit="{request}",
                                       description="Requests waiting for the engine")
-        meter.create_observable_gauge(KV_USAGE, [observe(lambda: 1 - manager.num_free_blocks / manager.num_blocks)],
-                                      unit="1", description="Fraction of KV-cache blocks in use")
-        meter.create_observable_gauge(PREFIX_HIT_RATE, [observe(
-            lambda: manager.num_tokens_cached / manager.num_tokens_admitted if manager.num_tokens_admitted else 0.0)],
-            unit="1", description="Prompt tokens served from the prefix cache, of all prompt tokens, since start")
-        meter.create_observable_counter(PREEMPTIONS, [observe(lambda: scheduler.num_preemptions)],
-                                        unit="{preemption}", description="Sequences preempted since start")
-        meter.create_observable_counter(STEPS, [observe(lambda: engine.step_index)], unit="{step}",
-                                        description="Engine steps since start")
+        meter.create_observable_gauge(KV_USAGE, [observe("kv_usage")], unit="1",
+                                      description="Fraction of KV-cache blocks in use")
+        meter.create_observable_gauge(PREFIX_HIT_RATE, [observe("prefix_hit_rate")], unit="1",
+                                      description="Prompt tokens served from the prefix cache, of all prompt tokens, "
+                                                  "since start")
+        meter.create_observable_counter(PREEMPTIONS, [observe("preemptions")], unit="{preemption}",
+                                        description="Sequences preempted since start")
+        meter.create_observable_counter(STEPS, [observe("steps")], unit="{step}", description="Engine steps since start")
 
-    def request_ended(self, seq, completion_tokens: int, end_ns: int, finish_reason: str) -> None:
-        """Record one request's figures; call it in the request's context (for exemplars)."""
+    def request_ended(self, request, completion_tokens: int, end_ns: int, finish_reason: str) -> None:
+        """Record one request's figures (a ServerRequest); call it in the request's context
+        (for exemplars)."""
         attrs = dict(self.attrs)
         attrs["gen_ai.response.finish_reasons"] = finish_reason
-        self.duration.record((end_ns - seq.arrival_ns) / 1e9, attrs)
-        self.tokens.add(seq.num_prompt_tokens, {**self.attrs, "gen_ai.token.type": "input"})
+        self.duration.record((end_ns - request.arrival_ns) / 1e9, attrs)
+        self.tokens.add(request.num_prompt_tokens, {**self.attrs, "gen_ai.token.type": "input"})
         self.tokens.add(completion_tokens, {**self.attrs, "gen_ai.token.type": "output"})
-        if seq.first_token_ns:
-            self.ttft.record((seq.first_token_ns - seq.arrival_ns) / 1e9, attrs)
+        if request.first_token_ns:
+            self.ttft.record((request.first_token_ns - request.arrival_ns) / 1e9, attrs)
             if completion_tokens > 1:
-                self.tpot.record((end_ns - seq.first_token_ns) / 1e9 / (completion_tokens - 1), attrs)
+                self.tpot.record((end_ns - request.first_token_ns) / 1e9 / (completion_tokens - 1), attrs)
 
     def prometheus_text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -1,6 +1,7 @@
-"""`otvllm serve`: the app on uvicorn. SIGTERM or Ctrl-C drains: the listening socket
-closes, running requests finish (within --drain-timeout), then the engine loop stops and
-the trace is flushed by the caller (the CLI)."""
+"""`otvllm serve`: the engine in a process of its own (engine_process.py), the app on uvicorn
+in this one. SIGTERM or Ctrl-C drains: the listening socket closes, running requests finish
+(within --drain-timeout), then the engine process stops and the trace is flushed by the
+caller (the CLI)."""
 
 import os
 import signal
@@ -9,9 +10,20 @@ import sys
 import uvicorn
 
 from otvllm.serving.app import build_app
+from otvllm.serving.engine_client import EngineClient, EngineFailed
+from otvllm.tokenizer import load_tokenizer
 
 
-def _trace_http(app) -> None:
+def _export_sink():
+    """The export process's sink when this run is traced (the CLI started one), else None."""
+    from otvllm.tracing.export.process_sink import ProcessSink
+    from otvllm.tracing.recording.sinks import current_sink
+
+    sink = current_sink()
+    return sink if isinstance(sink, ProcessSink) else None
+
+
+def _trace_http(app, sink) -> None:
     """HTTP server spans from OpenTelemetry's FastAPI instrumentation (which continues a
     client's `traceparent`), made by an SDK of this process and exported with otvllm's spans
     by the export process."""
@@ -19,19 +31,14 @@ def _trace_http(app) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
     from otvllm.tracing.export.forwarding import ForwardingProcessor
-    from otvllm.tracing.export.process_sink import ProcessSink
-    from otvllm.tracing.recording.sinks import current_sink
 
-    sink = current_sink()
-    if not isinstance(sink, ProcessSink):
-        return
     provider = TracerProvider()
     provider.add_span_processor(ForwardingProcessor(sink))
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="health,metrics",
                                        exclude_spans=["receive", "send"])
 
 
-def _metrics(args, llm, name: str):
+def _metrics(args, engine: EngineClient, name: str):
     """Metrics for /metrics, and over OTLP where traces go (unless OTEL_SDK_DISABLED)."""
     from otvllm.environment import read
     from otvllm.serving.metrics import ServerMetrics
@@ -41,14 +48,27 @@ def _metrics(args, llm, name: str):
         return None
     endpoint = args.otlp_endpoint or otlp_endpoint()
     settings = export_settings(endpoint=endpoint) if endpoint else None
-    return ServerMetrics(llm.engine, name, read("OTEL_SERVICE_NAME"), settings, read("OTEL_METRIC_EXPORT_INTERVAL"))
+    return ServerMetrics(lambda: engine.stats, name, read("OTEL_SERVICE_NAME"), settings,
+                         read("OTEL_METRIC_EXPORT_INTERVAL"))
 
 
-def serve(args, llm) -> int:
-    name = args.served_model_name or os.path.basename(os.path.normpath(llm.config.model))
-    app = build_app(llm, name, args.max_queue, _metrics(args, llm, name), args.stream_interval_ms / 1000)
-    if llm.engine.resolved.trace_level != "off":
-        _trace_http(app)
+def serve(args, model: str, options: dict) -> int:
+    from otvllm.tracing.recording.tracer import current_run_rid
+
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
+    sink = _export_sink() if args.trace_level != "off" else None
+    try:
+        engine = EngineClient(model, options, args.max_queue, args.stream_interval_ms / 1000, current_run_rid(), sink)
+    except EngineFailed as e:
+        print(f"otvllm: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        app = build_app(engine, load_tokenizer(model), name, _metrics(args, engine, name))
+    except BaseException:
+        engine.stop()
+        raise
+    if sink is not None:
+        _trace_http(app, sink)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
     server = uvicorn.Server(config)
@@ -65,7 +85,10 @@ def serve(args, llm) -> int:
     # caught to the handler it found: make that one do nothing more, so the run ends with 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _already_drained)
-    server.run()
+    try:
+        server.run()
+    finally:
+        engine.stop()   # done already by the app's shutdown, unless the server never started
     if not server.started:
         return 1
     print("otvllm: stopped serving (running requests drained)", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ request) is announced with `OPEN` when it starts and sent again whole with `CLOS
 records travel in `SPANS` batches whose parents are open or earlier in the same batch."""
 
 import itertools
+import os
 import time
 import traceback
 
@@ -18,6 +19,13 @@ OPEN, SPANS, CLOSE = "open", "spans", "close"
 FOREIGN = "foreign"   # a finished span made by another SDK in the engine's process (export/forwarding.py)
 
 _rids = itertools.count(1)
+
+
+def restart_rids() -> None:
+    """Give this process rids that no other process uses: for a process whose records join
+    another's trace through the same export process (the engine process of `otvllm serve`)."""
+    global _rids
+    _rids = itertools.count((os.getpid() << 32) + 1)
 
 RemoteParent = tuple[int, int, int, str]   # trace id, span id, trace flags, tracestate header
 

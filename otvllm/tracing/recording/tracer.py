@@ -74,6 +74,33 @@ def run_span(name: str, attrs: dict | None = None):
         sink.drain()
 
 
+def current_run_rid() -> int | None:
+    """The rid of the enclosing `run_span`, for another process to join it (`joined_run`)."""
+    record = otel_context.get_value(_PARENT_RECORD)
+    return record.rid if record is not None else None
+
+
+class _RunOfAnotherProcess:
+    __slots__ = ("rid",)
+
+    def __init__(self, rid: int):
+        self.rid = rid
+
+
+@contextmanager
+def joined_run(rid: int | None):
+    """Records made inside are children of run span `rid` of another process whose records go
+    to the same export process (`otvllm serve`'s engine process joins the CLI's run)."""
+    if rid is None:
+        yield
+        return
+    token = otel_context.attach(otel_context.set_value(_PARENT_RECORD, _RunOfAnotherProcess(rid)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 # ---- level off ------------------------------------------------------------------------------
 
 class _NullPhases:
