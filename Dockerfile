@@ -13,15 +13,16 @@
 # listed in pyproject.toml, then the otvllm sources. Editing otvllm/ rebuilds only the
 # last two small layers.
 
-# Python 3.11 or newer (the dependency step reads pyproject.toml with tomllib).
-ARG PYTHON_IMAGE=python:3.11-slim
+# Python 3.11 or newer (the dependency step reads pyproject.toml with tomllib), pinned to a
+# patch release and a Debian release so that a rebuild gets the same base.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
 # Where torch comes from: the CPU-only wheels by default (about 5x smaller than the CUDA
 # ones); https://download.pytorch.org/whl/cu130 (or cu126 for older drivers) for GPUs.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# A pip requirement for torch itself, e.g. "torch==2.13.0" to pin it.
-ARG TORCH_SPEC=torch
+# A pip requirement for torch itself: the version the tests run with (pass another to change it).
+ARG TORCH_SPEC=torch==2.13.0
 # Comma-separated extras of the otvllm package to install as well (e.g. "triton").
 ARG OTVLLM_EXTRAS=""
 # Debian packages to add (the GPU build adds a C compiler for Triton).

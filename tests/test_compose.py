@@ -729,7 +729,10 @@ def test_dockerfile_layers_and_user():
     words = [w for w, _ in instructions]
     froms = [a for w, a in instructions if w == "FROM"]
     args = " ".join(a for w, a in instructions if w == "ARG")
-    assert froms and ("python:3.11-slim" in froms[-1] or "python:3.11-slim" in args)
+    assert froms and ("python:3.11" in froms[-1] or "python:3.11" in args)
+    # Pinned: a patch release of the base image and of torch, so that a rebuild is the same image.
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+$", DOCKERFILE.read_text(), re.M)
+    assert re.search(r"^ARG TORCH_SPEC=torch==\d+\.\d+\.\d+$", DOCKERFILE.read_text(), re.M)
 
     def index(pred, what):
         for i, (word, rest) in enumerate(instructions):
