@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from otvllm import environment
 
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+EXIT_BROKEN_PIPE = 128 + 13   # as a process killed by SIGPIPE
 
 
 class Terminated(BaseException):
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"otvllm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:   # the reader of the output went away (`... | head`): stop as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
 
 
 def _trace_summary(args) -> int:

@@ -414,3 +414,17 @@ def test_text_output_shows_logprobs_and_stops_at_a_stop_token(qwen3_dir, tmp_pat
         row = ref[len(prompt) - 1 + int(position)]
         assert abs(float(logprob) - row[int(token)].item()) < 1e-4
         assert int(top) == row.argmax().item() and abs(float(top_logprob) - row.max().item()) < 1e-4
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """`otvllm trace summary FILE | head`: when the reader closes the pipe, no traceback."""
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"data": [{"traceID": "1", "processes": {"p1": {"serviceName": "s", "tags": []}},
+                                           "spans": [{"traceID": "1", "spanID": "2", "operationName": "x",
+                                                      "startTime": 1, "duration": 1, "tags": [], "references": [],
+                                                      "processID": "p1"}]}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "otvllm", "trace", "summary", str(trace), str(trace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()   # before it writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
