@@ -286,3 +286,15 @@ def test_the_cli_reports_a_bad_config_in_one_line(tmp_path, qwen3_dir):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("otvllm: error: ") and "vocab_size must be a positive integer" in lines[-1]
+
+
+def test_the_readme_names_every_environment_variable():
+    """The table in otvllm/environment.py is the one source; the README's list follows it (the
+    OTLP exporter settings are named there as OTEL_EXPORTER_OTLP_{...} groups)."""
+    from pathlib import Path
+
+    from otvllm.environment import VARIABLES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in VARIABLES if not name.startswith("OTEL_EXPORTER_OTLP_") and f"`{name}`" not in readme]
+    assert missing == []
