@@ -33,6 +33,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 SHIM = os.path.join(ROOT, "benchmarks", "fa2_api_on_fa4")
 NANOVLLM = "nano-vllm"
 NANOVLLM_TEMPERATURE = 1e-5   # nano-vllm asserts temperature > 1e-10: no greedy
@@ -216,7 +217,6 @@ def main() -> None:
     if args.nano_vllm and not on_cuda:
         parser.error("--nano-vllm needs a CUDA device")
 
-    sys.path.insert(0, ROOT)
     from benchmarks.throughput import make_model
     model_dir = make_model(args.model_dir)
     with open(os.path.join(model_dir, "config.json")) as f:

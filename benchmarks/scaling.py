@@ -141,7 +141,7 @@ def main() -> None:
     if args.prompt_lens[1] + args.output_lens[1] > max_model_len:
         parser.error(f"--prompt-lens and --output-lens: the longest request ({args.prompt_lens[1]} + "
                      f"{args.output_lens[1]} tokens) must fit the throughput engine's max_model_len {max_model_len}")
-    results: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "kv_cache": []}
+    results: dict = {"device": device, "kv_cache": []}   # this process touches the GPU after its children
 
     gib = 1 << 30
     print(f"KV cache and memory against max_model_len ({device})")
@@ -164,6 +164,8 @@ def main() -> None:
     print(f"\nthroughput against the number of requests (tracing off, median of {args.repeats})")
     print(f"{'requests':>8s} {'prompt tok':>10s} {'output tok':>10s} {'tok/s':>9s} {'steps':>6s} "
           f"{'preemptions':>11s}  runs (s)", flush=True)
+    if device.startswith("cuda"):
+        results["device"] = torch.cuda.get_device_name()
     results["throughput"] = throughput(model_dir, device, max_model_len, args.num_requests, args.repeats, lens)
     for r in results["throughput"]:
         print(f"{r['requests']:8d} {r['prompt_tokens']:10d} {r['output_tokens']:10d} {r['tok_s']:9.0f} "
