@@ -2,7 +2,8 @@
 
 For each context length and each system, one process loads the engine and, for each batch size,
 warms up on other prompts of the same shape, then runs `--repeats` timed generations: a batch
-of prompts of `--contexts` random token ids (other ones in every run: no prefix-cache hits), `--output-len` new tokens each, greedy, EOS ignored.
+of prompts of `--contexts` random token ids (other ones in every run: no prefix-cache hits),
+`--output-len` new tokens each, greedy, EOS ignored.
 Times are taken on the host with `time.perf_counter` in a streaming-like loop: the engine's
 `step()` is called until the batch is done, and each token counts as arrived when it is on the
 host after a step. Traces play no part (tracing is off).
@@ -211,7 +212,8 @@ def main() -> None:
     from otvllm.ops import ATTENTION_BACKENDS
     for backend in backends:
         if backend not in ATTENTION_BACKENDS:
-            parser.error(f"--attention-backends: unknown backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
+            parser.error(f"--attention-backends: unknown backend {backend!r} "
+                         f"(choose from {', '.join(ATTENTION_BACKENDS)})")
         if backend != "torch" and not on_cuda:
             parser.error(f"--attention-backends: {backend} needs a CUDA device; on {args.device} use torch")
     if args.nano_vllm and not on_cuda:

@@ -160,7 +160,8 @@ def print_phase(title: str, summary: dict, cuda: bool, top: int) -> None:
         if "gb_s" in f:
             of_copy = f"{100 * f['of_copy']:7.1f}%" if "of_copy" in f else f"{'':>8s}"
             extra = f" {f['bytes_per_step'] / 1e6:9.2f} {f['gb_s']:8.1f} {of_copy} {f['tflop_s']:8.2f}"
-        print(f"  {name:10s} {f['kernels_per_step']:8.1f} {f['time_us_per_step']:10.1f} {100 * f['share']:6.1f}%{extra}")
+        print(f"  {name:10s} {f['kernels_per_step']:8.1f} {f['time_us_per_step']:10.1f} "
+              f"{100 * f['share']:6.1f}%{extra}")
     print(f"  top {top} by time:")
     for k in summary["kernels"][:top]:
         print(f"    {k['time_us_per_step']:9.1f} us {k['calls_per_step']:7.1f}x  {k['family']:9s} {k['name'][:110]}")

@@ -50,7 +50,8 @@ def kv_cache_report(model_dir: str, device: str, max_model_len: int) -> dict:
               "full_length_seqs": blocks // -(-max_model_len // block_size),
               "weight_bytes": runner.parameter_bytes}
     if device.startswith("cuda"):
-        report.update(cuda_allocated_bytes=torch.cuda.memory_allocated(), cuda_reserved_bytes=torch.cuda.memory_reserved(),
+        report.update(cuda_allocated_bytes=torch.cuda.memory_allocated(),
+                      cuda_reserved_bytes=torch.cuda.memory_reserved(),
                       cuda_peak_bytes=torch.cuda.max_memory_allocated(),
                       cuda_total_bytes=torch.cuda.get_device_properties(device).total_memory)
     return report
@@ -136,7 +137,8 @@ def main() -> None:
     spec = model_spec(*read_config(model_dir))
     too_long = [n for n in args.max_model_lens if n > spec.max_position_embeddings]
     if too_long:
-        parser.error(f"--max-model-lens {too_long[0]} is more than the model's {spec.max_position_embeddings} positions")
+        parser.error(f"--max-model-lens {too_long[0]} is more than the model's "
+                     f"{spec.max_position_embeddings} positions")
     max_model_len = min(MAX_MODEL_LEN, spec.max_position_embeddings)
     if args.prompt_lens[1] + args.output_lens[1] > max_model_len:
         parser.error(f"--prompt-lens and --output-lens: the longest request ({args.prompt_lens[1]} + "

@@ -8,13 +8,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(name: str, *args, tmp_path) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OTVLLM_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--device", "cpu", *args],
+on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def run_script(name: str, *args, tmp_path, device: str = "cpu") -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--device", device, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
@@ -96,7 +102,8 @@ def test_profile_step_prints_the_operator_table_and_the_step_by_family(qwen3_dir
     assert report["decode"]["mean_context"] == context + 1 + warmup + (steps - 1) / 2
     kv = report["decode"]["families"]["attention"]["bytes_per_step"]
     per_token = 2 * kv_heads * head_dim * itemsize
-    assert kv == layers * (batch * report["decode"]["mean_context"] * per_token + batch * 2 * heads * head_dim * itemsize)
+    q_and_out = 2 * heads * head_dim * itemsize
+    assert kv == layers * batch * (report["decode"]["mean_context"] * per_token + q_and_out)
 
 
 def test_scaling_reports_kv_cache_against_max_model_len_and_throughput_against_requests(qwen3_dir, tmp_path):
@@ -123,3 +130,49 @@ def test_scaling_reports_kv_cache_against_max_model_len_and_throughput_against_r
         assert r["steps"] >= 4   # a request's tokens come one per step
     assert "KV cache and memory against max_model_len" in result.stdout
     assert "throughput against the number of requests" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_gpu_profile_step_finds_every_kernel_family(qwen3_dir, tmp_path, backend):
+    """On CUDA the families are read from real kernel names (cuBLAS, Triton, FA4, torch.compile's)."""
+    out = tmp_path / "profile.json"
+    result = run_script("profile_step.py", "--model-dir", qwen3_dir, "--batch", "4", "--context", "300",
+                        "--steps", "5", "--attention-backend", backend, "--json", str(out), tmp_path=tmp_path,
+                        device="cuda")
+    if backend == "flash_attn" and result.returncode == 2 and "cannot be used" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    layers = config(qwen3_dir)["num_hidden_layers"]
+    assert report["copy_gb_s"] > 0 and report["attention_backend"] == backend
+    for phase in ("prefill", "decode"):
+        families = report[phase]["families"]
+        for name in ("GEMM", "attention", "norm", "rope", "KV store", "sampling"):
+            assert families[name]["kernels_per_step"] > 0, (phase, name, report[phase]["kernels"])
+        assert families["KV store"]["kernels_per_step"] == layers
+        assert families["GEMM"]["kernels_per_step"] >= 4 * layers + 1
+        assert families["GEMM"]["of_copy"] > 0 and families["attention"]["of_copy"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_latency_and_scaling_run_on_cuda(qwen3_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    result = run_script("latency.py", "--model-dir", qwen3_dir, "--contexts", "64", "--batches", "1,2",
+                        "--output-len", "8", "--repeats", "1", "--json", str(out), tmp_path=tmp_path, device="cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["attention_backend"], r["batch"]) for r in rows} >= {("triton", 1), ("triton", 2)}
+    assert all(r["decode_intervals"] == r["batch"] * 7 and r["tpot_p50_ms"] > 0 for r in rows)
+    assert "flash_attn" in {r["attention_backend"] for r in rows} or "skipped" in result.stdout
+    out = tmp_path / "scaling.json"
+    result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "1024", "--num-requests", "4",
+                        "--prompt-lens", "8,64", "--output-lens", "4,16", "--repeats", "1", "--json", str(out),
+                        tmp_path=tmp_path, device="cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kv = report["kv_cache"][0]
+    assert 0 < kv["kv_bytes"] < kv["cuda_allocated_bytes"] <= kv["cuda_peak_bytes"] <= kv["cuda_total_bytes"]
+    assert report["throughput"][0]["tok_s"] > 0
