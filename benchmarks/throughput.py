@@ -32,11 +32,13 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
-def workload(num_seqs: int, seed: int = 0):
-    """nano-vllm's bench.py workload: (prompt token ids, max_tokens) per request."""
+def workload(num_seqs: int, seed: int = 0, prompt_lens: tuple[int, int] = (100, 1024),
+             output_lens: tuple[int, int] = (100, 1024), max_token_id: int = 10000):
+    """nano-vllm's bench.py workload: (prompt token ids, max_tokens) per request. Other ranges
+    give a workload of the same kind at another scale (or for a model with a smaller vocabulary)."""
     random.seed(seed)
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(num_seqs)]
-    max_tokens = [random.randint(100, 1024) for _ in range(num_seqs)]
+    prompts = [[random.randint(0, max_token_id) for _ in range(random.randint(*prompt_lens))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(*output_lens) for _ in range(num_seqs)]
     return prompts, max_tokens
 
 

@@ -1,0 +1,178 @@
+"""The benchmark scripts of issue 13 run at their smallest size on CPU and report what they say
+they report (the figures' fields and their consistency, never their speed), so that they do
+not rot between GPU sessions."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def run_script(name: str, *args, tmp_path, device: str = "cpu") -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--device", device, *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def usage_error(result) -> str:
+    """An argparse error: exit 2, the problem on the last line of stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def config(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def test_latency_reports_ttft_and_tpot_for_every_context_and_batch(qwen3_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    result = run_script("latency.py", "--model-dir", qwen3_dir, "--contexts", "16,24", "--batches", "1,2",
+                        "--output-len", "5", "--repeats", "2", "--json", str(out), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["context"], r["batch"]) for r in rows] == [(16, 1), (16, 2), (24, 1), (24, 2)]
+    for r in rows:
+        assert (r["system"], r["attention_backend"]) == ("otvllm", "torch")
+        assert r["output_tokens"] == r["batch"] * 5 * 2
+        # one interval between each request's consecutive tokens, in every run
+        assert r["decode_intervals"] == 2 * r["batch"] * (5 - 1)
+        assert 0 < r["ttft_ms"] <= r["ttft_max_ms"]
+        assert r["tpot_p50_ms"] > 0 and r["tpot_mean_ms"] > 0
+        assert all(math.isfinite(r[k]) for k in ("ttft_ms", "tpot_p50_ms", "tpot_mean_ms"))
+    table = [line.split() for line in result.stdout.splitlines() if line.startswith("otvllm torch")]
+    assert [(int(t[2]), int(t[3])) for t in table] == [(16, 1), (16, 2), (24, 1), (24, 2)]
+
+
+def test_latency_refuses_bad_input_before_any_work(qwen3_dir, tmp_path):
+    line = usage_error(run_script("latency.py", "--nano-vllm", str(tmp_path), tmp_path=tmp_path))
+    assert "--nano-vllm" in line and "nanovllm/" in line
+    limit = config(qwen3_dir)["max_position_embeddings"]
+    line = usage_error(run_script("latency.py", "--model-dir", qwen3_dir, "--contexts", str(limit),
+                                  "--output-len", "8", tmp_path=tmp_path))
+    assert f"{limit} positions" in line
+    line = usage_error(run_script("latency.py", "--model-dir", qwen3_dir, "--attention-backends", "triton",
+                                  tmp_path=tmp_path))
+    assert "triton needs a CUDA device" in line
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_profile_step_prints_the_operator_table_and_the_step_by_family(qwen3_dir, tmp_path):
+    out = tmp_path / "profile.json"
+    batch, context, steps, warmup = 2, 16, 3, 2
+    result = run_script("profile_step.py", "--model-dir", qwen3_dir, "--batch", str(batch), "--context",
+                        str(context), "--steps", str(steps), "--warmup-steps", str(warmup), "--json", str(out),
+                        tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Self CPU time total" in result.stdout and "aten::mm" in result.stdout   # torch.profiler's table
+    report = json.loads(out.read_text())
+    cfg = config(qwen3_dir)
+    layers, hidden, inter = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads, head_dim, vocab = (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+                                        cfg["vocab_size"])
+    # The model's matrix products as (in, out): q/k/v and gate/up merged, as otvllm computes them.
+    gemms = [(hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden), (hidden, 2 * inter),
+             (inter, hidden)] * layers
+    itemsize = 4   # float32 on CPU
+    for phase, tokens in (("prefill", batch * context), ("decode", batch)):
+        s = report[phase]
+        assert s["steps"] == (1 if phase == "prefill" else steps)
+        assert list(s["families"]) == ["GEMM", "attention", "norm", "rope", "KV store", "sampling", "other"]
+        assert math.isclose(sum(f["share"] for f in s["families"].values()), 1.0)
+        assert math.isclose(sum(f["time_us_per_step"] for f in s["families"].values()), s["time_us_per_step"])
+        weights = sum(i * o for i, o in gemms) + hidden * vocab
+        activations = tokens * sum(i + o for i, o in gemms) + batch * (hidden + vocab)
+        assert s["families"]["GEMM"]["bytes_per_step"] == (weights + activations) * itemsize
+        assert s["families"]["GEMM"]["gb_s"] > 0 and s["families"]["attention"]["gb_s"] > 0
+        # Each layer's four projections and the output head: per step, whatever the number of steps.
+        mm = next(k for k in s["kernels"] if k["name"] == "aten::mm")
+        assert mm["calls_per_step"] == 4 * layers + 1 and mm["family"] == "GEMM"
+    # The decode window's contexts: the prompt, the prefill's token, then one more per decode step.
+    assert report["decode"]["mean_context"] == context + 1 + warmup + (steps - 1) / 2
+    kv = report["decode"]["families"]["attention"]["bytes_per_step"]
+    per_token = 2 * kv_heads * head_dim * itemsize
+    q_and_out = 2 * heads * head_dim * itemsize
+    assert kv == layers * batch * (report["decode"]["mean_context"] * per_token + q_and_out)
+
+
+def test_scaling_reports_kv_cache_against_max_model_len_and_throughput_against_requests(qwen3_dir, tmp_path):
+    out = tmp_path / "scaling.json"
+    result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "256,1024",
+                        "--num-requests", "2,3", "--prompt-lens", "8,16", "--output-lens", "4,8", "--repeats", "1",
+                        "--json", str(out), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cfg = config(qwen3_dir)
+    for r, max_model_len in zip(report["kv_cache"], (256, 1024), strict=True):
+        block = r["block_size"]
+        assert r["max_model_len"] == max_model_len and r["kv_blocks"] > 0
+        assert r["kv_bytes"] == r["kv_blocks"] * 2 * cfg["num_hidden_layers"] * block * cfg["num_key_value_heads"] \
+            * cfg["head_dim"] * 4
+        assert r["kv_tokens"] == r["kv_blocks"] * block
+        assert r["full_length_seqs"] == r["kv_blocks"] // -(-max_model_len // block)
+    rows = report["throughput"]
+    assert [r["requests"] for r in rows] == [2, 3]
+    for r in rows:
+        assert len(r["runs_s"]) == 1 and r["tok_s"] > 0 and r["preemptions"] == 0
+        assert 8 * r["requests"] <= r["prompt_tokens"] <= 16 * r["requests"]
+        assert 4 * r["requests"] <= r["output_tokens"] <= 8 * r["requests"]
+        assert r["steps"] >= 4   # a request's tokens come one per step
+    assert "KV cache and memory against max_model_len" in result.stdout
+    assert "throughput against the number of requests" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_gpu_profile_step_finds_every_kernel_family(qwen3_dir, tmp_path, backend):
+    """On CUDA the families are read from real kernel names (cuBLAS, Triton, FA4, torch.compile's)."""
+    out = tmp_path / "profile.json"
+    result = run_script("profile_step.py", "--model-dir", qwen3_dir, "--batch", "4", "--context", "300",
+                        "--steps", "5", "--attention-backend", backend, "--json", str(out), tmp_path=tmp_path,
+                        device="cuda")
+    if backend == "flash_attn" and result.returncode == 2 and "cannot be used" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    layers = config(qwen3_dir)["num_hidden_layers"]
+    assert report["copy_gb_s"] > 0 and report["attention_backend"] == backend
+    for phase in ("prefill", "decode"):
+        families = report[phase]["families"]
+        for name in ("GEMM", "attention", "norm", "rope", "KV store", "sampling"):
+            assert families[name]["kernels_per_step"] > 0, (phase, name, report[phase]["kernels"])
+        assert families["KV store"]["kernels_per_step"] == layers
+        assert families["GEMM"]["kernels_per_step"] >= 4 * layers + 1
+        assert families["GEMM"]["of_copy"] > 0 and families["attention"]["of_copy"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_latency_and_scaling_run_on_cuda(qwen3_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    result = run_script("latency.py", "--model-dir", qwen3_dir, "--contexts", "64", "--batches", "1,2",
+                        "--output-len", "8", "--repeats", "1", "--json", str(out), tmp_path=tmp_path, device="cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["attention_backend"], r["batch"]) for r in rows} >= {("triton", 1), ("triton", 2)}
+    assert all(r["decode_intervals"] == r["batch"] * 7 and r["tpot_p50_ms"] > 0 for r in rows)
+    assert "flash_attn" in {r["attention_backend"] for r in rows} or "skipped" in result.stdout
+    out = tmp_path / "scaling.json"
+    result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "1024", "--num-requests", "4",
+                        "--prompt-lens", "8,64", "--output-lens", "4,16", "--repeats", "1", "--json", str(out),
+                        tmp_path=tmp_path, device="cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kv = report["kv_cache"][0]
+    assert 0 < kv["kv_bytes"] < kv["cuda_allocated_bytes"] <= kv["cuda_peak_bytes"] <= kv["cuda_total_bytes"]
+    assert report["throughput"][0]["tok_s"] > 0
