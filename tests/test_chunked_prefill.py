@@ -6,13 +6,14 @@ scheduler's own batches; the trace through a real OTLP receiver."""
 from itertools import count
 
 import pytest
+import torch
 
 from otvllm import SamplingParams
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.scheduler import Scheduler
 from otvllm.core.sequence import Sequence
 from otvllm.tracing import schema as S
-from tests.helpers import by_name, make_llm, random_prompts, traced
+from tests.helpers import by_name, make_llm, random_prompts, record_graph_use, traced
 from tests.reference import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -204,3 +205,29 @@ def test_no_prompt_is_admitted_in_a_step_that_preempts():
 def test_fewer_batched_tokens_than_sequences_is_refused(qwen3_dir):
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is below max_num_seqs=16"):
         make_llm(qwen3_dir, max_num_batched_tokens=8, max_num_seqs=16)
+
+
+# ---- on CUDA (pytest -m gpu) ------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend, dtype", [("triton", "float32"), ("triton", "bfloat16"), ("auto", "bfloat16")])
+def test_on_cuda_mixed_steps_run_eager_and_decode_steps_replay_graphs(qwen3_dir, backend, dtype):
+    """The prefill kernels (Triton; FlashAttention-4 where `auto` picks it) take the decodes of a
+    mixed step as one-token queries; only decode-only steps replay a CUDA graph. float32 against transformers; bfloat16's first tokens
+    against the same prompts prefilled whole (other tiles, other rounding: later tokens may part)."""
+    prompts = random_prompts([10, 14, 300, 37], seed=38)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    llm = make_llm(qwen3_dir, device="cuda", dtype=dtype, attention_backend=backend, **CHUNKED)
+    assert llm.engine.runner.graphs is not None
+    batches, replayed = record_batches(llm), record_graph_use(llm)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    phases = [b.phase for b in batches if b.seqs]
+    assert "mixed" in phases and "decode" in phases and len(phases) == len(replayed)
+    assert all(used == (phase == "decode") for phase, used in zip(phases, replayed))
+    if dtype == "float32":
+        assert [o.token_ids for o in outputs] == [hf_greedy(qwen3_dir, p, params.max_tokens) for p in prompts]
+    else:
+        whole = make_llm(qwen3_dir, device="cuda", dtype=dtype, attention_backend=backend, max_model_len=512)
+        expected = whole.generate(prompts, params, use_tqdm=False)
+        assert sum(o.token_ids[0] == e.token_ids[0] for o, e in zip(outputs, expected)) >= len(prompts) - 1

@@ -129,7 +129,7 @@ def sample_attrs(result, logits, inputs) -> dict:
 def postprocess_attrs(finished, in_flight) -> dict:
     if finished is None:
         return batch_attrs(in_flight.batch)
-    attrs = {S.TOKENS_APPENDED: len(in_flight.batch.seqs), S.FINISHED_SEQS: len(finished)}
+    attrs = {S.TOKENS_APPENDED: len(in_flight.batch.sampled_seqs), S.FINISHED_SEQS: len(finished)}
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
         attrs[S.FINISH_REASONS] = [f.reason for f in finished]
