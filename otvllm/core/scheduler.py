@@ -104,8 +104,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([])
-        self._schedule_decodes(batch)
-        self._schedule_prefills(batch)
+        prefilling = self._schedule_decodes(batch)
+        self._schedule_prefills(batch, prefilling)
         batch.num_waiting, batch.num_running = len(self.waiting), len(self.running)
         manager = self.block_manager
         batch.num_free_blocks = manager.num_free_blocks
@@ -113,15 +113,18 @@ class Scheduler:
         batch.total_preemptions = self.num_preemptions
         return batch
 
-    def _schedule_decodes(self, batch: ScheduledBatch) -> None:
-        """One token for each running sequence past its prefill, in order."""
+    def _schedule_decodes(self, batch: ScheduledBatch) -> list[Sequence]:
+        """One token for each running sequence past its prefill, in order; returns the running
+        prompts still in prefill, for the prefill pass."""
         kept = []   # the running sequences, in their order
+        prefilling = []
         while self.running:
             seq = self.running.popleft()
             kept.append(seq)
-            # A prompt in chunks waits for the prefill pass; a sequence with every token reserved,
-            # the last one still in flight, has nothing to compute.
-            if seq.is_prefill or self._length_reached(seq, seq.num_tokens):
+            if seq.is_prefill:
+                prefilling.append(seq)
+                continue
+            if self._length_reached(seq, seq.num_tokens):   # every token reserved, the last in flight
                 continue
             while not self.block_manager.can_append(seq):   # it needs one new block, none is free
                 victim = self.running.pop() if self.running else kept.pop()
@@ -137,15 +140,17 @@ class Scheduler:
                     batch.new_decode_block_ids.append(seq.block_table[-1])
                 batch.add_decode(seq)
         self.running.extend(kept)
+        return prefilling   # none preempted: a victim is a sequence not visited yet, or the one in need
 
-    def _schedule_prefills(self, batch: ScheduledBatch) -> None:
+    def _schedule_prefills(self, batch: ScheduledBatch, prefilling: list[Sequence]) -> None:
         """Prompt chunks in the budget the decodes left: running prompts first, then waiting
         ones, admitted while sequences, budget and blocks allow (none in a step that preempted:
         memory is short, and a preempted sequence's last token may still be in flight)."""
         budget = self.max_num_batched_tokens - batch.num_batched_tokens
-        for seq in self.running:
-            if seq.is_prefill and budget:
-                budget -= self._add_chunk(batch, seq, budget)
+        for seq in prefilling:
+            if not budget:
+                break
+            budget -= self._add_chunk(batch, seq, budget)
         while self.waiting and not batch.preempted:
             seq = self.waiting[0]
             if len(self.running) >= self.max_num_seqs:
@@ -161,7 +166,6 @@ class Scheduler:
             batch.allocations.append(self.block_manager.allocate(seq))
             batch.num_cached_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
-            seq.is_prefill = True
             self.waiting.popleft()
             self.running.append(seq)
             budget -= self._add_chunk(batch, seq, budget)
