@@ -63,7 +63,9 @@ def main() -> None:
 
     set_sink(TakingSink())
     seqs = [Sequence([1, 2, 3], SamplingParams(max_tokens=1 << 30), 16) for _ in range(args.batch)]
-    batch = ScheduledBatch(seqs, is_prefill=False, num_batched_tokens=len(seqs))
+    batch = ScheduledBatch([])
+    for seq in seqs:
+        batch.add_decode(seq)
     ids = torch.zeros(len(seqs), dtype=torch.long)
     ctx = ForwardContext(is_prefill=False, slot_mapping=ids, context_lens=ids,
                          block_tables=torch.zeros(len(seqs), 8, dtype=torch.int32))

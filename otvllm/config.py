@@ -30,7 +30,8 @@ class EngineConfig:
 
     model: str
     max_num_seqs: int = _option(256, "sequences in one batch")
-    max_num_batched_tokens: int = _option(16384, "tokens one prefill step may compute")
+    max_num_batched_tokens: int = _option(
+        16384, "tokens one step may compute (at least max_num_seqs; longer prompts are prefilled in chunks)")
     max_model_len: int | None = _option(
         None, f"longest prompt plus output (default: the model's limit, at most {DEFAULT_MAX_MODEL_LEN})")
     kvcache_block_size: int = _option(256, "KV-cache block (page) size in tokens", flag="--block-size")
@@ -68,6 +69,12 @@ class EngineConfig:
             _check_field(f, getattr(self, f.name))
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running sequence decodes in each step, before any prompt chunk: the budget must
+            # hold them all, or a step would compute more tokens than start-up planned memory for.
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs="
+                             f"{self.max_num_seqs}: a step decodes one token of every running sequence; raise "
+                             f"max_num_batched_tokens or lower max_num_seqs")
         if self.tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: use 1")
         if self.device is not None:

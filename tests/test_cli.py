@@ -77,6 +77,8 @@ def test_trace_level_off_writes_no_trace(qwen3_dir, tmp_path, monkeypatch):
     (["generate", "--prompt", ""], "empty prompt"),
     (["generate"], "nothing to generate"),
     (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--max-num-batched-tokens", "8", "--max-num-seqs", "16"],
+     "max_num_batched_tokens=8 is below max_num_seqs=16"),
     (["trace", "summary", "/nonexistent.json"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):

@@ -95,8 +95,8 @@ def schedules(spans):
 
 def test_schedule_says_why_waiting_requests_were_not_admitted(tmp_path, qwen3_dir):
     prompts = {"max_num_seqs": ([[1] * 20, [2] * 20], dict(max_num_seqs=1)),
-               # 100 + 50 tokens are over a budget of 128
-               "max_num_batched_tokens": ([[3] * 100, [4] * 50], dict(max_num_batched_tokens=128)),
+               # the first 64 tokens of the first prompt fill a budget of 64
+               "max_num_batched_tokens": ([[3] * 100, [4] * 50], dict(max_num_batched_tokens=64, max_num_seqs=64)),
                # 10 blocks of 16: the first prompt takes 7, the second needs 4
                "kv_blocks": ([[5] * 100, [6] * 60], dict(num_kvcache_blocks=10))}
     for reason, (batch, settings) in prompts.items():

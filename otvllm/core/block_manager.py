@@ -100,7 +100,8 @@ class BlockManager:
         """Give `seq` its blocks, reusing cached full blocks of its prefix.
 
         At most len(seq) - 1 tokens come from the cache: the last token is always
-        computed, since its logits pick the next token.
+        computed, since its logits pick the next token. The new blocks become findable by
+        later prompts only once a step computes them (`register_computed`).
         """
         assert not seq.block_table
         start_ns = time.time_ns()
@@ -109,11 +110,10 @@ class BlockManager:
         cacheable = (len(seq) - 1) // self.block_size
         new_blocks = cached_blocks = 0
         for i in range(seq.num_blocks):
-            token_ids = seq.block(i)
-            full = len(token_ids) == self.block_size
-            h = block_hash(token_ids, h) if full else -1
             block_id = None
-            if full and i < cacheable and not cache_miss:
+            if i < cacheable and not cache_miss:
+                token_ids = seq.block(i)
+                h = block_hash(token_ids, h)
                 self.num_cache_queries += 1
                 block_id = self._lookup(h, token_ids)
                 cache_miss = block_id is None
@@ -127,10 +127,8 @@ class BlockManager:
                 if block.ref_count == 0:
                     del self.free_block_ids[block_id]
                 block.ref_count += 1
-            if full:
-                self._register(block, h, token_ids)
             seq.block_table.append(block.block_id)
-        seq.num_cached_tokens = cached_blocks * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens = cached_blocks * self.block_size
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
         self.num_tokens_admitted += len(seq)
         self.num_tokens_cached += seq.num_cached_tokens
@@ -147,9 +145,21 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 freed.append(block_id)
         seq.block_table.clear()
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
         seq.unhashed_block = -1
         return freed
+
+    def register_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """Make the full blocks among the first `num_tokens` tokens of `seq` findable by later
+        prompts: the step being scheduled writes their KV (a prompt chunk of tokens from
+        seq.num_computed_tokens), before any later step can read them."""
+        bs = self.block_size
+        for i in range(seq.num_computed_tokens // bs, num_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash == -1:
+                prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+                token_ids = seq.block(i)
+                self._register(block, block_hash(token_ids, prev), token_ids)
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the token appended last step has a slot (a new block starts at offset 0)."""

@@ -32,7 +32,7 @@ class InFlight:
     """A launched step whose sampled tokens have not been postprocessed yet."""
 
     batch: ScheduledBatch
-    result: SampleResult
+    result: SampleResult | None   # None: only prompt chunks that sample nothing
 
 
 class LLMEngine:
@@ -140,7 +140,10 @@ class LLMEngine:
             if batch.seqs:   # empty when everything was preempted: the next step re-admits it
                 inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch, attrs=A.prepare_attrs)
                 logits, _ = trace.phase(S.FORWARD, self.forward, inputs, attrs=A.forward_attrs)
-                launched = InFlight(batch, trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs))
+                result = None
+                if batch.sampled_seqs:
+                    result = trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs)
+                launched = InFlight(batch, result)
                 self._first_tokens_arrived(launched)
                 self.scheduler.reserve_tokens(batch)
             previous, self.in_flight = self.in_flight, launched
@@ -158,7 +161,7 @@ class LLMEngine:
 
     def schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
-        if batch.is_prefill:   # only a prefill admits sequences
+        if batch.allocations:   # sequences were admitted
             now = time.time_ns()
             for seq in batch.seqs:
                 if not seq.first_scheduled_ns:
@@ -166,7 +169,8 @@ class LLMEngine:
         return batch
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
-        previous_tokens = self.in_flight.result.token_ids if self.in_flight is not None else None
+        in_flight = self.in_flight
+        previous_tokens = in_flight.result.token_ids if in_flight is not None and in_flight.result else None
         return self.runner.prepare(batch, previous_tokens)
 
     def forward(self, inputs: ModelInputs):
@@ -178,9 +182,12 @@ class LLMEngine:
 
     def postprocess(self, step: InFlight) -> list[Finished]:
         batch, result = step.batch, step.result
-        token_ids = result.host_token_ids()   # waits for that step's device work, not for later steps
-        if result.sampled_logprobs is not None:
-            self._record_logprobs(batch.seqs, token_ids, result)
+        if result is None:
+            token_ids = []
+        else:
+            token_ids = result.host_token_ids()   # waits for that step's device work, not for later steps
+            if result.sampled_logprobs is not None:
+                self._record_logprobs(batch.sampled_seqs, token_ids, result)
         self._first_tokens_arrived(step)
         now = time.time_ns()
         finished = self.scheduler.postprocess(batch, token_ids)
@@ -193,10 +200,11 @@ class LLMEngine:
     def _first_tokens_arrived(step: InFlight) -> None:
         """Stamp a prefill's first tokens when they reach the host: right after sampling on a
         device that runs synchronously (CPU), else when postprocess has waited for them."""
-        if not step.batch.is_prefill or not step.result.on_host():   # a first token comes from a prefill
-            return
+        batch = step.batch
+        if not batch.num_prefill_tokens or step.result is None or not step.result.on_host():
+            return   # a first token comes from a prompt's last chunk
         now = time.time_ns()
-        for seq in step.batch.seqs:
+        for seq in batch.sampled_seqs[batch.num_decode_tokens:]:
             if not seq.first_token_ns:
                 seq.first_token_ns = now
 

@@ -25,8 +25,9 @@ class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     ctx: ForwardContext
-    logits_indices: torch.Tensor | None  # prefill: the last token of each sequence
-    sampling: SamplingBatch
+    logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples
+    sampling: SamplingBatch | None       # None: no row samples
+    phase: str = "decode"                # the step's: prefill, decode or mixed
 
 
 class ModelRunner:
@@ -111,11 +112,13 @@ class ModelRunner:
         cfg = self.config
         num_seqs = min(cfg.max_num_seqs, max(1, cfg.max_num_batched_tokens // cfg.max_model_len))
         seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens // num_seqs)
-        seqs = [Sequence([0] * seq_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
-        for seq in seqs:
+        batch = ScheduledBatch([])
+        for _ in range(num_seqs):
+            seq = Sequence([0] * seq_len, _WARMUP_PARAMS, self.block_size)
             seq.block_table = [0] * seq.num_blocks   # all in the one dummy block, freed afterwards
+            batch.add_chunk(seq, seq_len)
         self._allocate_dummy_cache()
-        self.run(ScheduledBatch(seqs, is_prefill=True))
+        self.run(batch)
         self.kv_cache = None
         torch.cuda.synchronize(self.device)
 
@@ -139,13 +142,16 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None = None) -> ModelInputs:
         """`previous_tokens`: the sampled tokens of the step still in flight, where the last
-        token of a sequence with a `pending_row` is read from."""
-        if batch.is_prefill:
-            inputs = self._prepare_prefill(batch.seqs)
+        token of a sequence with a `pending_row` is read from. A step with prompt chunks takes
+        the prefill path, its decodes as one-token queries; decode-only steps the decode path."""
+        if batch.num_prefill_tokens:
+            inputs = self._prepare_prefill(batch, previous_tokens)
         else:
             inputs = self._prepare_decode(batch.seqs, previous_tokens)
-        inputs.sampling = SamplingBatch.from_params([s.params for s in batch.seqs], [len(s) for s in batch.seqs],
-                                                    self.spec.vocab_size, self.device)
+        inputs.phase = batch.phase
+        sampled = batch.sampled_seqs
+        inputs.sampling = SamplingBatch.from_params([s.params for s in sampled], [len(s) for s in sampled],
+                                                    self.spec.vocab_size, self.device) if sampled else None
         return inputs
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -158,31 +164,42 @@ class ModelRunner:
             return torch.tensor(values, dtype=dtype)
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
-    def _prepare_prefill(self, seqs: list[Sequence]) -> ModelInputs:
+    def _prepare_prefill(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
-        input_ids, positions, slots = [], [], []
+        input_ids, positions, slots, context_lens = [], [], [], []
         cu_q, cu_k, last = [0], [0], []
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, len(seq)
-            input_ids.extend(seq.token_ids[start:])
+        pending, pending_rows = [], []   # decode rows whose input token is still on the device
+        for seq, num_tokens in zip(batch.seqs, batch.query_lens):
+            start = seq.num_computed_tokens
+            end = start + num_tokens
+            input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            cu_q.append(cu_q[-1] + end - start)
+            cu_q.append(cu_q[-1] + num_tokens)
             cu_k.append(cu_k[-1] + end)
-            last.append(cu_q[-1] - 1)
-            for i in range(start // bs, seq.num_blocks):
+            context_lens.append(end)
+            if end == seq.num_tokens:   # it samples
+                last.append(cu_q[-1] - 1)
+                if seq.pending_row >= 0:
+                    pending.append(cu_q[-1] - 1)
+                    pending_rows.append(seq.pending_row)
+            for i in range(start // bs, (end + bs - 1) // bs):
                 lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
                 base = seq.block_table[i] * bs - i * bs
                 slots.extend(range(base + lo, base + hi))
         ctx = ForwardContext(
             is_prefill=True,
             slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._block_tables(seqs),
+            block_tables=self._block_tables(batch.seqs),
             cu_seqlens_q=self._to_device(cu_q, torch.int32),
             cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
-            max_seqlen_q=max(cu_q[i + 1] - cu_q[i] for i in range(len(seqs))),
+            context_lens=self._to_device(context_lens, torch.int32),
+            max_seqlen_q=max(batch.query_lens),
         )
-        return ModelInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+        input_ids = self._to_device(input_ids, torch.int64)
+        if pending:
+            input_ids[self._to_device(pending, torch.int64)] = previous_tokens[self._to_device(pending_rows,
+                                                                                              torch.int64)]
+        return ModelInputs(input_ids, self._to_device(positions, torch.int64),
                            ctx, self._to_device(last, torch.int64), sampling=None)
 
     def _prepare_decode(self, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> ModelInputs:

@@ -94,10 +94,6 @@ def _max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
     elif max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len} is more than the model allows ({name}={limit} "
                          f"in {config.model}/config.json): lower max_model_len")
-    if config.max_num_batched_tokens < max_model_len:
-        raise ValueError(
-            f"max_num_batched_tokens={config.max_num_batched_tokens} is below max_model_len={max_model_len}: "
-            f"a prompt must fit in one prefill batch; raise max_num_batched_tokens or lower max_model_len")
     return max_model_len
 
 

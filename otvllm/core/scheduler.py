@@ -1,5 +1,9 @@
-"""Continuous batching: admit waiting prompts when blocks and the token budget allow,
-otherwise decode every running sequence, preempting the newest when blocks run out.
+"""Continuous batching with chunked prefill, under a token budget per step (decode first):
+every running sequence past its prefill decodes one token (preempting the newest when blocks
+run out), then prompt chunks fill what is left of max_num_batched_tokens: those of prompts
+admitted earlier, then those of waiting prompts admitted now when blocks allow. A long prompt
+is so computed over several steps while the running sequences keep decoding; only a chunk
+that reaches the end of its prompt samples a token.
 
 The engine launches a step before the tokens of the previous one are on the host, so a
 sequence may end in a reserved place (PENDING_TOKEN) that `postprocess` fills in later;
@@ -14,18 +18,21 @@ from otvllm.core.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's work and why the scheduler chose it."""
+    """One step's work and why the scheduler chose it. Its decode rows come first, then its
+    prompt chunks."""
 
     seqs: list[Sequence]
-    is_prefill: bool
-    num_batched_tokens: int = 0       # tokens the forward computes (cached prefix tokens excluded)
-    allocations: list[Allocation] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)   # per row: the tokens it computes (1 for a decode)
+    sampled_seqs: list[Sequence] = field(default_factory=list)   # rows that sample: decodes, prompts' last chunks
+    num_decode_tokens: int = 0        # one per decode row
+    num_prefill_tokens: int = 0       # in prompt chunks (cached prefix tokens excluded)
+    allocations: list[Allocation] = field(default_factory=list)   # the prompts admitted in this step
     preempted: list[Sequence] = field(default_factory=list)
     preempted_for: list[int] = field(default_factory=list)   # per preempted sequence: the one that needed blocks
     preemption_free_blocks: int = 0   # free blocks when the first preemption was decided
     preempt_freed_block_ids: list[int] = field(default_factory=list)
     new_decode_block_ids: list[int] = field(default_factory=list)
-    token_indexes: list[int] = field(default_factory=list)   # where each row's sampled token goes
+    token_indexes: list[int] = field(default_factory=list)   # where each sampled row's token goes
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache
     # The state the scheduler decided in, after this batch was taken:
     num_waiting: int = 0
@@ -39,13 +46,35 @@ class ScheduledBatch:
     waiting_blocks_needed: int = 0
 
     @property
+    def num_batched_tokens(self) -> int:
+        """Tokens the forward computes."""
+        return self.num_decode_tokens + self.num_prefill_tokens
+
+    @property
     def new_decode_blocks(self) -> int:
         return len(self.new_decode_block_ids)
 
     @property
     def phase(self) -> str:
-        """`drain`: nothing to launch, only the tokens of the step in flight to postprocess."""
-        return "prefill" if self.is_prefill else "decode" if self.seqs else "drain"
+        """`mixed`: decodes and prompt chunks in one step; `drain`: nothing to launch, only the
+        tokens of the step in flight to postprocess."""
+        if self.num_prefill_tokens:
+            return "mixed" if self.num_decode_tokens else "prefill"
+        return "decode" if self.seqs else "drain"
+
+    def add_decode(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+        self.query_lens.append(1)
+        self.sampled_seqs.append(seq)
+        self.num_decode_tokens += 1
+
+    def add_chunk(self, seq: Sequence, num_tokens: int) -> None:
+        """The next `num_tokens` of `seq`'s prompt; it samples if they reach its end."""
+        self.seqs.append(seq)
+        self.query_lens.append(num_tokens)
+        if seq.num_computed_tokens + num_tokens == seq.num_tokens:
+            self.sampled_seqs.append(seq)
+        self.num_prefill_tokens += num_tokens
 
 
 @dataclass
@@ -74,11 +103,9 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def schedule(self) -> ScheduledBatch:
-        batch = self._schedule_prefill()
-        if not batch.seqs:
-            admission = batch
-            batch = self._schedule_decode()
-            batch.waiting_reason, batch.waiting_blocks_needed = admission.waiting_reason, admission.waiting_blocks_needed
+        batch = ScheduledBatch([])
+        prefilling = self._schedule_decodes(batch)
+        self._schedule_prefills(batch, prefilling)
         batch.num_waiting, batch.num_running = len(self.waiting), len(self.running)
         manager = self.block_manager
         batch.num_free_blocks = manager.num_free_blocks
@@ -86,40 +113,21 @@ class Scheduler:
         batch.total_preemptions = self.num_preemptions
         return batch
 
-    def _schedule_prefill(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], is_prefill=True)
-        budget = self.max_num_batched_tokens
-        while self.waiting:
-            seq = self.waiting[0]
-            if len(self.running) >= self.max_num_seqs:
-                batch.waiting_reason = "max_num_seqs"
-                break
-            if batch.num_batched_tokens + len(seq) > budget:
-                batch.waiting_reason = "max_num_batched_tokens"
-                break
-            if not self.block_manager.can_allocate(seq):
-                batch.waiting_reason = "kv_blocks"
-                batch.waiting_blocks_needed = self.block_manager.num_blocks_needed(seq)
-                break
-            batch.allocations.append(self.block_manager.allocate(seq))
-            batch.num_batched_tokens += len(seq) - seq.num_cached_tokens
-            batch.num_cached_tokens += seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            self.running.append(seq)
-            batch.seqs.append(seq)
-        return batch
-
-    def _schedule_decode(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], is_prefill=False)
-        complete = []   # every token reserved, the last one still in flight: nothing to compute
-        while self.running and len(batch.seqs) < self.max_num_seqs:
+    def _schedule_decodes(self, batch: ScheduledBatch) -> list[Sequence]:
+        """One token for each running sequence past its prefill, in order; returns the running
+        prompts still in prefill, for the prefill pass."""
+        kept = []   # the running sequences, in their order
+        prefilling = []
+        while self.running:
             seq = self.running.popleft()
-            if self._length_reached(seq, seq.num_tokens):
-                complete.append(seq)
+            kept.append(seq)
+            if seq.is_prefill:
+                prefilling.append(seq)
+                continue
+            if self._length_reached(seq, seq.num_tokens):   # every token reserved, the last in flight
                 continue
             while not self.block_manager.can_append(seq):   # it needs one new block, none is free
-                victim = self.running.pop() if self.running else seq
+                victim = self.running.pop() if self.running else kept.pop()
                 if not batch.preempted:
                     batch.preemption_free_blocks = self.block_manager.num_free_blocks
                 batch.preempt_freed_block_ids += self._preempt(victim)
@@ -130,10 +138,43 @@ class Scheduler:
             else:
                 if self.block_manager.may_append(seq):
                     batch.new_decode_block_ids.append(seq.block_table[-1])
-                batch.seqs.append(seq)
-        self.running.extendleft(reversed(batch.seqs + complete))
-        batch.num_batched_tokens = len(batch.seqs)
-        return batch
+                batch.add_decode(seq)
+        self.running.extend(kept)
+        return prefilling   # none preempted: a victim is a sequence not visited yet, or the one in need
+
+    def _schedule_prefills(self, batch: ScheduledBatch, prefilling: list[Sequence]) -> None:
+        """Prompt chunks in the budget the decodes left: running prompts first, then waiting
+        ones, admitted while sequences, budget and blocks allow (none in a step that preempted:
+        memory is short, and a preempted sequence's last token may still be in flight)."""
+        budget = self.max_num_batched_tokens - batch.num_batched_tokens
+        for seq in prefilling:
+            if not budget:
+                break
+            budget -= self._add_chunk(batch, seq, budget)
+        while self.waiting and not batch.preempted:
+            seq = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs:
+                batch.waiting_reason = "max_num_seqs"
+                break
+            if not budget:
+                batch.waiting_reason = "max_num_batched_tokens"
+                break
+            if not self.block_manager.can_allocate(seq):
+                batch.waiting_reason = "kv_blocks"
+                batch.waiting_blocks_needed = self.block_manager.num_blocks_needed(seq)
+                break
+            batch.allocations.append(self.block_manager.allocate(seq))
+            batch.num_cached_tokens += seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            budget -= self._add_chunk(batch, seq, budget)
+
+    def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
+        num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        self.block_manager.register_computed(seq, seq.num_computed_tokens + num_tokens)
+        batch.add_chunk(seq, num_tokens)
+        return num_tokens
 
     def nothing_to_launch(self) -> bool:
         """No prompt waits and every running sequence has all its tokens reserved."""
@@ -141,8 +182,13 @@ class Scheduler:
 
     @staticmethod
     def reserve_tokens(batch: ScheduledBatch) -> None:
-        """Give each sequence of a launched step the place of the token it is sampling."""
-        batch.token_indexes = [seq.append_pending(row) for row, seq in enumerate(batch.seqs)]
+        """Count the tokens a launched step computes, and give each sequence that samples the
+        place of its token."""
+        for seq, num_tokens in zip(batch.seqs, batch.query_lens):
+            seq.num_computed_tokens += num_tokens
+        batch.token_indexes = [seq.append_pending(row) for row, seq in enumerate(batch.sampled_seqs)]
+        for seq in batch.sampled_seqs[batch.num_decode_tokens:]:
+            seq.is_prefill = False
 
     def abort(self, seqs: list[Sequence]) -> None:
         """Drop unfinished sequences (their generate call failed) and free their blocks."""
@@ -160,6 +206,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> list[int]:
         """Back to the front of the queue; returns the ids of the blocks it freed."""
         seq.status = SequenceStatus.WAITING
+        seq.is_prefill = True
         seq.num_preemptions += 1
         self.num_preemptions += 1
         freed = self.block_manager.deallocate(seq)
@@ -170,7 +217,7 @@ class Scheduler:
         """Fill in each sampled token; finish and free the sequences that are done. Rows of
         sequences that finished (or were aborted) while this step was in flight are dropped."""
         finished = []
-        for seq, token_id, index in zip(batch.seqs, token_ids, batch.token_indexes):
+        for seq, token_id, index in zip(batch.sampled_seqs, token_ids, batch.token_indexes):
             if seq.is_finished:
                 continue
             seq.resolve(index, token_id)

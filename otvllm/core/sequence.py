@@ -25,6 +25,8 @@ class Sequence:
         self.last_token = self.token_ids[-1]
         self.num_prompt_tokens = self.num_tokens
         self.num_cached_tokens = 0   # tokens whose KV came from the prefix cache at the last admission
+        self.num_computed_tokens = 0   # tokens whose KV is in the cache or written by a launched step
+        self.is_prefill = True       # its tokens since admission are not all computed yet (none sampled)
         # Row of the in-flight step's samples that holds the last token, -1 when it is known.
         self.pending_row = -1
         self.unhashed_block = -1     # a full block whose hash waits for its pending last token

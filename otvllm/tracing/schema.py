@@ -71,6 +71,7 @@ EVENT_SCHEDULED = "scheduled"
 EVENT_PREEMPTED = "preempted"
 EVENT_FIRST_TOKEN = "first_token"
 EVENT_FINISHED = "finished"
+EVENT_PREFILL_CHUNK = "prefill_chunk"   # a step computed part of a prompt (chunked prefill); a whole one: none
 
 # ---- OpenTelemetry GenAI semantic conventions (request and llm.generate spans) ------------
 GEN_AI_OPERATION = "gen_ai.operation.name"
@@ -111,12 +112,14 @@ STEPS_MEAN_SEQS = "otvllm.steps.mean_seqs"
 STEPS_PHASE_COUNTS = "otvllm.steps.phases"
 
 # ---- otvllm attributes -------------------------------------------------------------------
-PHASE = "otvllm.phase"                           # prefill | decode
+PHASE = "otvllm.phase"                           # prefill | decode | mixed (both in one step) | drain
 STEP_INDEX = "otvllm.step.index"
 STEP_DETAIL_REASON = "otvllm.step.detail_reason"  # first|prefill|preemption|error|eager_fallback|slow|
                                                   # slowest_so_far|last|debug|profile
 NUM_SEQS = "otvllm.batch.num_seqs"
 NUM_BATCHED_TOKENS = "otvllm.batch.num_batched_tokens"
+NUM_PREFILL_TOKENS = "otvllm.batch.num_prefill_tokens"   # of those, in prompt chunks
+NUM_DECODE_TOKENS = "otvllm.batch.num_decode_tokens"     # of those, one per decoding sequence
 NUM_CACHED_TOKENS = "otvllm.batch.num_cached_tokens"
 BATCH_SEQ_IDS = "otvllm.batch.seq_ids"           # a detailed step's requests (their otvllm.seq.id), also as links
 
@@ -211,13 +214,15 @@ REQUEST_CACHED_TOKENS = "otvllm.request.cached_tokens"
 REQUEST_PREEMPTIONS = "otvllm.request.preemptions"
 EVENT_STEP = "otvllm.step.index"
 EVENT_REASON = "otvllm.finish_reason"
+CHUNK_START = "otvllm.chunk.start"     # prefill_chunk: the position of its first token
+CHUNK_TOKENS = "otvllm.chunk.tokens"   # prefill_chunk: tokens computed
 
 # llm.generate
 GEN_NUM_REQUESTS = "otvllm.generate.requests"
 GEN_PROMPT_TOKENS = "otvllm.generate.prompt_tokens"
 GEN_OUTPUT_TOKENS = "otvllm.generate.output_tokens"
 GEN_STEPS = "otvllm.generate.steps"
-GEN_PREFILL_STEPS = "otvllm.generate.prefill_steps"
+GEN_PREFILL_STEPS = "otvllm.generate.prefill_steps"   # steps with prompt tokens (mixed ones too)
 GEN_DECODE_STEPS = "otvllm.generate.decode_steps"
 GEN_PREFILL_TIME_MS = "otvllm.generate.prefill_time_ms"
 GEN_DECODE_TIME_MS = "otvllm.generate.decode_time_ms"

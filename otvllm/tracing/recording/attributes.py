@@ -62,7 +62,8 @@ def kv_cache_attrs(runner) -> dict:
 
 
 def batch_attrs(batch) -> dict:
-    return {S.PHASE: batch.phase, S.NUM_SEQS: len(batch.seqs), S.NUM_BATCHED_TOKENS: batch.num_batched_tokens}
+    return {S.PHASE: batch.phase, S.NUM_SEQS: len(batch.seqs), S.NUM_BATCHED_TOKENS: batch.num_batched_tokens,
+            S.NUM_PREFILL_TOKENS: batch.num_prefill_tokens, S.NUM_DECODE_TOKENS: batch.num_decode_tokens}
 
 
 # ---- one function per step phase: attrs(result, *args of the phase), cheap (no loops over
@@ -96,7 +97,7 @@ def prepare_attrs(inputs, batch) -> dict:
 def forward_attrs(result, inputs) -> dict:
     ctx = inputs.ctx
     attrs = {
-        S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.PHASE: inputs.phase,
         S.SHAPE_PREFIX + "input_ids": shape(inputs.input_ids),
         S.SHAPE_PREFIX + "positions": shape(inputs.positions),
         S.SHAPE_PREFIX + "slot_mapping": shape(ctx.slot_mapping),
@@ -128,7 +129,7 @@ def sample_attrs(result, logits, inputs) -> dict:
 def postprocess_attrs(finished, in_flight) -> dict:
     if finished is None:
         return batch_attrs(in_flight.batch)
-    attrs = {S.TOKENS_APPENDED: len(in_flight.batch.seqs), S.FINISHED_SEQS: len(finished)}
+    attrs = {S.TOKENS_APPENDED: len(in_flight.batch.sampled_seqs), S.FINISHED_SEQS: len(finished)}
     if finished:
         attrs[S.FINISHED_SEQ_IDS] = [f.seq.seq_id for f in finished]
         attrs[S.FINISH_REASONS] = [f.reason for f in finished]
@@ -140,7 +141,7 @@ def block_allocate_attrs(batch) -> dict:
     """The block manager's work in one schedule, summed over its sequences."""
     return {
         S.PHASE: batch.phase,
-        S.BLOCKS_SEQUENCES: len(batch.allocations) if batch.is_prefill else len(batch.seqs),
+        S.BLOCKS_SEQUENCES: len(batch.allocations) + batch.num_decode_tokens,   # admitted, decoding
         S.BLOCKS_NEW: sum(a.new_blocks for a in batch.allocations) + batch.new_decode_blocks,
         S.BLOCKS_CACHE_HITS: sum(a.cached_blocks for a in batch.allocations),
         S.BLOCKS_FREE: batch.num_free_blocks, S.BLOCKS_USED: batch.num_used_blocks,

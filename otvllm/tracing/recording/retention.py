@@ -114,7 +114,7 @@ class RetentionPolicy:
             return "debug"
         if step.index - self.first_index < self.first:
             return "first"
-        if step.phase == "prefill":
+        if step.phase in ("prefill", "mixed"):   # a step with prompt tokens: TTFT's and admissions' story
             return "prefill"
         if step.preempted:
             return "preemption"

@@ -563,22 +563,34 @@ class EngineTracer:
             call.launch_index[id(batch)] = index
         now = now_ns()
         requests = call.requests
-        if batch.is_prefill:
-            for seq in batch.seqs:
-                if seq.seq_id in requests:
-                    requests[seq.seq_id].events.append((S.EVENT_SCHEDULED, now, {
-                        S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: seq.num_cached_tokens}))
+        for allocation in batch.allocations:   # the sequences admitted
+            if allocation.seq_id in requests:
+                requests[allocation.seq_id].events.append((S.EVENT_SCHEDULED, now, {
+                    S.EVENT_STEP: index, S.NUM_CACHED_TOKENS: allocation.cached_tokens}))
+        if batch.num_prefill_tokens:
+            self._prefill_chunks(requests, batch, index, now)
         for seq, needing in zip(batch.preempted, batch.preempted_for):
             if seq.seq_id in requests:
                 requests[seq.seq_id].events.append((S.EVENT_PREEMPTED, now, {S.EVENT_STEP: index,
                                                                              S.PREEMPTED_FOR: needing}))
 
+    @staticmethod
+    def _prefill_chunks(requests: dict, batch, index: int, now: int) -> None:
+        """A `prefill_chunk` event for each prompt this step computes in part (before the
+        scheduler counts the step's tokens as computed)."""
+        for row in range(batch.num_decode_tokens, len(batch.seqs)):   # prompt chunks follow the decodes
+            seq, num_tokens = batch.seqs[row], batch.query_lens[row]
+            start = seq.num_computed_tokens
+            if (start > seq.num_cached_tokens or start + num_tokens < seq.num_tokens) and seq.seq_id in requests:
+                requests[seq.seq_id].events.append((S.EVENT_PREFILL_CHUNK, now, {
+                    S.EVENT_STEP: index, S.CHUNK_START: start, S.CHUNK_TOKENS: num_tokens}))
+
     def _on_postprocess(self, call: _Call, batch, finished) -> None:
         # Events name the step that computed the token.
         index = call.launch_index.pop(id(batch), call.first_index + call.steps)
         now = now_ns()
-        if batch.is_prefill:
-            for seq, token_index in zip(batch.seqs, batch.token_indexes):
+        if batch.num_prefill_tokens:
+            for seq, token_index in zip(batch.sampled_seqs, batch.token_indexes):
                 if token_index == seq.num_prompt_tokens and seq.seq_id in call.requests:
                     call.requests[seq.seq_id].events.append(
                         (S.EVENT_FIRST_TOKEN, seq.first_token_ns or now, {S.EVENT_STEP: index}))
@@ -603,7 +615,7 @@ class EngineTracer:
         call.last_end_ns = record.end_ns
         duration = record.end_ns - record.start_ns
         phase = batch.phase if batch is not None else "unknown"
-        if phase == "prefill":
+        if phase in ("prefill", "mixed"):
             call.prefill_steps += 1
             call.prefill_ns += duration
         elif phase == "drain":
@@ -675,6 +687,9 @@ class EngineTracer:
         step.record.attrs.update({
             S.STEP_INDEX: summary.index, S.PHASE: summary.phase, S.NUM_SEQS: summary.num_seqs,
             S.NUM_BATCHED_TOKENS: summary.num_tokens, S.STEP_DETAIL_REASON: reason})
+        if step.batch is not None:
+            step.record.attrs.update({S.NUM_PREFILL_TOKENS: step.batch.num_prefill_tokens,
+                                      S.NUM_DECODE_TOKENS: step.batch.num_decode_tokens})
         step.children.extend(extra)
         if step.batch is not None and step.batch.seqs:
             seq_ids = step.record.attrs[S.BATCH_SEQ_IDS] = [seq.seq_id for seq in step.batch.seqs]

@@ -252,9 +252,9 @@ def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
             text += f" ({_num(attrs[S.GEN_PREFIX_CACHED_TOKENS])} tokens)"
         return text + (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
                        f"(a sequence's lookups stop at its first miss)")
-    prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) == "prefill"]
+    prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) in ("prefill", "mixed")]
     cached = sum(s.get(S.NUM_CACHED_TOKENS, 0) for s in prefills)
-    computed = sum(s.get(S.NUM_BATCHED_TOKENS, 0) for s in prefills)
+    computed = sum(s.get(S.NUM_PREFILL_TOKENS, s.get(S.NUM_BATCHED_TOKENS, 0)) for s in prefills)
     if not cached + computed:
         return "n/a"
     return f"{100 * cached / (cached + computed):.1f}% of prompt tokens (in traced steps)"
