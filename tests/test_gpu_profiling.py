@@ -8,14 +8,10 @@ import subprocess
 
 import pytest
 import torch
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import schema as S
-from otvllm.tracing.recording.builder import SpanBuilder
-from otvllm.tracing.recording.sinks import set_sink
+from tests.helpers import recorded_spans
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -26,35 +22,10 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0)
 
 
-class _Sink:
-    """Builds every record at once, through a provider of the test's own."""
-
-    active = True
-
-    def __init__(self, provider):
-        self.builder = SpanBuilder(provider.get_tracer("otvllm"))
-
-    def send(self, kind, payload):
-        self.builder.handle(kind, payload)
-        return True
-
-    def pump(self):
-        pass
-
-    def drain(self):
-        pass
-
-
 def traced(make_llm, run):
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    set_sink(_Sink(provider))
-    try:
+    with recorded_spans() as memory:
         llm = make_llm()
         run(llm)
-    finally:
-        set_sink(None)
     return memory.get_finished_spans(), llm
 
 

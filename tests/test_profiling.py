@@ -12,14 +12,11 @@ import pytest
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otvllm import LLM
 from otvllm.layers.basic import MergedLinear
 from otvllm.tracing import schema as S
-from otvllm.tracing.recording.builder import SpanBuilder
-from otvllm.tracing.recording.sinks import set_sink
-from tests.helpers import PARAMS, PROMPTS, by_name, traced_run
+from tests.helpers import PARAMS, PROMPTS, by_name, make_llm, recorded_spans, traced_run
 
 
 def linear_layers(llm) -> int:
@@ -80,38 +77,13 @@ def test_profiled_steps_have_bounded_operator_spans_within_their_forward(profile
         assert a[S.PROFILE_TOP_TIME_MS] == sorted(a[S.PROFILE_TOP_TIME_MS], reverse=True)
 
 
-class _ProviderSink:
-    """Builds every record at once through a provider of the test's own (the caller's)."""
-
-    active = True
-
-    def __init__(self, provider):
-        self.builder = SpanBuilder(provider.get_tracer("otvllm"))
-
-    def send(self, kind, payload):
-        self.builder.handle(kind, payload)
-        return True
-
-    def pump(self):
-        pass
-
-    def drain(self):
-        pass
-
-
 def test_every_operator_of_a_profiled_forward_with_its_shapes(qwen3_dir, monkeypatch):
     """All operators kept: each linear layer's call, with the shapes the forward ran on."""
     monkeypatch.setenv("OTVLLM_TRACE_PROFILE_STEPS", "0-1")
     monkeypatch.setenv("OTVLLM_TRACE_PROFILE_KERNELS", "100000")
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    set_sink(_ProviderSink(provider))
-    try:
-        llm = LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, max_model_len=128, max_num_batched_tokens=256)
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-    finally:
-        set_sink(None)
     spans = memory.get_finished_spans()
     by_id = {s.context.span_id: s for s in spans}
     spec = llm.engine.spec
@@ -207,12 +179,8 @@ def test_a_profiled_step_that_fails_is_detailed_as_an_error(qwen3_dir, monkeypat
     from opentelemetry.trace import StatusCode
 
     monkeypatch.setenv("OTVLLM_TRACE_PROFILE_STEPS", "1")
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    set_sink(_ProviderSink(provider))
-    try:
-        llm = LLM(qwen3_dir, kvcache_block_size=16, max_model_len=128, max_num_batched_tokens=256, device="cpu")
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, max_model_len=128, max_num_batched_tokens=256)
         real_sample, calls = llm.engine.runner.sample, []
 
         def sample(*args):
@@ -224,8 +192,6 @@ def test_a_profiled_step_that_fails_is_detailed_as_an_error(qwen3_dir, monkeypat
         monkeypatch.setattr(llm.engine.runner, "sample", sample)
         with pytest.raises(RuntimeError, match="sampler exploded"):
             llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-    finally:
-        set_sink(None)
     spans = memory.get_finished_spans()
     step = [s for s in spans if S.is_step(s.name) and s.attributes[S.STEP_INDEX] == 1][0]
     assert step.attributes[S.STEP_DETAIL_REASON] == "error" and step.status.status_code == StatusCode.ERROR
