@@ -36,6 +36,28 @@ def test_prefix_cache_hit_rate_counts_prompt_tokens(tmp_path, qwen3_dir):
             "(a sequence's lookups stop at its first miss)") in lines(summary)
 
 
+def test_prefix_cache_hit_rate_leaves_out_recomputation_after_preemption(tmp_path, qwen3_dir):
+    # A first call leaves [8] * 16 in the cache. Then 8 blocks of 16 for [7] * 30 and [8] * 30
+    # with 60 tokens each: the second finds its first block cached (16 of the 60 prompt tokens),
+    # is preempted when blocks run out, and is admitted again later with its prompt and generated
+    # tokens, which find their own blocks: that recomputation is not a prompt's hit (vLLM counts
+    # first admissions only).
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    def body():
+        llm = make_llm(qwen3_dir, num_kvcache_blocks=8)
+        llm.generate([[8] * 30], GREEDY, use_tqdm=False)
+        llm.generate([[7] * 30, [8] * 30], params, use_tqdm=False)
+    spans, summary = traced(tmp_path, body)
+    later = max(by_name(spans, S.GENERATE), key=lambda s: s["start_ns"])["attributes"]
+    assert later[S.GEN_PREEMPTIONS] >= 1
+    assert later[S.GEN_PREFIX_CACHED_TOKENS] == 16 and later[S.GEN_PREFIX_HIT_RATE] == 16 / 60
+    assert later[S.GEN_PREFIX_BLOCK_HIT_RATE] == 1 / 2   # [7]: a miss; [8]: a hit, then nothing cacheable
+    assert ("prefix cache hit rate: 26.7% of prompt tokens (16 tokens); full-block lookups 50.0% hits "
+            "(a sequence's lookups stop at its first miss); re-admissions after preemption not counted"
+            ) in lines(summary)
+
+
 def test_first_token_is_stamped_when_the_prefill_token_reaches_the_host(tmp_path, qwen3_dir):
     def body():
         make_llm(qwen3_dir).generate([[1, 2, 3], [4, 5, 6, 7]], GREEDY, use_tqdm=False)

@@ -228,6 +228,8 @@ GEN_PREFILL_TIME_MS = "otvllm.generate.prefill_time_ms"
 GEN_DECODE_TIME_MS = "otvllm.generate.decode_time_ms"
 GEN_THROUGHPUT = "otvllm.generate.output_tokens_per_s"
 GEN_PREEMPTIONS = "otvllm.generate.preemptions"
+# The prefix cache's figures count first admissions, as vLLM does: a preempted request's
+# re-admission (its recomputed prompt and generated tokens) is not counted.
 GEN_PREFIX_HIT_RATE = "otvllm.generate.prefix_cache_hit_rate"   # prompt tokens served from the cache, of all
 GEN_PREFIX_CACHED_TOKENS = "otvllm.generate.prefix_cache_hit_tokens"
 GEN_PREFIX_BLOCK_HIT_RATE = "otvllm.generate.prefix_cache_block_hit_rate"   # hits of full-block lookups

@@ -241,8 +241,9 @@ def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> lis
 
 
 def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
-    """Prompt tokens served from the prefix cache, of all prompt tokens (as vLLM counts it); the
-    block-lookup rate beside it is higher, since a sequence's lookups stop at its first miss."""
+    """Prompt tokens served from the prefix cache, of all prompt tokens, at first admissions (as
+    vLLM counts it: a preempted request's recomputation is not counted); the block-lookup rate
+    beside it is higher, since a sequence's lookups stop at its first miss."""
     rate = attrs.get(S.GEN_PREFIX_HIT_RATE)
     if rate is not None:
         if S.GEN_PREFIX_BLOCK_HIT_RATE not in attrs:   # a trace from before otvllm counted tokens
@@ -250,8 +251,11 @@ def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
         text = f"{100 * rate:.1f}% of prompt tokens"
         if S.GEN_PREFIX_CACHED_TOKENS in attrs:
             text += f" ({_num(attrs[S.GEN_PREFIX_CACHED_TOKENS])} tokens)"
-        return text + (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
-                       f"(a sequence's lookups stop at its first miss)")
+        text += (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
+                 f"(a sequence's lookups stop at its first miss)")
+        if attrs.get(S.GEN_PREEMPTIONS):
+            text += "; re-admissions after preemption not counted"
+        return text
     prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) in ("prefill", "mixed")]
     cached = sum(s.get(S.NUM_CACHED_TOKENS, 0) for s in prefills)
     computed = sum(s.get(S.NUM_PREFILL_TOKENS, s.get(S.NUM_BATCHED_TOKENS, 0)) for s in prefills)
