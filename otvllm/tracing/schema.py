@@ -32,6 +32,7 @@ KERNELS_OTHER = "kernels.other"        # a profiled forward's kernels that have 
 # (a profiled forward's other kernel spans are named after their kernel or operator, e.g. `aten::linear`)
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
+FORWARD_PART_SPANS = (EMBEDDING, NORM, ATTENTION, MLP, LM_HEAD)   # children of model.forward at debug
 
 # A request's span is named as the GenAI conventions have it, `{gen_ai.operation.name}
 # {gen_ai.request.model}` ("text_completion Qwen3-0.6B"); the operation is one of these.
