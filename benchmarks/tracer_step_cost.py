@@ -46,7 +46,7 @@ class TakingSink:
 
 
 class Counters:
-    num_cache_queries = num_cache_hits = num_tokens_admitted = num_tokens_cached = num_preemptions = 0
+    num_cache_queries = num_cache_hits = num_prompt_tokens_queried = num_prompt_tokens_cached = num_preemptions = 0
     num_blocks = 1000
 
 

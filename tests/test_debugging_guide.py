@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDE = os.path.join(ROOT, "docs", "debugging.md")
 # Sections whose commands run for real here (tiny and quick on CPU): their quoted summary lines
 # must be what the summary of their own trace prints, numbers aside.
-RUN_FOR_REAL = ("Why a request waited", "Preemption", "Prefix caching")
+RUN_FOR_REAL = ("Why a request waited", "Preemption", "Prefix caching", "Per-layer detail")
 FILE_NAME = re.compile(r"\.(json|html|py|md|png|sh)$")
 DOTTED = re.compile(r"^[a-z_]+(\.[a-z0-9_*]+)+( [a-z+]+)?$")
 
@@ -129,9 +129,11 @@ def test_the_pictures_of_the_guide_exist_and_are_small():
 
 
 def summary_line_pattern(line: str) -> re.Pattern:
-    """A quoted summary line with its numbers as wildcards (times and counts vary from run to run)."""
+    """A quoted summary line with its numbers as wildcards (times and counts vary from run to run),
+    and the spaces that align them as any run of spaces."""
     parts = re.split(r"(\d[\d.,]*)", line.strip())
-    return re.compile("".join(r"\d[\d.,]*" if i % 2 else re.escape(p) for i, p in enumerate(parts)))
+    return re.compile("".join(r"\d[\d.,]*" if i % 2 else re.sub(r"(\\ )+", " +", re.escape(p))
+                              for i, p in enumerate(parts)))
 
 
 def test_the_quoted_summary_lines_are_what_the_guides_own_commands_print(tmp_path):

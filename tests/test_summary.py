@@ -140,6 +140,7 @@ def test_generate_from_step_spans(summary):
     assert _line(a, "preemptions") == "preemptions: 1"
     assert _line(a, "time to first token") == "time to first token: mean 11.00 ms, max 12.00 ms (2 requests)"
     assert "aggregate" not in a
+    assert "time per forward part" not in a and "content captured" not in a   # neither in this trace
 
 
 def test_generate_prefers_aggregates(summary):
@@ -180,3 +181,39 @@ def test_init_and_cpu_and_foreign_traces(summary):
     assert _line(d, "CUDA memory") == "CUDA memory: n/a (CPU)"
     assert "1 steps (1 prefill, 0 decode)" in d
     assert e.startswith("GET /health") and "no otvllm spans" in e
+
+
+def test_debug_forward_parts_and_captured_content(tmp_path):
+    path = tmp_path / "trace.json"
+    provider = TracerProvider(resource=Resource.create({"service.name": "otvllm"}))
+    provider.add_span_processor(SimpleSpanProcessor(JaegerJsonFileExporter(str(path))))
+    b = _Builder(provider.get_tracer("otvllm"))
+    gen = b.tracer.start_span(S.GENERATE, start_time=T0)
+    # Two forwards of 10 and 4 ms, their parts as debug level records them (children of the forward).
+    for index, (start, end, parts) in enumerate([
+            (1, 11, [(S.EMBEDDING, 1, 2), (S.NORM, 2, 2.5), (S.ATTENTION, 2.5, 5.5), (S.NORM, 5.5, 6),
+                     (S.MLP, 6, 8), (S.NORM, 8, 8.5), (S.LM_HEAD, 8.5, 10.5)]),
+            (12, 16, [(S.EMBEDDING, 12, 12.5), (S.ATTENTION, 12.5, 14.5), (S.MLP, 14.5, 15.5),
+                      (S.LM_HEAD, 15.5, 16)])]):
+        step = _step(b, gen, index, "prefill" if index == 0 else "decode", start - 1, end, 1, 5)
+        forward = b.span(S.FORWARD, start, end, step)
+        for name, s, e in parts:
+            b.span(name, s, e, forward)
+    # Content on two requests of three, log-probabilities (top 3) on one.
+    content = {S.REQUEST_PROMPT_TOKEN_IDS: [1, 2], S.REQUEST_OUTPUT_TOKEN_IDS: [3, 4],
+               S.GEN_AI_INPUT_MESSAGES: '[{"role": "user", "parts": []}]'}
+    logprobs = {S.REQUEST_LOGPROBS: [-0.5, -1.0], S.REQUEST_TOP_LOGPROBS_N: 3}
+    b.span(REQUEST, 0, 16, gen, **REQUEST_IDS, **content, **logprobs)
+    b.span(REQUEST, 0, 16, gen, **REQUEST_IDS, **content)
+    b.span(REQUEST, 0, 16, gen, **REQUEST_IDS)
+    gen.end(end_time=T0 + 20 * MS)
+    provider.shutdown()
+
+    text = summarize_file(str(path))
+    lines = [ln.strip() for ln in text.splitlines()]
+    start = lines.index(f"time per forward part (of 14.00 ms in 2 {S.FORWARD} spans of detailed steps):")
+    assert [" ".join(ln.split()) for ln in lines[start + 1:start + 7]] == [
+        f"{S.EMBEDDING} 1.50 ms 10.7%", f"{S.NORM} 1.50 ms 10.7%", f"{S.ATTENTION} 5.00 ms 35.7%",
+        f"{S.MLP} 3.00 ms 21.4%", f"{S.LM_HEAD} 2.50 ms 17.9%", "(outside the parts) 0.50 ms 3.6%"]
+    assert ("content captured: 2 of 3 requests carry their prompt and output token ids and text; "
+            "log-probabilities in 1 (top 3)") in lines

@@ -36,6 +36,28 @@ def test_prefix_cache_hit_rate_counts_prompt_tokens(tmp_path, qwen3_dir):
             "(a sequence's lookups stop at its first miss)") in lines(summary)
 
 
+def test_prefix_cache_hit_rate_leaves_out_recomputation_after_preemption(tmp_path, qwen3_dir):
+    # A first call leaves [8] * 16 in the cache. Then 8 blocks of 16 for [7] * 30 and [8] * 30
+    # with 60 tokens each: the second finds its first block cached (16 of the 60 prompt tokens),
+    # is preempted when blocks run out, and is admitted again later with its prompt and generated
+    # tokens, which find their own blocks: that recomputation is not a prompt's hit (vLLM counts
+    # first admissions only).
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    def body():
+        llm = make_llm(qwen3_dir, num_kvcache_blocks=8)
+        llm.generate([[8] * 30], GREEDY, use_tqdm=False)
+        llm.generate([[7] * 30, [8] * 30], params, use_tqdm=False)
+    spans, summary = traced(tmp_path, body)
+    later = max(by_name(spans, S.GENERATE), key=lambda s: s["start_ns"])["attributes"]
+    assert later[S.GEN_PREEMPTIONS] >= 1
+    assert later[S.GEN_PREFIX_CACHED_TOKENS] == 16 and later[S.GEN_PREFIX_HIT_RATE] == 16 / 60
+    assert later[S.GEN_PREFIX_BLOCK_HIT_RATE] == 1 / 2   # [7]: a miss; [8]: a hit, then nothing cacheable
+    assert ("prefix cache hit rate: 26.7% of prompt tokens (16 tokens); full-block lookups 50.0% hits "
+            "(a sequence's lookups stop at its first miss); re-admissions after preemption not counted"
+            ) in lines(summary)
+
+
 def test_first_token_is_stamped_when_the_prefill_token_reaches_the_host(tmp_path, qwen3_dir):
     def body():
         make_llm(qwen3_dir).generate([[1, 2, 3], [4, 5, 6, 7]], GREEDY, use_tqdm=False)
@@ -85,6 +107,48 @@ def test_with_content_on_a_request_carries_its_tokens_and_logprobs(tmp_path, qwe
         values = a[S.REQUEST_TOP_LOGPROBS][step * n:(step + 1) * n]
         assert ids == top.indices.tolist()
         assert max(abs(v - r) for v, r in zip(values, top.values.tolist())) < 1e-4
+
+
+def test_the_summary_says_when_requests_carry_their_content(tmp_path, qwen3_dir, monkeypatch):
+    asked = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=2), GREEDY]
+
+    def body():
+        make_llm(qwen3_dir).generate([[3, 14, 15], [92, 65]], asked, use_tqdm=False)
+    _, summary = traced(tmp_path, body)
+    assert not [line for line in lines(summary) if line.startswith("content captured")]   # off by default
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    spans, summary = traced(tmp_path, body)
+    requests = [s["attributes"] for s in spans if S.is_request(s["name"], s["attributes"])]
+    assert len(requests) == 2 and sum(S.REQUEST_LOGPROBS in a for a in requests) == 1
+    assert ("content captured: 2 of 2 requests carry their prompt and output token ids and text; "
+            "log-probabilities in 1 (top 2)") in lines(summary)
+
+
+def test_the_summary_of_a_debug_trace_gives_the_time_of_each_part_of_the_forward(tmp_path, qwen3_dir):
+    def body():
+        make_llm(qwen3_dir, trace_level="debug").generate([[1] * 20, [2] * 5], GREEDY, use_tqdm=False)
+    spans, summary = traced(tmp_path, body)
+    # The reference: the receiver's spans, children of each model.forward, summed by name.
+    forwards = {s["span_id"]: s for s in by_name(spans, S.FORWARD)}
+    part_ms = {name: 0.0 for name in S.FORWARD_PART_SPANS}
+    n_parts = 0
+    for s in spans:
+        if s["name"] in part_ms and s["parent_span_id"] in forwards:
+            part_ms[s["name"]] += (s["end_ns"] - s["start_ns"]) / 1e6
+            n_parts += 1
+    forward_ms = sum((f["end_ns"] - f["start_ns"]) / 1e6 for f in forwards.values())
+    assert n_parts and all(part_ms.values())
+    text = lines(summary)
+    head = next(i for i, line in enumerate(text) if line.startswith("time per forward part"))
+    printed_total = float(text[head].split("(of ")[1].split(" ms")[0])
+    assert f"in {len(forwards)} {S.FORWARD} spans" in text[head]
+    slack = 0.001 * (n_parts + len(forwards)) + 0.01   # the file keeps microseconds, the receiver nanoseconds
+    assert abs(printed_total - forward_ms) <= slack
+    for line, name in zip(text[head + 1:], S.FORWARD_PART_SPANS):
+        printed_name, ms, unit, share = line.split()
+        assert printed_name == name and unit == "ms"
+        assert abs(float(ms) - part_ms[name]) <= slack
+        assert abs(float(share.rstrip("%")) - 100 * part_ms[name] / forward_ms) <= 0.2
 
 
 def schedules(spans):

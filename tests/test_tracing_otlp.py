@@ -254,6 +254,21 @@ def test_prefix_cache_hits_show_on_block_spans(qwen3_dir):
     assert request["attributes"][S.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == 32
 
 
+def test_response_ids_are_unique_across_calls_and_engines(qwen3_dir):
+    with OtlpReceiver() as receiver:
+        session = configure(endpoint=receiver.endpoint)
+        try:
+            first, second = make_llm(qwen3_dir), make_llm(qwen3_dir)
+            for llm in (first, second, first):
+                llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+            second.generate(PROMPTS[:1], PARAMS, use_tqdm=False)
+        finally:
+            session.shutdown()
+        spans = receiver.spans()
+    ids = [s["attributes"][S.GEN_AI_RESPONSE_ID] for s in requests_of(spans)]
+    assert len(ids) == 3 * len(PROMPTS) + 1 and len(set(ids)) == len(ids)
+
+
 def test_level_off_sends_nothing(qwen3_dir):
     spans, outputs, _ = traced_run(qwen3_dir, level="off")
     assert spans == []

@@ -49,10 +49,12 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered set, oldest first
+        # Prefix-cache counters over first admissions only, as vLLM counts them: a preempted
+        # sequence's re-admission (its prompt and generated tokens, recomputed) is not counted.
         self.num_cache_queries = 0   # full blocks looked up (a sequence's lookups stop at its first miss)
         self.num_cache_hits = 0
-        self.num_tokens_admitted = 0   # tokens of the sequences given blocks (prompts; more once preempted)
-        self.num_tokens_cached = 0     # of those, tokens whose KV came from the prefix cache
+        self.num_prompt_tokens_queried = 0   # prompt tokens of the sequences admitted
+        self.num_prompt_tokens_cached = 0    # of those, tokens whose KV came from the prefix cache
 
     @property
     def num_blocks(self) -> int:
@@ -108,20 +110,19 @@ class BlockManager:
         h = -1
         cache_miss = False
         cacheable = (len(seq) - 1) // self.block_size
-        new_blocks = cached_blocks = 0
+        new_blocks = cached_blocks = queries = 0
         for i in range(seq.num_blocks):
             block_id = None
             if i < cacheable and not cache_miss:
                 token_ids = seq.block(i)
                 h = block_hash(token_ids, h)
-                self.num_cache_queries += 1
+                queries += 1
                 block_id = self._lookup(h, token_ids)
                 cache_miss = block_id is None
             if block_id is None:
                 block = self._take_free_block()
                 new_blocks += 1
             else:
-                self.num_cache_hits += 1
                 cached_blocks += 1
                 block = self.blocks[block_id]
                 if block.ref_count == 0:
@@ -130,8 +131,11 @@ class BlockManager:
             seq.block_table.append(block.block_id)
         seq.num_cached_tokens = seq.num_computed_tokens = cached_blocks * self.block_size
         seq.max_cached_tokens = max(seq.max_cached_tokens, seq.num_cached_tokens)
-        self.num_tokens_admitted += len(seq)
-        self.num_tokens_cached += seq.num_cached_tokens
+        if seq.num_preemptions == 0:
+            self.num_cache_queries += queries
+            self.num_cache_hits += cached_blocks
+            self.num_prompt_tokens_queried += len(seq)
+            self.num_prompt_tokens_cached += seq.num_cached_tokens
         return Allocation(seq.seq_id, new_blocks, cached_blocks, seq.num_cached_tokens, start_ns, time.time_ns(),
                           list(seq.block_table))
 

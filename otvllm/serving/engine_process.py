@@ -241,6 +241,6 @@ class _Loop:
         scheduler, manager = engine.scheduler, engine.block_manager
         return {"admitted": self.admitted, "running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "kv_usage": 1 - manager.num_free_blocks / manager.num_blocks,
-                "prefix_hit_rate": manager.num_tokens_cached / manager.num_tokens_admitted
-                if manager.num_tokens_admitted else 0.0,
+                "prefix_hit_rate": manager.num_prompt_tokens_cached / manager.num_prompt_tokens_queried
+                if manager.num_prompt_tokens_queried else 0.0,
                 "preemptions": scheduler.num_preemptions, "steps": engine.step_index}

@@ -65,7 +65,7 @@ class ServerMetrics:
                                       description="Fraction of KV-cache blocks in use")
         meter.create_observable_gauge(PREFIX_HIT_RATE, [observe("prefix_hit_rate")], unit="1",
                                       description="Prompt tokens served from the prefix cache, of all prompt tokens, "
-                                                  "since start")
+                                                  "at first admissions, since start")
         meter.create_observable_counter(PREEMPTIONS, [observe("preemptions")], unit="{preemption}",
                                         description="Sequences preempted since start")
         meter.create_observable_counter(STEPS, [observe("steps")], unit="{step}", description="Engine steps since start")

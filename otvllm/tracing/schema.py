@@ -32,6 +32,7 @@ KERNELS_OTHER = "kernels.other"        # a profiled forward's kernels that have 
 # (a profiled forward's other kernel spans are named after their kernel or operator, e.g. `aten::linear`)
 
 STEP_PHASE_SPANS = (SCHEDULE, PREPARE_INPUTS, FORWARD, SAMPLE, POSTPROCESS)
+FORWARD_PART_SPANS = (EMBEDDING, NORM, ATTENTION, MLP, LM_HEAD)   # children of model.forward at debug
 
 # A request's span is named as the GenAI conventions have it, `{gen_ai.operation.name}
 # {gen_ai.request.model}` ("text_completion Qwen3-0.6B"); the operation is one of these.
@@ -228,6 +229,8 @@ GEN_PREFILL_TIME_MS = "otvllm.generate.prefill_time_ms"
 GEN_DECODE_TIME_MS = "otvllm.generate.decode_time_ms"
 GEN_THROUGHPUT = "otvllm.generate.output_tokens_per_s"
 GEN_PREEMPTIONS = "otvllm.generate.preemptions"
+# The prefix cache's figures count first admissions, as vLLM does: a preempted request's
+# re-admission (its recomputed prompt and generated tokens) is not counted.
 GEN_PREFIX_HIT_RATE = "otvllm.generate.prefix_cache_hit_rate"   # prompt tokens served from the cache, of all
 GEN_PREFIX_CACHED_TOKENS = "otvllm.generate.prefix_cache_hit_tokens"
 GEN_PREFIX_BLOCK_HIT_RATE = "otvllm.generate.prefix_cache_block_hit_rate"   # hits of full-block lookups

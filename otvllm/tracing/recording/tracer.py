@@ -457,8 +457,8 @@ class EngineTracer:
             torch.cuda.reset_peak_memory_stats(self.device)
             root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
         manager, scheduler = self.block_manager, self.scheduler
-        before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
-                  manager.num_tokens_cached, scheduler.num_preemptions)
+        before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_prompt_tokens_queried,
+                  manager.num_prompt_tokens_cached, scheduler.num_preemptions)
         self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         group = SpanRecord(S.REQUESTS, root, root.start_ns, attrs={S.GEN_NUM_REQUESTS: len(seqs)})
@@ -477,8 +477,8 @@ class EngineTracer:
                     self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
             group.end_ns = max(r.end_ns for r in records)
             sink.send(CLOSE, group)
-            after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_tokens_admitted,
-                     manager.num_tokens_cached, scheduler.num_preemptions)
+            after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_prompt_tokens_queried,
+                     manager.num_prompt_tokens_cached, scheduler.num_preemptions)
             root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(after, before))))
             sink.send(CLOSE, root)
             sink.drain()
@@ -512,7 +512,7 @@ class EngineTracer:
             record.error = (kind, f"the run ended before this request finished ({message or kind})", "")
         self.sink.send(CLOSE, record)
 
-    def _generate_totals(self, call: _Call, queries: int, hits: int, admitted_tokens: int, cached_tokens: int,
+    def _generate_totals(self, call: _Call, queries: int, hits: int, prompt_tokens: int, cached_tokens: int,
                          preemptions: int) -> dict:
         output_tokens = sum(s.num_completion_tokens for s in call.seqs)
         seconds = max(call.root.end_ns - call.root.start_ns, 1) / 1e9
@@ -521,7 +521,7 @@ class EngineTracer:
             S.GEN_DECODE_STEPS: call.steps - call.prefill_steps - call.drain_steps,
             S.GEN_PREFILL_TIME_MS: call.prefill_ns / 1e6, S.GEN_DECODE_TIME_MS: call.decode_ns / 1e6,
             S.GEN_THROUGHPUT: output_tokens / seconds, S.GEN_PREEMPTIONS: preemptions,
-            S.GEN_PREFIX_HIT_RATE: cached_tokens / admitted_tokens if admitted_tokens else 0.0,
+            S.GEN_PREFIX_HIT_RATE: cached_tokens / prompt_tokens if prompt_tokens else 0.0,
             S.GEN_PREFIX_CACHED_TOKENS: cached_tokens,
             S.GEN_PREFIX_BLOCK_HIT_RATE: hits / queries if queries else 0.0,
         }

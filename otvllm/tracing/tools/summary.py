@@ -182,6 +182,7 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
                     lines.append(f"    {name:<22} {_ms(phase_ms[name]):>11}  {share:5.1f}%")
             if gpu_ms:
                 lines.append(f"    (model.forward GPU time from CUDA events: {_ms(gpu_ms)})")
+        lines.extend(_forward_part_lines(steps))
     lines.extend(_step_time_lines(attrs, steps, spans))
     lines.extend(device_lines(steps))   # top kernels of profiled steps, GPU telemetry
 
@@ -215,6 +216,34 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
 INTERRUPTS = ("KeyboardInterrupt", "SIGTERM", "ProcessExited", "TracingShutdown")
 
 
+def _forward_part_lines(steps: list[_Span]) -> list[str]:
+    """At `debug`, the time of each part of the forward (its child spans), summed over the
+    detailed steps' forwards that have them, and its share of those forwards' time."""
+    part_ms: dict[str, float] = defaultdict(float)
+    forward_ms, forwards = 0.0, 0
+    for step in steps:
+        for forward in (s for s in step.descendants() if s.name == S.FORWARD):
+            parts = [c for c in forward.children if c.name in S.FORWARD_PART_SPANS]
+            if not parts:
+                continue
+            forwards += 1
+            forward_ms += forward.ms
+            for part in parts:
+                part_ms[part.name] += part.ms
+    if not forwards:
+        return []
+    def share(ms):
+        return 100 * ms / forward_ms if forward_ms else 0.0
+
+    lines = [f"  time per forward part (of {_ms(forward_ms)} in {forwards} {S.FORWARD} spans of detailed steps):"]
+    for name in S.FORWARD_PART_SPANS:
+        if name in part_ms:
+            lines.append(f"    {name:<22} {_ms(part_ms[name]):>11}  {share(part_ms[name]):5.1f}%")
+    rest = max(forward_ms - sum(part_ms.values()), 0.0)
+    lines.append(f"    {'(outside the parts)':<22} {_ms(rest):>11}  {share(rest):5.1f}%")
+    return lines
+
+
 def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> list[str]:
     """Step times over every step (from llm.generate), and the slowest step: detailed or not."""
     lines = []
@@ -241,8 +270,9 @@ def _step_time_lines(attrs: dict, steps: list[_Span], spans: list[_Span]) -> lis
 
 
 def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
-    """Prompt tokens served from the prefix cache, of all prompt tokens (as vLLM counts it); the
-    block-lookup rate beside it is higher, since a sequence's lookups stop at its first miss."""
+    """Prompt tokens served from the prefix cache, of all prompt tokens, at first admissions (as
+    vLLM counts it: a preempted request's recomputation is not counted); the block-lookup rate
+    beside it is higher, since a sequence's lookups stop at its first miss."""
     rate = attrs.get(S.GEN_PREFIX_HIT_RATE)
     if rate is not None:
         if S.GEN_PREFIX_BLOCK_HIT_RATE not in attrs:   # a trace from before otvllm counted tokens
@@ -250,8 +280,11 @@ def _hit_rate(attrs: dict, spans: list[_Span]) -> str:
         text = f"{100 * rate:.1f}% of prompt tokens"
         if S.GEN_PREFIX_CACHED_TOKENS in attrs:
             text += f" ({_num(attrs[S.GEN_PREFIX_CACHED_TOKENS])} tokens)"
-        return text + (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
-                       f"(a sequence's lookups stop at its first miss)")
+        text += (f"; full-block lookups {100 * attrs[S.GEN_PREFIX_BLOCK_HIT_RATE]:.1f}% hits "
+                 f"(a sequence's lookups stop at its first miss)")
+        if attrs.get(S.GEN_PREEMPTIONS):
+            text += "; re-admissions after preemption not counted"
+        return text
     prefills = [s for s in spans if s.name == S.SCHEDULE and s.get(S.PHASE) in ("prefill", "mixed")]
     cached = sum(s.get(S.NUM_CACHED_TOKENS, 0) for s in prefills)
     computed = sum(s.get(S.NUM_PREFILL_TOKENS, s.get(S.NUM_BATCHED_TOKENS, 0)) for s in prefills)
@@ -389,6 +422,24 @@ def _error_lines(spans: list[_Span]) -> list[str]:
     return lines
 
 
+def _content_lines(spans: list[_Span]) -> list[str]:
+    """Whether request spans carry their content (opt-in): what the "wrong output" recipe needs."""
+    requests = [s for s in spans if _is_request(s)]
+    carrying = [r for r in requests if S.REQUEST_OUTPUT_TOKEN_IDS in r.attrs or S.GEN_AI_INPUT_MESSAGES in r.attrs]
+    if not carrying:
+        return []
+    what = "prompt and output token ids"
+    if all(S.GEN_AI_INPUT_MESSAGES in r.attrs for r in carrying):
+        what += " and text"
+    with_logprobs = [r for r in carrying if S.REQUEST_LOGPROBS in r.attrs]
+    if with_logprobs:
+        tops = sorted({r.get(S.REQUEST_TOP_LOGPROBS_N) for r in with_logprobs if r.get(S.REQUEST_TOP_LOGPROBS_N)})
+        logprobs = f"log-probabilities in {len(with_logprobs)}" + (f" (top {'/'.join(map(str, tops))})" if tops else "")
+    else:
+        logprobs = "no log-probabilities (no request asked for logprobs)"
+    return [f"  content captured: {len(carrying)} of {len(requests)} requests carry their {what}; {logprobs}"]
+
+
 # ---- whole traces ------------------------------------------------------------------------------
 
 def _trace_header(trace: dict, root: _Span | None, n_spans: int) -> str:
@@ -417,6 +468,7 @@ def _summarize_trace(trace: dict) -> list[str]:
     if not gens and any(S.is_step(s.name) for s in spans):
         lines.append("  (no llm.generate span in this trace; figures from the step spans)")
         lines.extend(_generate_lines(None, spans))
+    lines.extend(_content_lines(spans))
     if not gens and not inits and not any(S.is_step(s.name) for s in spans):
         counts: dict[str, int] = defaultdict(int)
         for s in spans:
