@@ -200,6 +200,9 @@ def test_no_prompt_is_admitted_in_a_step_that_preempts():
     batch = launch(sched)
     assert batch.preempted == [b] and batch.seqs == [a] and not batch.allocations
     assert list(sched.waiting) == [b, waiting]
+    # The step says why they wait: blocks, as many as b's 33 tokens take (its 31 and the two it sampled).
+    assert len(b) == 33
+    assert batch.waiting_reason == "kv_blocks" and batch.waiting_blocks_needed == 3
 
 
 def test_fewer_batched_tokens_than_sequences_is_refused(qwen3_dir):

@@ -169,6 +169,9 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(seq)
             budget -= self._add_chunk(batch, seq, budget)
+        if self.waiting and batch.preempted:   # the preempted wait for blocks, and whoever waited with them
+            batch.waiting_reason = "kv_blocks"
+            batch.waiting_blocks_needed = self.block_manager.num_blocks_needed(self.waiting[0])
 
     def _add_chunk(self, batch: ScheduledBatch, seq: Sequence, budget: int) -> int:
         num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
