@@ -51,12 +51,13 @@ class Blocks:
     """Hands out distinct block ids in a shuffled order, as a cache in use would."""
 
     def __init__(self, count: int, rng: random.Random):
-        self.free = list(range(count))
-        rng.shuffle(self.free)
+        self.ids = list(range(count))
+        rng.shuffle(self.ids)
+        self.next = 0
 
     def take(self, n: int) -> list[int]:
-        taken, self.free = self.free[:n], self.free[n:]
-        return taken
+        self.next += n
+        return self.ids[self.next - n:self.next]
 
 
 def decoding_seq(context: int, row: int, block_size: int, blocks: Blocks, rng: random.Random) -> Sequence:
@@ -79,7 +80,7 @@ def prompt_chunk(length: int, cached: int, block_size: int, blocks: Blocks, rng:
 
 
 def build_case(name: str, block_size: int, rng: random.Random) -> tuple[ScheduledBatch, torch.Tensor | None]:
-    blocks = Blocks(1 << 20, rng)
+    blocks = Blocks(1 << 16, rng)
     batch = ScheduledBatch([])
     num_decodes = {"prefill": 0, "decode": 256, "mixed": 128}[name]
     for row in range(num_decodes):
