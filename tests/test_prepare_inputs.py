@@ -72,7 +72,7 @@ def actual_inputs(inputs) -> dict:
     return actual
 
 
-def assert_same(actual: dict, expected: dict, step: int) -> None:
+def assert_same(actual: dict, expected: dict, device: str, step: int) -> None:
     assert actual.keys() == expected.keys(), step
     for name, want in expected.items():
         got = actual[name]
@@ -80,15 +80,16 @@ def assert_same(actual: dict, expected: dict, step: int) -> None:
             assert got == want, (step, name)
             continue
         assert got.dtype == want.dtype, (step, name, got.dtype)
+        assert got.device.type == device, (step, name, got.device)
         assert torch.equal(got.cpu(), want), (step, name, got.tolist(), want.tolist())
 
 
-def make_runner(model_dir: str, block_size: int) -> ModelRunner:
+def make_runner(model_dir: str, block_size: int, device: str) -> ModelRunner:
     """A model runner without weights: prepare needs none."""
     arch, hf_config = read_config(model_dir)
     spec = model_spec(arch, hf_config)
-    config = EngineConfig(model=model_dir, device="cpu", kvcache_block_size=block_size, max_model_len=MAX_MODEL_LEN)
-    return ModelRunner(resolve_config(config, spec, TraceLevel.OFF, "cpu"), spec)
+    config = EngineConfig(model=model_dir, device=device, kvcache_block_size=block_size, max_model_len=MAX_MODEL_LEN)
+    return ModelRunner(resolve_config(config, spec, TraceLevel.OFF, device), spec)
 
 
 def random_workload(rng: random.Random, block_size: int) -> list[Sequence]:
@@ -103,9 +104,14 @@ def random_workload(rng: random.Random, block_size: int) -> list[Sequence]:
     return seqs
 
 
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])   # on CUDA: through pinned buffers, asynchronous copies
 @pytest.mark.parametrize("block_size", [1, 4, 16, 64])
-def test_prepare_equals_the_per_token_reference_on_random_workloads(qwen3_dir, block_size):
-    runner = make_runner(qwen3_dir, block_size)
+def test_prepare_equals_the_per_token_reference_on_random_workloads(qwen3_dir, block_size, device):
+    runner = make_runner(qwen3_dir, block_size, device)
     phases, cache_hits, pending_in_prefill, preemptions = set(), 0, 0, 0
     for seed in range(3):
         rng = random.Random(seed * 100 + block_size)
@@ -124,12 +130,12 @@ def test_prepare_equals_the_per_token_reference_on_random_workloads(qwen3_dir, b
             if batch.seqs:
                 previous = in_flight[1] if in_flight is not None else None
                 expected = reference_inputs(batch, previous, block_size)
-                assert_same(actual_inputs(runner.prepare(batch, previous)), expected, step)
+                assert_same(actual_inputs(runner.prepare(batch, previous)), expected, device, step)
                 phases.add(batch.phase)
                 cache_hits += batch.num_cached_tokens
                 pending_in_prefill += batch.num_prefill_tokens > 0 and any(
                     s.pending_row >= 0 for s in batch.seqs)
-                launched = (batch, torch.randint(0, 256, (len(batch.sampled_seqs),)))
+                launched = (batch, torch.randint(0, 256, (len(batch.sampled_seqs),), device=device))
                 scheduler.reserve_tokens(batch)
             if in_flight is not None:
                 scheduler.postprocess(in_flight[0], in_flight[1].tolist())
