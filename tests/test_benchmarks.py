@@ -176,3 +176,28 @@ def test_gpu_latency_and_scaling_run_on_cuda(qwen3_dir, tmp_path):
     kv = report["kv_cache"][0]
     assert 0 < kv["kv_bytes"] < kv["cuda_allocated_bytes"] <= kv["cuda_peak_bytes"] <= kv["cuda_total_bytes"]
     assert report["throughput"][0]["tok_s"] > 0
+
+
+def test_prepare_cost_times_each_case_at_each_block_size(tmp_path):
+    out = tmp_path / "prepare.json"
+    result = run_script("prepare_cost.py", "--block-sizes", "16,256", "--steps", "1", "--repeats", "1",
+                        "--json", str(out), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    # The documented cases: 32 prompts x 512; 256 decodes; 128 decodes + 8 chunks of 512.
+    expected = {"prefill": (32, 32 * 512), "decode": (256, 256), "mixed": (136, 128 + 8 * 512)}
+    assert [(r["block_size"], r["case"]) for r in rows] == [(b, c) for b in (16, 256) for c in expected]
+    for r in rows:
+        assert (r["seqs"], r["tokens"]) == expected[r["case"]]
+        assert r["us_per_step"] > 0 and math.isfinite(r["us_per_step"])
+    table = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(t[0], int(t[1])) for t in table] == [(r["case"], r["block_size"]) for r in rows]
+
+
+def test_prepare_cost_refuses_bad_input_before_any_work(tmp_path):
+    line = usage_error(run_script("prepare_cost.py", "--cases", "decode,prefil", "--json", "x.json",
+                                  tmp_path=tmp_path))
+    assert "prefil" in line and "prefill, decode, mixed" in line
+    line = usage_error(run_script("prepare_cost.py", "--block-sizes", "16,0", tmp_path=tmp_path))
+    assert "--block-sizes" in line and "16,0" in line
+    assert not list(tmp_path.glob("*.json"))

@@ -1,7 +1,9 @@
 """Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples."""
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from otvllm.core.cuda_graphs import DecodeGraphs
@@ -28,6 +30,15 @@ class ModelInputs:
     logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples
     sampling: SamplingBatch | None       # None: no row samples
     phase: str = "decode"                # the step's: prefill, decode or mixed
+
+
+def block_table_array(seqs: list[Sequence]) -> np.ndarray:
+    """The sequences' block tables as one [num_seqs, longest table] int32 array, padded with -1."""
+    lengths = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+    flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int32, int(lengths.sum()))
+    tables = np.full((len(seqs), int(lengths.max())), -1, dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < lengths[:, None]] = flat
+    return tables
 
 
 class ModelRunner:
@@ -154,83 +165,73 @@ class ModelRunner:
                                                     self.spec.vocab_size, self.device) if sampled else None
         return inputs
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-        return self._to_device(rows, torch.int32)
-
-    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+    def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The arrays, flattened, as tensors of `dtype` on the device: one host buffer (pinned,
+        for an asynchronous copy) and one copy for all of them."""
+        sizes = [a.size for a in arrays]
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=self.device.type == "cuda")
+        np.concatenate([a.ravel() for a in arrays], out=host.numpy())
+        return list(host.to(self.device, non_blocking=True).split(sizes))
 
     def _prepare_prefill(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
-        input_ids, positions, slots, context_lens = [], [], [], []
-        cu_q, cu_k, last = [0], [0], []
-        pending, pending_rows = [], []   # decode rows whose input token is still on the device
-        for seq, num_tokens in zip(batch.seqs, batch.query_lens):
-            start = seq.num_computed_tokens
-            end = start + num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            cu_q.append(cu_q[-1] + num_tokens)
-            cu_k.append(cu_k[-1] + end)
-            context_lens.append(end)
-            if end == seq.num_tokens:   # it samples
-                last.append(cu_q[-1] - 1)
-                if seq.pending_row >= 0:
-                    pending.append(cu_q[-1] - 1)
-                    pending_rows.append(seq.pending_row)
-            for i in range(start // bs, (end + bs - 1) // bs):
-                lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
-                base = seq.block_table[i] * bs - i * bs
-                slots.extend(range(base + lo, base + hi))
+        seqs = batch.seqs
+        n = len(seqs)
+        query_lens = np.array(batch.query_lens, dtype=np.int64)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, n)
+        ends = starts + query_lens
+        cu_q = np.concatenate(([0], np.cumsum(query_lens)))
+        cu_k = np.concatenate(([0], np.cumsum(ends)))
+        num_tokens = int(cu_q[-1])
+        input_ids = np.fromiter(chain.from_iterable(s.token_ids[a:b] for s, a, b in
+                                                    zip(seqs, starts.tolist(), ends.tolist())), np.int64, num_tokens)
+        row = np.repeat(np.arange(n), query_lens)   # each token's row
+        positions = np.arange(num_tokens) - (cu_q[:-1] - starts)[row]
+        tables = block_table_array(seqs)
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        samples = ends == np.fromiter((s.num_tokens for s in seqs), np.int64, n)
+        last = cu_q[1:][samples] - 1
+        # Sampling rows whose input token is still on the device, sampled by the step in flight.
+        pending_rows = np.fromiter((s.pending_row for s in seqs), np.int64, n)[samples]
+        pending = pending_rows >= 0
+        input_ids, positions, slots, last, pending_at, pending_rows = self._upload(
+            [input_ids, positions, slots, last, last[pending], pending_rows[pending]], torch.int64)
+        cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
+        if pending.any():
+            input_ids[pending_at] = previous_tokens[pending_rows]
         ctx = ForwardContext(
             is_prefill=True,
-            slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._block_tables(batch.seqs),
-            cu_seqlens_q=self._to_device(cu_q, torch.int32),
-            cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            context_lens=self._to_device(context_lens, torch.int32),
+            slot_mapping=slots,
+            block_tables=tables.view(n, -1),
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            context_lens=context_lens,
             max_seqlen_q=max(batch.query_lens),
         )
-        input_ids = self._to_device(input_ids, torch.int64)
-        if pending:
-            input_ids[self._to_device(pending, torch.int64)] = previous_tokens[self._to_device(pending_rows,
-                                                                                              torch.int64)]
-        return ModelInputs(input_ids, self._to_device(positions, torch.int64),
-                           ctx, self._to_device(last, torch.int64), sampling=None)
+        return ModelInputs(input_ids, positions, ctx, last, sampling=None)
 
     def _prepare_decode(self, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
         n = len(seqs)
-        width = max(len(s.block_table) for s in seqs)
-        # One host buffer, one copy to the device:
-        # [tokens | positions | slots | context lens | pending rows | block tables].
-        flat = [s.last_token for s in seqs]
-        context_lens = [s.num_tokens for s in seqs]
-        flat += [c - 1 for c in context_lens]
-        flat += [s.block_table[-1] * bs + (s.num_tokens - 1) % bs for s in seqs]
-        flat += context_lens
-        rows = [s.pending_row for s in seqs]
-        flat += rows
-        for s in seqs:
-            flat += s.block_table
-            flat += [-1] * (width - len(s.block_table))
-        buf = self._to_device(flat, torch.int64)
-        input_ids = buf[:n]
-        if max(rows) >= 0:   # last tokens still on the device: gather them from the step in flight
-            rows_d = buf[4 * n:5 * n]
-            input_ids = torch.where(rows_d >= 0, previous_tokens[rows_d.clamp(min=0)], input_ids)
+        context_lens = np.fromiter((s.num_tokens for s in seqs), np.int64, n)
+        last_tokens = np.fromiter((s.last_token for s in seqs), np.int64, n)
+        pending_rows = np.fromiter((s.pending_row for s in seqs), np.int64, n)
+        positions = context_lens - 1
+        tables = block_table_array(seqs)
+        slots = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        max_context_len, any_pending = int(context_lens.max()), pending_rows.max() >= 0
+        input_ids, positions, slots, rows = self._upload([last_tokens, positions, slots, pending_rows], torch.int64)
+        context_lens, tables = self._upload([context_lens, tables], torch.int32)
+        if any_pending:   # last tokens still on the device: gather them from the step in flight
+            input_ids = torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], input_ids)
         ctx = ForwardContext(
             is_prefill=False,
-            slot_mapping=buf[2 * n:3 * n],
-            block_tables=buf[5 * n:].view(n, width).to(torch.int32),
-            context_lens=buf[3 * n:4 * n].to(torch.int32),
-            max_context_len=max(context_lens),
+            slot_mapping=slots,
+            block_tables=tables.view(n, -1),
+            context_lens=context_lens,
+            max_context_len=max_context_len,
         )
-        return ModelInputs(input_ids, buf[n:2 * n], ctx, None, sampling=None)
+        return ModelInputs(input_ids, positions, ctx, None, sampling=None)
 
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, bool]:
