@@ -848,3 +848,42 @@ def test_the_engine_process_ends_with_the_server_even_when_the_server_is_killed(
         assert _wait_gone(engine, 30), "the engine process outlived the server by 30 s"
     finally:
         server.stop()
+
+
+def test_ctrl_c_to_the_process_group_drains_and_leaves_no_engine(synthetic_dir, cache_dir, tmp_path_factory, ref):
+    """Ctrl-C in a terminal signals the whole process group, the engine process included: the
+    engine ignores it and keeps computing, the front end drains the running request (it ends
+    whole), then stops the engine."""
+    server = _start(["--block-size", str(BLOCK_SIZE)], cache_dir, tmp_path_factory, "ctrl-c")
+    try:
+        engine = server.engine_pid()
+        k, first_chunks, result = 300, threading.Event(), {}
+
+        def stream():
+            try:
+                chunks = []
+                for c in server.client(timeout=60).completions.create(
+                        model=SYNTHETIC_NAME, prompt="interrupted", max_tokens=k, temperature=0, stream=True,
+                        extra_body={"ignore_eos": True}):
+                    chunks.append(c)
+                    if len(chunks) == 3:
+                        first_chunks.set()
+                result["text"] = "".join(c.choices[0].text for c in chunks if c.choices)
+                result["reasons"] = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+            except BaseException as e:   # reported by the main thread
+                result["error"] = e
+            finally:
+                first_chunks.set()
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert first_chunks.wait(30) and "error" not in result, result.get("error")
+        os.killpg(server.proc.pid, signal.SIGINT)
+        reader.join(60)
+        assert "error" not in result, f"the running request broke: {result.get('error')!r}"
+        assert result["reasons"] == ["length"] and result["text"] == ref.generate("interrupted", k, ignore_eos=True).text
+        assert server.proc.wait(timeout=30) == 0, server.log[-3000:]
+        assert _wait_gone(engine, 10), "the engine process outlived the server"
+        assert "Traceback" not in server.log, server.log[-3000:]
+    finally:
+        server.stop()
