@@ -24,3 +24,13 @@ def load_jaeger_json(path: str) -> list[dict]:
             raise ValueError(f"{path}: trace {trace.get('traceID', '?')} has no valid span list "
                              f"(each span needs a spanID)")
     return data
+
+
+def span_tags(span: dict) -> dict:
+    """A span's tags (its attributes) as a dict."""
+    return {t["key"]: t.get("value") for t in span.get("tags") or []}
+
+
+def parent_id(span: dict) -> str | None:
+    """The spanID of a span's parent (its CHILD_OF reference), or None for a root."""
+    return next((r["spanID"] for r in span.get("references") or [] if r.get("refType") == "CHILD_OF"), None)

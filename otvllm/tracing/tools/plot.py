@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from otvllm.tracing import schema as S
 from otvllm.tracing.export.trace_file import file_mode, write_atomically
-from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
+from otvllm.tracing.tools.jaeger_reader import load_jaeger_json, parent_id, span_tags
 
 FORMATS = (".html", ".json")
 OTHER = "other"                       # step time outside its phase spans
@@ -30,14 +30,6 @@ class Call:
     stretches: list[tuple] = field(default_factory=list)   # (first index, last index, mean ms)
 
 
-def _tags(span: dict) -> dict:
-    return {t["key"]: t.get("value") for t in span.get("tags") or []}
-
-
-def _parent(span: dict) -> str | None:
-    return next((r["spanID"] for r in span.get("references") or [] if r.get("refType") == "CHILD_OF"), None)
-
-
 def read_calls(path: str) -> list[Call]:
     """The calls of a trace file, in the order they started; ValueError naming the file when
     it is not a trace file or has no engine steps."""
@@ -45,7 +37,7 @@ def read_calls(path: str) -> list[Call]:
     by_id = {s["spanID"]: s for s in spans}
     children: dict[str, list[dict]] = {}
     for s in spans:
-        children.setdefault(_parent(s), []).append(s)
+        children.setdefault(parent_id(s), []).append(s)
     roots = sorted((s for s in spans if s.get("operationName") in (S.GENERATE, S.ENGINE_LOOP)),
                    key=lambda s: s.get("startTime", 0))
     calls, loop, generates = [], None, 0
@@ -63,12 +55,12 @@ def read_calls(path: str) -> list[Call]:
             if S.is_step(child.get("operationName", "")):
                 call.steps.append(_step_figures(child, children))
             elif S.is_steps(child.get("operationName", "")):
-                a = _tags(child)
+                a = span_tags(child)
                 call.stretches.append((a.get(S.STEPS_FIRST_INDEX), a.get(S.STEPS_LAST_INDEX),
                                        a.get(S.STEP_TIME_MEAN_MS)))
     calls = [c for c in calls if c.steps]
     if not calls:
-        orphan = any(S.is_step(s.get("operationName", "")) and _parent(s) not in by_id for s in spans)
+        orphan = any(S.is_step(s.get("operationName", "")) and parent_id(s) not in by_id for s in spans)
         raise ValueError(f"{path}: no engine steps to plot" + (
             " (their llm.generate span is not in the file)" if orphan else
             " (traced at level request or off? steps need level step or debug)"))
@@ -79,7 +71,7 @@ def read_calls(path: str) -> list[Call]:
 
 
 def _step_figures(step: dict, children: dict) -> dict:
-    a = _tags(step)
+    a = span_tags(step)
     ms = step.get("duration", 0) / 1000
     figures = {"index": a.get(S.STEP_INDEX), "phase": a.get(S.PHASE), "time_ms": ms,
                "seqs": a.get(S.NUM_SEQS), "tokens": a.get(S.NUM_BATCHED_TOKENS),
@@ -90,7 +82,7 @@ def _step_figures(step: dict, children: dict) -> dict:
         if name not in phases:
             continue
         phases[name] += child.get("duration", 0) / 1000
-        c = _tags(child)
+        c = span_tags(child)
         if name == S.SCHEDULE:
             figures.update(blocks_used=c.get(S.BLOCKS_USED), blocks_free=c.get(S.BLOCKS_FREE),
                            preempted=c.get(S.NUM_PREEMPTED))

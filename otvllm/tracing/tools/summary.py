@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from otvllm.tracing import schema as S
 from otvllm.tracing.tools.device_summary import device_lines
-from otvllm.tracing.tools.jaeger_reader import load_jaeger_json
+from otvllm.tracing.tools.jaeger_reader import load_jaeger_json, parent_id, span_tags
 
 
 class _Span:
@@ -18,11 +18,11 @@ class _Span:
 
     def __init__(self, raw: dict):
         self.id = raw["spanID"]
-        self.parent = next((r["spanID"] for r in raw.get("references") or [] if r.get("refType") == "CHILD_OF"), None)
+        self.parent = parent_id(raw)
         self.name = raw.get("operationName", "")
         self.start_us = raw.get("startTime", 0)
         self.duration_us = raw.get("duration", 0)
-        self.attrs = {t["key"]: t.get("value") for t in raw.get("tags") or []}
+        self.attrs = span_tags(raw)
         self.children: list[_Span] = []
         self.up: _Span | None = None   # the parent, when it is in the file
 
