@@ -1,4 +1,4 @@
-"""`otvllm generate ...` and `otvllm trace summary FILE`."""
+"""The command line: `otvllm generate`, `otvllm serve`, `otvllm trace summary` and `otvllm trace plot`."""
 
 import argparse
 import json
@@ -308,13 +308,14 @@ def _traced_run(args, attrs: dict, default_trace_file: bool, body) -> int:
     written."""
     from opentelemetry import context as otel_context
 
+    from otvllm.config import requested_trace_level
     from otvllm.tracing import schema as S
     from otvllm.tracing.export.setup import export_settings, otlp_endpoint, start
     from otvllm.tracing.export.trace_file import default_trace_path
     from otvllm.tracing.level import TraceLevel
     from otvllm.tracing.recording.tracer import run_span
 
-    level = TraceLevel.parse(args.trace_level or environment.read("OTVLLM_TRACE_LEVEL"))
+    level = requested_trace_level(args.trace_level)
     args.trace_level = str(level)
     settings, parent = None, None
     if level is not TraceLevel.OFF:

@@ -60,8 +60,7 @@ class EngineConfig:
               "at most 8)")
 
     def requested_trace_level(self) -> TraceLevel:
-        """trace_level, or OTVLLM_TRACE_LEVEL when it is None; ValueError naming what is wrong."""
-        return TraceLevel.parse(read_environment("OTVLLM_TRACE_LEVEL") if self.trace_level is None else self.trace_level)
+        return requested_trace_level(self.trace_level)
 
     def __post_init__(self):
         self.requested_trace_level()
@@ -91,6 +90,11 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(model=model, **kwargs)
+
+
+def requested_trace_level(trace_level: str | None) -> TraceLevel:
+    """A trace_level setting, or OTVLLM_TRACE_LEVEL when it is None; ValueError naming what is wrong."""
+    return TraceLevel.parse(read_environment("OTVLLM_TRACE_LEVEL") if trace_level is None else trace_level)
 
 
 def option_fields() -> list[Field]:

@@ -749,33 +749,39 @@ def test_queue_limit_rejects_with_503(queue_server, ref):
 
 # ---- SIGTERM: drain, refuse, exit 0 --------------------------------------------------------------------
 
+def _stream_in_background(server: Server, prompt: str, k: int) -> tuple[threading.Thread, dict]:
+    """A greedy stream of `k` tokens read by a thread, returned once 3 chunks have come; the
+    dict gets the stream's "chunks" when it ends, or its "error"."""
+    started, result = threading.Event(), {}
+
+    def stream():
+        try:
+            chunks = []
+            for c in server.client(timeout=60).completions.create(
+                    model=SYNTHETIC_NAME, prompt=prompt, max_tokens=k, temperature=0, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+                chunks.append(c)
+                if len(chunks) >= 3:
+                    started.set()
+            result["chunks"] = chunks
+        except BaseException as e:   # reported by the main thread
+            result["error"] = e
+        finally:
+            started.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert started.wait(30), "the stream never started"
+    assert "error" not in result, result.get("error")
+    return reader, result
+
+
 def test_sigterm_drains_the_in_flight_stream_then_exits_0(synthetic_dir, cache_dir, tmp_path_factory, ref):
     server = _start(["--block-size", str(BLOCK_SIZE)], cache_dir, tmp_path_factory, "sigterm")
     try:
         k = 600
         prompt = "drain me"
-        started = threading.Event()
-        result: dict = {}
-
-        def stream():
-            try:
-                chunks = []
-                for c in server.client(timeout=60).completions.create(
-                        model=SYNTHETIC_NAME, prompt=prompt, max_tokens=k, temperature=0, stream=True,
-                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
-                    chunks.append(c)
-                    if len(chunks) >= 3:
-                        started.set()
-                result["chunks"] = chunks
-            except BaseException as e:   # reported by the main thread
-                result["error"] = e
-            finally:
-                started.set()
-
-        reader = threading.Thread(target=stream, daemon=True)
-        reader.start()
-        assert started.wait(30), "the stream never started"
-        assert "error" not in result, result.get("error")
+        reader, result = _stream_in_background(server, prompt, k)
         engine = server.engine_pid()
         os.kill(server.proc.pid, signal.SIGTERM)
         sent = time.monotonic()
@@ -857,31 +863,15 @@ def test_ctrl_c_to_the_process_group_drains_and_leaves_no_engine(synthetic_dir, 
     server = _start(["--block-size", str(BLOCK_SIZE)], cache_dir, tmp_path_factory, "ctrl-c")
     try:
         engine = server.engine_pid()
-        k, first_chunks, result = 300, threading.Event(), {}
-
-        def stream():
-            try:
-                chunks = []
-                for c in server.client(timeout=60).completions.create(
-                        model=SYNTHETIC_NAME, prompt="interrupted", max_tokens=k, temperature=0, stream=True,
-                        extra_body={"ignore_eos": True}):
-                    chunks.append(c)
-                    if len(chunks) == 3:
-                        first_chunks.set()
-                result["text"] = "".join(c.choices[0].text for c in chunks if c.choices)
-                result["reasons"] = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
-            except BaseException as e:   # reported by the main thread
-                result["error"] = e
-            finally:
-                first_chunks.set()
-
-        reader = threading.Thread(target=stream, daemon=True)
-        reader.start()
-        assert first_chunks.wait(30) and "error" not in result, result.get("error")
+        k = 300
+        reader, result = _stream_in_background(server, "interrupted", k)
         os.killpg(server.proc.pid, signal.SIGINT)
         reader.join(60)
         assert "error" not in result, f"the running request broke: {result.get('error')!r}"
-        assert result["reasons"] == ["length"] and result["text"] == ref.generate("interrupted", k, ignore_eos=True).text
+        chunks = result["chunks"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == \
+            ref.generate("interrupted", k, ignore_eos=True).text
         assert server.proc.wait(timeout=30) == 0, server.log[-3000:]
         assert _wait_gone(engine, 10), "the engine process outlived the server"
         assert "Traceback" not in server.log, server.log[-3000:]

@@ -16,8 +16,8 @@ from otvllm.serving.detokenize import TextStream
 from otvllm.serving.engine_client import EngineClient, EngineFailed, QueueFull, ServerRequest
 from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
                                      now, usage)
-from otvllm.tracing import schema as S
 from otvllm.tokenizer import tokenize
+from otvllm.tracing import schema as S
 from otvllm.tracing.recording.records import remote_parent_of
 
 

@@ -69,8 +69,8 @@ class EngineClient:
             self._process.join(30)
             raise (ValueError if kind == "ValueError" else EngineFailed)(
                 text if kind == "ValueError" else f"the engine failed to start: {kind}: {text}")
-        _, self.limits, records = message
-        self.limits: RequestLimits
+        _, limits, records = message
+        self.limits: RequestLimits = limits
         self._trace(records)
         self.error: str | None = None
         self.stats: dict = {}

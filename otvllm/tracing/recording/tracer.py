@@ -456,9 +456,7 @@ class EngineTracer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             root.attrs[S.GEN_MEM_START] = memory_snapshot(self.device)[S.MEM_ALLOCATED]
-        manager, scheduler = self.block_manager, self.scheduler
-        before = (manager.num_cache_queries, manager.num_cache_hits, manager.num_prompt_tokens_queried,
-                  manager.num_prompt_tokens_cached, scheduler.num_preemptions)
+        before = self._counters()
         self._call = call = _Call(root, self.level, self.max_spans, {}, {}, {}, {}, seqs=seqs)
         sink.send(OPEN, root)
         group = SpanRecord(S.REQUESTS, root, root.start_ns, attrs={S.GEN_NUM_REQUESTS: len(seqs)})
@@ -477,11 +475,15 @@ class EngineTracer:
                     self._close_request(call.requests, call.origins, seq.seq_id, failure=root.error)
             group.end_ns = max(r.end_ns for r in records)
             sink.send(CLOSE, group)
-            after = (manager.num_cache_queries, manager.num_cache_hits, manager.num_prompt_tokens_queried,
-                     manager.num_prompt_tokens_cached, scheduler.num_preemptions)
-            root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(after, before))))
+            root.attrs.update(self._generate_totals(call, *(a - b for a, b in zip(self._counters(), before))))
             sink.send(CLOSE, root)
             sink.drain()
+
+    def _counters(self) -> tuple:
+        """The engine's running totals a call reports the change of, in _generate_totals' order."""
+        manager = self.block_manager
+        return (manager.num_cache_queries, manager.num_cache_hits, manager.num_prompt_tokens_queried,
+                manager.num_prompt_tokens_cached, self.scheduler.num_preemptions)
 
     def _open_request(self, requests: dict, origins: dict, seq, prompt, parent: SpanRecord | None, start_ns: int,
                       remote_parent=None, operation: str = S.OPERATION_TEXT_COMPLETION,
