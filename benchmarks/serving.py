@@ -16,7 +16,11 @@ The client speaks the OpenAI API over aiohttp with bodies encoded before the clo
 as vLLM's serving benchmark does: the `openai` client's own work per request (about 7 ms on
 the H200's host for a 500-token prompt) would otherwise be what is measured.
 
-    python benchmarks/serving.py [--rate inf] [--num-seqs 256] [--modes nostream,stream,stream@50] [--json OUT]
+With `--repeats R` the offline run and every mode run R times (the modes taking turns on their
+server) and the figures are the median run's by throughput; every run is in the JSON.
+
+    python benchmarks/serving.py [--rate inf] [--num-seqs 256] [--modes nostream,stream,stream@50]
+                                 [--repeats 1] [--json OUT]
 """
 
 import argparse
@@ -47,11 +51,13 @@ llm = LLM({model!r}, max_model_len=4096, max_num_seqs=512, trace_level="off")
 params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
 llm.generate(prompts, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=min(m, 32)) for m in max_tokens],
              use_tqdm=False)
-llm.reset_prefix_cache()
-start = time.perf_counter()
-out = llm.generate(prompts, params, use_tqdm=False)
-seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "tokens": sum(len(o.token_ids) for o in out)}}))
+runs = []
+for _ in range({repeats}):
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    runs.append({{"seconds": time.perf_counter() - start, "tokens": sum(len(o.token_ids) for o in out)}})
+print(json.dumps(runs))
 """
 
 
@@ -178,6 +184,8 @@ def start_server(model_dir: str, interval_ms: float, args, endpoint: str) -> tup
 
 def report(label: str, result: dict, offline_tok_s: float | None) -> None:
     line = f"server, {label}: {result['output_tok_s']:.0f} tok/s"
+    if len(result["runs_tok_s"]) > 1:
+        line += f" (median of {', '.join(f'{r:.0f}' for r in result['runs_tok_s'])})"
     if offline_tok_s:
         line += f" = {100 * result['output_tok_s'] / offline_tok_s:.1f}% of offline"
     print(line, flush=True)
@@ -197,6 +205,7 @@ def main() -> None:
                         help="comma-separated: nostream, stream (a chunk per engine step), stream@MS (the "
                              "server's --stream-interval-ms MS); one server per interval")
     parser.add_argument("--trace-level", default="step")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the offline workload and of each mode")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--trace-file", default=None, help="each server also writes its trace to PREFIX.<interval>.json")
@@ -212,11 +221,14 @@ def main() -> None:
                      "server": {}}
     offline_tok_s = None
     if not args.skip_offline:
-        code = OFFLINE.format(root=ROOT, n=args.num_seqs, model=model_dir)
-        offline = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                            text=True).stdout.strip().splitlines()[-1])
-        offline_tok_s = results["offline_tok_s"] = offline["tokens"] / offline["seconds"]
-        print(f"offline generate: {offline_tok_s:.0f} tok/s ({offline['seconds']:.2f} s)", flush=True)
+        code = OFFLINE.format(root=ROOT, n=args.num_seqs, model=model_dir, repeats=args.repeats)
+        runs = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                         text=True).stdout.strip().splitlines()[-1])
+        rates = [r["tokens"] / r["seconds"] for r in runs]
+        offline_tok_s = results["offline_tok_s"] = statistics.median(rates)
+        results["offline_runs_tok_s"] = rates
+        print(f"offline generate: {offline_tok_s:.0f} tok/s (median of {', '.join(f'{r:.0f}' for r in rates)})",
+              flush=True)
 
     receiver = subprocess.Popen([sys.executable, "-m", "tests.otlp_receiver"], cwd=ROOT, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -232,11 +244,16 @@ def main() -> None:
                 variant += 1   # warm-up: compiles and captures what the run will use
                 asyncio.run(run_load(base_url, name, fresh_tokens(prompts, variant), [min(n, 32) for n in max_tokens],
                                      float("inf"), False))
-                for mode in interval_modes:
-                    variant += 1
-                    load, seconds = asyncio.run(run_load(base_url, name, fresh_tokens(prompts, variant), max_tokens,
-                                                         args.rate, parse_mode(mode)[0]))
-                    result = results["server"][mode] = summary(load, seconds)
+                runs: dict[str, list[dict]] = {mode: [] for mode in interval_modes}
+                for _ in range(args.repeats):
+                    for mode in interval_modes:
+                        variant += 1
+                        load, seconds = asyncio.run(run_load(base_url, name, fresh_tokens(prompts, variant),
+                                                             max_tokens, args.rate, parse_mode(mode)[0]))
+                        runs[mode].append(summary(load, seconds))
+                for mode, mode_runs in runs.items():
+                    result = sorted(mode_runs, key=lambda r: r["output_tok_s"])[len(mode_runs) // 2]
+                    result = results["server"][mode] = dict(result, runs_tok_s=[r["output_tok_s"] for r in mode_runs])
                     if offline_tok_s:
                         result["over_offline"] = result["output_tok_s"] / offline_tok_s
                     report(f"{mode}, rate {args.rate}", result, offline_tok_s)

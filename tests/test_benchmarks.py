@@ -19,7 +19,9 @@ on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), rea
 
 def run_script(name: str, *args, tmp_path, device: str = "cpu") -> subprocess.CompletedProcess:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-           "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+           "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           # the repository first; then where the caller's packages live (the GPU machine's --target dir)
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--device", device, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 

@@ -1,0 +1,122 @@
+"""The few-token matrix products of a decode step on CUDA: cuBLAS, cuBLASLt and otvllm's Triton GEMV.
+
+For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-8 tokens, the time per
+product replayed from a CUDA graph (as decode runs), with the weights rotated through enough
+copies that they come from HBM, not L2 (a decode step reads ~0.9 GB of weights), and the
+weight-read rate against the device's copy rate. ``--sweep`` also times a grid of the Triton
+kernel's tile configurations (BLOCK_N, BLOCK_K, SPLIT_K) at 1 and 8 tokens and reports the best
+per shape.
+
+    python benchmarks/gemv.py [--tokens 1,2,4,8] [--sweep] [--json OUT]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from otvllm.ops import triton_gemv  # noqa: E402
+
+# Qwen3-0.6B: hidden 1024, 16 heads / 8 KV heads of 128, intermediate 3072, vocab 151936
+SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024),
+          "down_proj": (1024, 3072), "lm_head": (151936, 1024)}
+ROTATE_BYTES = 512 << 20
+
+
+def graph_time_us(fn, calls: int, replays: int = 20) -> float:
+    """µs per call of fn(i) for i in range(calls), captured once in a CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def copy_rate_gbps() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = graph_time_us(lambda i: dst.copy_(src), 1)
+    return 2 * src.numel() / us / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,2,4,8")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of Triton tile configurations")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    dtype = torch.bfloat16
+    copy = copy_rate_gbps()
+    print(f"copy rate {copy:.0f} GB/s", flush=True)
+    results = {"copy_gbps": copy, "points": []}
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        weight_bytes = n * k * 2
+        copies = max(1, -(-ROTATE_BYTES // weight_bytes))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(copies)]
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            reference = (x.float() @ weights[0].float().T)
+            point = {"shape": name, "n": n, "k": k, "tokens": m}
+
+            def timed(label, op):
+                err = ((op(x, weights[0]).float() - reference).abs().max() / reference.abs().max()).item()
+                us = graph_time_us(lambda i: op(x, weights[i % copies]), copies)
+                point[label] = {"us": us, "gbps": weight_bytes / us / 1e3, "rel_err": err}
+
+            torch.backends.cuda.preferred_blas_library("cublas")
+            timed("cublas", torch.nn.functional.linear)
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            timed("cublaslt", torch.nn.functional.linear)
+            torch.backends.cuda.preferred_blas_library("cublas")
+            if m <= triton_gemv.MAX_TOKENS:
+                timed("triton", triton_gemv.gemv)
+                if args.sweep and m in (1, triton_gemv.MAX_TOKENS):
+                    best = None
+                    for bn, bk, sk, nw in itertools.product((4, 8, 16), (256, 512), (1, 2, 4), (4,)):
+                        if k % (sk * bk):
+                            continue
+                        cfg = (bn, bk, sk)
+                        us = graph_time_us(lambda i: triton_gemv.gemv(x, weights[i % copies], config=cfg,
+                                                                      num_warps=nw), copies)
+                        if best is None or us < best[0]:
+                            best = (us, cfg, nw)
+                    point["triton_best"] = {"us": best[0], "gbps": weight_bytes / best[0] / 1e3,
+                                            "config": list(best[1]), "num_warps": best[2]}
+            line = f"{name:13s} N={n:6d} K={k:5d} M={m}: " + "  ".join(
+                f"{label} {v['us']:7.1f} us {v['gbps']:5.0f} GB/s" for label, v in point.items()
+                if isinstance(v, dict))
+            if "triton_best" in point:
+                line += f" {point['triton_best']['config']}/{point['triton_best']['num_warps']}w"
+            print(line, flush=True)
+            results["points"].append(point)
+        weights = x = None
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

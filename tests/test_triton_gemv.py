@@ -1,0 +1,56 @@
+"""The Triton few-token GEMV against torch's matrix product.
+
+Without CUDA the kernel runs under the Triton interpreter in float32/float16 on small shapes;
+with CUDA the `gpu` tests check Qwen3-0.6B's weight shapes in bf16 (cuBLAS as the reference)."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from otvllm.ops import triton_gemv  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", [None, (4, 32, 1), (8, 16, 2), (4, 16, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_torch(dtype, m, config, bias):
+    g = torch.Generator().manual_seed(m)
+    n, k = 20, 64   # N not a multiple of the row block: the last block is masked
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    out = triton_gemv.gemv(x, w, b, config=config)
+    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * k ** 0.5)
+
+
+def test_gemv_reads_rows_of_a_strided_input():
+    x = torch.randn(4, 96).to(DEVICE)[:, :64]      # a column slice: row stride 96
+    w = torch.randn(16, 64).to(DEVICE)
+    torch.testing.assert_close(triton_gemv.gemv(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_gpu_gemv_at_qwen3_shapes_in_bfloat16(n, k, m):
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out = triton_gemv.gemv(x, w, b)
+    expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
