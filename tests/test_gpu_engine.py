@@ -63,6 +63,27 @@ def test_preemption_on_gpu_keeps_outputs(qwen3_dir):
     assert [o.token_ids for o in out] == [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
 
 
+def _triton_variants() -> int:
+    """Compiled variants of otvllm's Triton attention kernels, over all devices."""
+    from otvllm.ops import triton_decode, triton_kvcache, triton_prefill
+    kernels = [triton_prefill._prefill_kernel, triton_decode._decode_stage1, triton_decode._decode_stage2,
+               triton_kvcache._store_kvcache_kernel]
+    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+
+def test_steps_of_new_shapes_compile_no_triton_kernel_after_start_up(qwen3_dir):
+    # A variant compiled mid-run stalls every running request for about a second; start-up's
+    # warm-up and graph capture must have compiled all the engine launches.
+    llm = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=256,
+                   kvcache_block_size=16)
+    compiled = _triton_variants()
+    assert compiled > 0
+    for n, lengths in enumerate([[1], [7, 300], [16, 33, 50], [130] * 5, [5] * 17, [400, 2, 64], [40] * 33]):
+        params = SamplingParams(temperature=0.0, max_tokens=3 + n, ignore_eos=True)
+        llm.generate(random_prompts(lengths, seed=n), params, use_tqdm=False)   # chunked, mixed, decode steps
+        assert _triton_variants() == compiled, f"call {n} ({len(lengths)} prompts) compiled a new variant"
+
+
 def test_memory_and_gpu_time_attributes(qwen3_dir):
     with recorded_spans() as memory:
         llm = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", trace_level="step")

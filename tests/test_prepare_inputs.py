@@ -92,6 +92,17 @@ def make_runner(model_dir: str, block_size: int, device: str) -> ModelRunner:
     return ModelRunner(resolve_config(config, spec, TraceLevel.OFF, device), spec)
 
 
+def assert_aligned(inputs, step: int) -> None:
+    """Every tensor the kernels read starts on a 16-byte boundary: Triton compiles a kernel
+    variant per pointer alignment, so an alignment that varies by batch would compile mid-run."""
+    ctx = inputs.ctx
+    tensors = {"input_ids": inputs.input_ids, "positions": inputs.positions, "slot_mapping": ctx.slot_mapping,
+               "block_tables": ctx.block_tables, "context_lens": ctx.context_lens,
+               "cu_seqlens_q": ctx.cu_seqlens_q, "cu_seqlens_k": ctx.cu_seqlens_k}
+    for name, t in tensors.items():
+        assert t is None or t.data_ptr() % 16 == 0, f"step {step}: {name} at {t.data_ptr() % 16} bytes past 16"
+
+
 def random_workload(rng: random.Random, block_size: int) -> list[Sequence]:
     """Prompts, many of them continuing a few shared prefixes (cache hits at admission)."""
     prefixes = [[rng.randrange(256) for _ in range(rng.randint(1, 3 * block_size))] for _ in range(3)]
@@ -130,7 +141,9 @@ def test_prepare_equals_the_per_token_reference_on_random_workloads(qwen3_dir, b
             if batch.seqs:
                 previous = in_flight[1] if in_flight is not None else None
                 expected = reference_inputs(batch, previous, block_size)
-                assert_same(actual_inputs(runner.prepare(batch, previous)), expected, device, step)
+                inputs = runner.prepare(batch, previous)
+                assert_same(actual_inputs(inputs), expected, device, step)
+                assert_aligned(inputs, step)
                 phases.add(batch.phase)
                 cache_hits += batch.num_cached_tokens
                 pending_in_prefill += batch.num_prefill_tokens > 0 and any(

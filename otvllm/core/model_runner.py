@@ -167,11 +167,17 @@ class ModelRunner:
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """The arrays, flattened, as tensors of `dtype` on the device: one host buffer (pinned,
-        for an asynchronous copy) and one copy for all of them."""
-        sizes = [a.size for a in arrays]
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=self.device.type == "cuda")
-        np.concatenate([a.ravel() for a in arrays], out=host.numpy())
-        return list(host.to(self.device, non_blocking=True).split(sizes))
+        for an asynchronous copy) and one copy for all of them. Each starts on a 16-byte
+        boundary: Triton specialises a kernel on its pointers' alignment, and an offset that
+        varied with the batch would compile a new variant mid-run (about a second each)."""
+        align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+        starts = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
+        host = torch.empty(int(starts[-1]), dtype=dtype, pin_memory=self.device.type == "cuda")
+        flat = host.numpy()
+        for a, start in zip(arrays, starts):
+            flat[start:start + a.size] = a.ravel()
+        device = host.to(self.device, non_blocking=True)
+        return [device[start:start + a.size] for a, start in zip(arrays, starts)]
 
     def _prepare_prefill(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
@@ -194,8 +200,9 @@ class ModelRunner:
         # Sampling rows whose input token is still on the device, sampled by the step in flight.
         pending_rows = np.fromiter((s.pending_row for s in seqs), np.int64, n)[samples]
         pending = pending_rows >= 0
-        input_ids, positions, slots, last, pending_at, pending_rows = self._upload(
-            [input_ids, positions, slots, last, last[pending], pending_rows[pending]], torch.int64)
+        # positions first: at offset 0 always, which torch.compile's guards on the rotary see
+        positions, input_ids, slots, last, pending_at, pending_rows = self._upload(
+            [positions, input_ids, slots, last, last[pending], pending_rows[pending]], torch.int64)
         cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
         if pending.any():
             input_ids[pending_at] = previous_tokens[pending_rows]
@@ -220,7 +227,7 @@ class ModelRunner:
         tables = block_table_array(seqs)
         slots = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
         max_context_len, any_pending = int(context_lens.max()), pending_rows.max() >= 0
-        input_ids, positions, slots, rows = self._upload([last_tokens, positions, slots, pending_rows], torch.int64)
+        positions, input_ids, slots, rows = self._upload([positions, last_tokens, slots, pending_rows], torch.int64)
         context_lens, tables = self._upload([context_lens, tables], torch.int32)
         if any_pending:   # last tokens still on the device: gather them from the step in flight
             input_ids = torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], input_ids)

@@ -34,7 +34,8 @@ MIN_TOKENS_PER_SPLIT = 128
 _SM_COUNT: dict = {}
 
 
-@triton.jit
+# The block table's width varies from step to step: no specialising on it (a recompile).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_stage1(
     Q, K, V, bt_ptr, ctx_ptr, MID_O, MID_LSE, O, qk_scale,
     stride_qb, stride_qh, stride_ob, stride_oh,

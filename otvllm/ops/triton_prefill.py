@@ -58,7 +58,8 @@ def _load_kv_tile(base, desc, kvh, bt_row, start, offs_n, tile_offs, d, n_ok, st
     return tile
 
 
-@triton.jit
+# The block table's width varies from step to step: no specialising on it (a recompile).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     Q, K, V, O, K_desc, V_desc, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
