@@ -14,7 +14,7 @@ if not HAS_CUDA:
 
 pytest.importorskip("triton")
 
-from otvllm.ops import triton_gemv  # noqa: E402
+from benchmarks import triton_gemv  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

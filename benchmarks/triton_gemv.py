@@ -1,5 +1,10 @@
 """Triton matrix-vector product for the few-token case: y = x @ W.T (+ bias), x [M, K] with M small.
 
+An experiment for issue 13, timed against cuBLAS by benchmarks/gemv.py; the engine does not use
+it. Measured on the H200 (2026-12-01) at Qwen3-0.6B's weights, it beats cuBLAS only on o_proj
+(K=2048, N=1024) at 1-4 tokens (5.2 against 12.9 us at one token); cuBLAS is as fast or faster on
+qkv, gate_up, down and lm_head, so a per-shape choice would be needed to use it.
+
 A decode step at batch 1-8 is a handful of GEMVs per layer, bound by reading the weights once.
 For these shapes cuBLAS picks tall-skinny tiles that reach about a quarter of the H200's copy
 rate (issue 13's profile). Here each program owns BLOCK_N weight rows, reads them across K in
