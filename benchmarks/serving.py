@@ -17,7 +17,8 @@ as vLLM's serving benchmark does: the `openai` client's own work per request (ab
 the H200's host for a 500-token prompt) would otherwise be what is measured.
 
 With `--repeats R` the offline run and every mode run R times (the modes taking turns on their
-server) and the figures are the median run's by throughput; every run is in the JSON.
+server): throughput is the median of the runs, latencies are those of the median run (the lower
+middle one of an even count); every run's throughput is in the JSON.
 
     python benchmarks/serving.py [--rate inf] [--num-seqs 256] [--modes nostream,stream,stream@50]
                                  [--repeats 1] [--json OUT]
@@ -252,8 +253,11 @@ def main() -> None:
                                                              max_tokens, args.rate, parse_mode(mode)[0]))
                         runs[mode].append(summary(load, seconds))
                 for mode, mode_runs in runs.items():
-                    result = sorted(mode_runs, key=lambda r: r["output_tok_s"])[len(mode_runs) // 2]
-                    result = results["server"][mode] = dict(result, runs_tok_s=[r["output_tok_s"] for r in mode_runs])
+                    rates = [r["output_tok_s"] for r in mode_runs]
+                    # latencies of the median run (the lower middle one of an even count)
+                    result = sorted(mode_runs, key=lambda r: r["output_tok_s"])[(len(mode_runs) - 1) // 2]
+                    result = results["server"][mode] = dict(result, output_tok_s=statistics.median(rates),
+                                                            runs_tok_s=rates)
                     if offline_tok_s:
                         result["over_offline"] = result["output_tok_s"] / offline_tok_s
                     report(f"{mode}, rate {args.rate}", result, offline_tok_s)
