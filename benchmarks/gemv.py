@@ -1,4 +1,5 @@
-"""The few-token matrix products of a decode step on CUDA: cuBLAS, cuBLASLt and otvllm's Triton GEMV.
+"""The few-token matrix products of a decode step on CUDA: cuBLAS (x @ W.T, and W @ x.T), cuBLASLt and
+a Triton GEMV.
 
 For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-8 tokens, the time per
 product replayed from a CUDA graph (as decode runs), with the weights rotated through enough
@@ -90,6 +91,8 @@ def main() -> None:
             torch.backends.cuda.preferred_blas_library("cublaslt")
             timed("cublaslt", torch.nn.functional.linear)
             torch.backends.cuda.preferred_blas_library("cublas")
+            # the same product asked the other way round (W @ x.T): cuBLAS picks among other kernels
+            timed("cublas_wx", lambda x, w: (w @ x.T).T)
             if m <= triton_gemv.MAX_TOKENS:
                 timed("triton", triton_gemv.gemv)
                 if args.sweep and m in (1, triton_gemv.MAX_TOKENS):
