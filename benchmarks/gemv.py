@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import triton_gemv  # noqa: E402
+from otvllm.ops import triton_gemv  # noqa: E402
 
 # Qwen3-0.6B: hidden 1024, 16 heads / 8 KV heads of 128, intermediate 3072, vocab 151936
 SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024),

@@ -63,6 +63,42 @@ def test_preemption_on_gpu_keeps_outputs(qwen3_dir):
     assert [o.token_ids for o in out] == [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
 
 
+def test_triton_gemv_on_every_projection_keeps_float32_greedy_equal_to_transformers(qwen3_dir, monkeypatch):
+    from otvllm.core import model_runner
+    from otvllm.layers.basic import Linear, MergedLinear
+
+    def everywhere(layers, token_counts):   # as if start-up had measured the GEMV faster everywhere
+        counts = [n for n in token_counts if n <= 8]
+        for module in layers.modules():
+            if isinstance(module, (Linear, MergedLinear)):
+                module.gemv_tokens = frozenset(counts)
+        return {"all": counts}
+
+    monkeypatch.setattr(model_runner, "choose_gemv", everywhere)
+    llm = make_llm(qwen3_dir, device="cuda", dtype="float32", max_num_seqs=4)
+    assert llm.engine.runner.gemv_choice == {"all": [1, 2, 4]}
+    replayed = record_graph_use(llm)
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert any(replayed)
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+
+
+def test_start_up_reports_where_it_chose_the_triton_gemv(qwen3_dir):
+    from otvllm.layers.basic import Linear, MergedLinear
+    with recorded_spans() as memory:
+        llm = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", trace_level="step")
+    capture = [s for s in memory.get_finished_spans() if s.name == S.CUDA_GRAPH_CAPTURE][0]
+    reported = dict(item.split(": ") for item in capture.attributes[S.CUDA_GRAPH_TRITON_GEMV])
+    layers = llm.engine.runner.model.model.layers
+    for layer in layers:
+        for role, module in layer.named_modules():
+            if isinstance(module, (Linear, MergedLinear)):
+                expected = reported.get(role)
+                assert sorted(module.gemv_tokens) == ([int(n) for n in expected.split(",")] if expected else [])
+    assert set(reported) <= {r for r, m in layers[0].named_modules() if isinstance(m, (Linear, MergedLinear))}
+
+
 def _triton_variants() -> int:
     """Compiled variants of otvllm's Triton attention kernels, over all devices."""
     from otvllm.ops import triton_decode, triton_kvcache, triton_prefill

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from otvllm.core.cuda_graphs import DecodeGraphs
+from otvllm.core.gemv_choice import choose_gemv
 from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
@@ -54,6 +55,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
+        self.gemv_choice: dict[str, list[int]] = {}   # projection -> token counts on the Triton GEMV
 
     # ---- start-up -------------------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, min(cfg.max_num_seqs, cfg.cudagraph_max_batch_size),
                                    -(-cfg.max_model_len // self.block_size), cfg.max_model_len,
                                    self.spec.hidden_size, self.dtype, self.device)
+        self.gemv_choice = choose_gemv(self.model.model.layers, self.graphs.sizes)   # before capture: graphs keep it
         self.graphs.capture()
 
     @property

@@ -91,11 +91,31 @@ class SiluAndMul(nn.Module):
         return self.kernels.silu_and_mul(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv_tokens: frozenset) -> torch.Tensor:
+    """F.linear, or the Triton GEMV for the token counts in `gemv_tokens`."""
+    if x.shape[0] in gemv_tokens:
+        from otvllm.ops import triton_gemv
+        return triton_gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products of few tokens go to the Triton GEMV for the token counts in
+    `gemv_tokens`, which start-up sets where it measured the GEMV faster than cuBLAS."""
+
+    gemv_tokens: frozenset = frozenset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.gemv_tokens)
+
+
 class MergedLinear(nn.Module):
     """Several projections of the same input stacked into one weight (q/k/v, gate/up).
 
     `shards` maps each checkpoint name (`q_proj`, ...) to its number of output rows.
     """
+
+    gemv_tokens: frozenset = frozenset()   # as Linear's
 
     def __init__(self, in_features: int, shards: dict[str, int], bias: bool):
         super().__init__()
@@ -108,7 +128,7 @@ class MergedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(start)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gemv_tokens)
 
     def shard(self, param_name: str, shard_name: str) -> torch.Tensor:
         start, rows = self.offsets[shard_name]

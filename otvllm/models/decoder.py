@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from otvllm.layers.attention import Attention, ForwardContext
-from otvllm.layers.basic import MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul
+from otvllm.layers.basic import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul
 from otvllm.models.spec import ModelSpec
 
 
@@ -20,7 +20,7 @@ class DecoderAttention(nn.Module):
         self.q_size, self.kv_size = q_size, kv_size
         self.qkv_proj = MergedLinear(spec.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary
@@ -43,7 +43,7 @@ class DecoderMLP(nn.Module):
         super().__init__()
         size = spec.intermediate_size
         self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": size, "up_proj": size}, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -265,6 +265,9 @@ MODEL_VOCAB_SIZE = "otvllm.model.vocab_size"
 MODEL_DTYPE = "otvllm.model.dtype"
 MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
 CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
+# the projections whose few-token products run the Triton GEMV, chosen by timing at start-up:
+# ["self_attn.o_proj: 1,2,4", ...]
+CUDA_GRAPH_TRITON_GEMV = "otvllm.cuda_graph.triton_gemv"
 TOKENIZER_CLASS = "otvllm.tokenizer.class"       # "none" for a directory without a tokenizer
 TOKENIZER_VOCAB_SIZE = "otvllm.tokenizer.vocab_size"
 

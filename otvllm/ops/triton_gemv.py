@@ -1,16 +1,15 @@
 """Triton matrix-vector product for the few-token case: y = x @ W.T (+ bias), x [M, K] with M small.
 
-An experiment for issue 13, timed against cuBLAS by benchmarks/gemv.py; the engine does not use
-it. Measured on the H200 (2026-12-01) at Qwen3-0.6B's weights, it beats cuBLAS only on o_proj
-(K=2048, N=1024) at 1-4 tokens (5.2 against 12.9 us at one token); cuBLAS is as fast or faster on
-qkv, gate_up, down and lm_head, so a per-shape choice would be needed to use it.
+A decode step at batch 1-4 is a handful of GEMVs per layer, bound by reading the weights once.
+For some of these shapes cuBLAS picks tiles that leave most of the device idle: on the H200,
+Qwen3-0.6B's o_proj (K=2048, N=1024) at one token took 12.9 us in cuBLAS and 5.2 us here, while
+for its other weights cuBLAS was as fast (benchmarks/gemv.py). So the engine times both at
+start-up (core/gemv_choice.py) and uses this kernel only where it wins.
 
-A decode step at batch 1-8 is a handful of GEMVs per layer, bound by reading the weights once.
-For these shapes cuBLAS picks tall-skinny tiles that reach about a quarter of the H200's copy
-rate (issue 13's profile). Here each program owns BLOCK_N weight rows, reads them across K in
-wide, coalesced strips and reduces in float32 with a broadcast multiply (no tensor cores: at
-M <= 8 they would idle), and SPLIT_K programs share a row block when N alone gives too few
-programs to keep every SM streaming. The split-K partial sums meet in a float32 buffer.
+Each program owns BLOCK_N weight rows and reads them across K in wide, coalesced strips,
+reducing in float32 with a broadcast multiply (no tensor cores: at M <= 8 they would idle).
+SPLIT_K programs can share a row block, meeting in a float32 buffer (a tuning option: on the
+H200 one program per row block was always at least as fast).
 """
 
 import torch
@@ -52,15 +51,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_
         tl.atomic_add(out, acc, mask=mask)
 
 
-def _config(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): enough programs for every SM to stream a strip of weights."""
-    block_n, block_k = 8, 512
+def _config(k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K): the H200's best for Qwen3-0.6B's o_proj and down_proj, the
+    weights where this kernel can beat cuBLAS."""
+    block_k = 512
     while block_k > k:
         block_k //= 2
-    split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 2 * num_sms and k % (2 * split_k * block_k) == 0 and split_k < 8:
-        split_k *= 2
-    return block_n, block_k, split_k
+    return 4, block_k, 1
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -69,8 +66,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_TOKENS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    block_n, block_k, split_k = config or _config(n, k, num_sms)
+    block_n, block_k, split_k = config or _config(k)
     assert k % split_k == 0, (k, split_k)
     if split_k == 1:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
