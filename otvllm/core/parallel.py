@@ -270,8 +270,9 @@ class Workers:
             except (EOFError, OSError):
                 return self._failed(r, f"closed its pipe during {during}")
         blamed = rank or 1
-        return self._failed(blamed, f"did not answer during {during} ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        return self._failed(blamed, f"did not answer within OTVLLM_TP_TIMEOUT_S={self.timeout_s:g} s during "
+                                    f"{during} ({type(exc).__name__}: {cause})")
 
 
 def _exit_reason(process) -> str:

@@ -108,7 +108,7 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         _, per_rank = vocab_range(vocab_size, tp)
         self.vocab_size, self.tp = vocab_size, tp
-        self.weight = nn.Parameter(torch.empty(per_rank, hidden_size))
+        self.weight = nn.Parameter(torch.zeros(per_rank, hidden_size))   # padding rows stay 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = F.linear(hidden, self.weight)
@@ -133,12 +133,13 @@ def lm_head(hidden_size: int, vocab_size: int, tp: TensorParallel) -> nn.Module:
     return ParallelLMHead(hidden_size, vocab_size, tp)
 
 
-def split_dim(module: nn.Module, param_name: str) -> int | None:
-    """The dimension of a checkpoint tensor of `module` that is split over the ranks (None: each
-    rank holds it whole), for a model built with tensor parallelism. Merged column-parallel
-    projections are split along their rows, each projection on its own (the loader's business)."""
+def split_dim(module: nn.Module, param_name: str) -> tuple[int, bool] | None:
+    """How a checkpoint tensor of `module` is split over the ranks: (its split dimension, whether
+    the last rank's slice may be short, padded), or None where each rank holds it whole. The
+    merged column-parallel projections split each of their parts along its rows (the loader's
+    business: their checkpoint tensors are per part)."""
     if isinstance(module, RowParallelLinear):
-        return 1 if param_name == "weight" else None
+        return (1, False) if param_name == "weight" else None
     if isinstance(module, (VocabParallelEmbedding, ParallelLMHead)):
-        return 0
+        return 0, True
     return None

@@ -58,32 +58,35 @@ def load_weights(model: DecoderForCausalLM, model_dir: str) -> None:
         raise ValueError(f"{model_dir!r} lacks {len(missing)} weight(s) the model needs: {shown}")
 
 
-def _split_dim(model: DecoderForCausalLM, name: str) -> int | None:
-    """The dimension of checkpoint entry `name` split over the ranks (None: whole on each rank)."""
+def _split(model: DecoderForCausalLM, name: str) -> tuple[int, bool] | None:
+    """(the dimension of checkpoint entry `name` split over the ranks, whether its last slice may
+    be short), or None: each rank reads it whole."""
     module_path, _, param_name = name.rpartition(".")
     if module_path.rpartition(".")[2] in model.packed_modules:
-        return 0   # column-parallel: each of q/k/v (gate/up) split along its rows
+        return 0, False   # column-parallel: each of q/k/v (gate/up) split along its rows
     return split_dim(model.get_submodule(module_path), param_name)
 
 
-def _read_rank_slice(f, name: str, target: torch.Tensor, dim: int, tp: TensorParallel, path: str) -> None:
-    """Copy this rank's slice of entry `name` into `target`, reading that slice only. Only the
-    vocabulary may not divide: its last slice is short, the target's rows past it stay padding."""
+def _read_rank_slice(f, name: str, target: torch.Tensor, split: tuple[int, bool], tp: TensorParallel,
+                     path: str) -> None:
+    """Copy this rank's slice of entry `name` into `target`, reading that slice only. A slice
+    that may be short (the vocabulary's last) leaves the target's rows past it as padding."""
+    dim, may_pad = split
     part = f.get_slice(name)
     shape = list(part.get_shape())
     per_rank = target.shape[dim]
     whole = list(target.shape)
     whole[dim] = per_rank * tp.size
-    if len(shape) == len(whole) and -(-shape[dim] // tp.size) == per_rank and \
-            (shape[dim] == whole[dim] or "embed_tokens" in name or "lm_head" in name):
+    if may_pad and len(shape) == len(whole) and -(-shape[dim] // tp.size) == per_rank:
         whole[dim] = shape[dim]
     if shape != whole:
         raise ValueError(f"weight {name} has shape {shape} in {os.path.basename(path)}, the model expects "
                          f"{whole}: config.json does not match the weights")
     start = tp.rank * per_rank
     end = min(start + per_rank, shape[dim])
-    index = (slice(start, end),) if dim == 0 else (slice(None), slice(start, end))
-    target.narrow(dim, 0, end - start).copy_(part[index])
+    if end > start:
+        index = (slice(start, end),) if dim == 0 else (slice(None), slice(start, end))
+        target.narrow(dim, 0, end - start).copy_(part[index])
 
 
 def _load_file(model: DecoderForCausalLM, path: str, filled: set[str]) -> None:
@@ -95,9 +98,9 @@ def _load_file(model: DecoderForCausalLM, path: str, filled: set[str]) -> None:
             target = _target(model, name)
             if target is None:
                 continue
-            dim = _split_dim(model, name) if tp.size > 1 else None
-            if dim is not None:
-                _read_rank_slice(f, name, target, dim, tp, path)
+            split = _split(model, name) if tp.size > 1 else None
+            if split is not None:
+                _read_rank_slice(f, name, target, split, tp, path)
                 filled.add(name)
                 continue
             tensor = f.get_tensor(name)
