@@ -130,6 +130,8 @@ class Workers:
         if dist.is_initialized():   # left by an engine that was dropped without closing
             dist.destroy_process_group()
         self.config = config
+        if torch.device(config.device).type == "cuda":   # rank 0's GPU, as each worker sets its own
+            torch.cuda.set_device(torch.device(rank_device(config.device, 0)))
         self.timeout_s = read_environment("OTVLLM_TP_TIMEOUT_S")
         self.tracing = config.trace_level != "off"
         self.records: list[SpanRecord] = []
