@@ -194,6 +194,11 @@ class Workers:
             raise
         except Exception as e:
             raise self._fail(e, "a step") from e
+        except BaseException as e:   # Ctrl-C mid-step: the ranks are out of step for good
+            self.failure = RankFailed(0, f"a step was interrupted ({type(e).__name__}) while the ranks ran it: "
+                                         f"the workers were stopped, start a new engine")
+            self._stopper()
+            raise
         if self.tracing:
             attrs = _collective_attrs()
             attrs[S.CUDA_GRAPH] = result[1]

@@ -52,7 +52,7 @@ def resolve_config(config: EngineConfig, spec: ModelSpec, level: TraceLevel, dev
     the tracer needs them before the model's config is read."""
     max_model_len = _max_model_len(config, spec)
     on_cuda = torch.device(device).type == "cuda"
-    _check_tensor_parallel(config, spec, device)
+    check_tensor_parallel(config, spec, device)
     dtype = _dtype(config, spec, on_cuda)
     backend = choose_backend(config.attention_backend, torch.device(device), getattr(torch, dtype), spec.head_dim)
     enforce_eager = config.enforce_eager or level is TraceLevel.DEBUG
@@ -98,7 +98,7 @@ def _max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
     return max_model_len
 
 
-def _check_tensor_parallel(config: EngineConfig, spec: ModelSpec, device: str) -> None:
+def check_tensor_parallel(config: EngineConfig, spec: ModelSpec, device: str) -> None:
     """The split must be even, and on CUDA each rank needs its own GPU (rank r on the device's
     index + r). The vocabulary need not divide: its last slice is padded."""
     n = config.tensor_parallel_size
