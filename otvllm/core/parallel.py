@@ -133,7 +133,7 @@ class Workers:
         if torch.device(config.device).type == "cuda":   # rank 0's GPU, as each worker sets its own
             torch.cuda.set_device(torch.device(rank_device(config.device, 0)))
         self.timeout_s = read_environment("OTVLLM_TP_TIMEOUT_S")
-        self.tracing = config.trace_level != "off"
+        self.tracing = COLLECTIVES.timed = config.trace_level != "off"
         self.records: list[SpanRecord] = []
         self.failure: RankFailed | None = None
         n = config.tensor_parallel_size
@@ -340,7 +340,7 @@ def worker_main(config: ResolvedConfig, spec: ModelSpec, rank: int, port: int, p
 
 
 def _serve(pipe, runner: ModelRunner, rank: int) -> None:
-    tracing = runner.config.trace_level != "off"
+    tracing = COLLECTIVES.timed = runner.config.trace_level != "off"
     device = runner.device
     while True:
         message = pipe.recv()
@@ -348,7 +348,7 @@ def _serve(pipe, runner: ModelRunner, rank: int) -> None:
             return
         start = now_ns()
         if message[0] == "forward":
-            result, attrs = None, _forward(runner, message[1])
+            result, attrs = None, _forward(runner, message[1], tracing)
             name = S.FORWARD
         else:
             _, method, args = message
@@ -362,12 +362,13 @@ def _serve(pipe, runner: ModelRunner, rank: int) -> None:
         pipe.send(("ok", result, record))
 
 
-def _forward(runner: ModelRunner, header: tuple) -> dict:
-    """This rank's forward of a step, its GPU time on CUDA (waited for: the reply follows it)."""
+def _forward(runner: ModelRunner, header: tuple, tracing: bool) -> dict:
+    """This rank's forward of a step. Traced on CUDA, its GPU time, waited for before the reply
+    (so rank 0 waits for the step's forward); untraced, the reply follows the launch."""
     device = runner.device
     flat = torch.empty(_flat_size(header), dtype=torch.int64, device=device)
     timer = None
-    if device.type == "cuda":
+    if device.type == "cuda" and tracing:
         timer = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         timer[0].record()
     COLLECTIVES.run(dist.broadcast, flat, src=0)

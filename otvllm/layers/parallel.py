@@ -31,16 +31,20 @@ SINGLE = TensorParallel()
 class CollectiveTime:
     """The collectives this process ran since the last `take()`, and their time: host time on
     the CPU; on CUDA from events around each (none inside a CUDA graph, whose replays are not
-    timed), summed only once they have all completed (never waited for)."""
+    timed), summed only once they have all completed (never waited for). Untraced engines set
+    `timed` False: then they are only counted."""
 
     def __init__(self):
+        self.timed = True
         self.count = 0
         self.host_ns = 0
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def run(self, collective, tensor: torch.Tensor, *args, **kwargs) -> None:
         self.count += 1
-        if not tensor.is_cuda:
+        if not self.timed:
+            collective(tensor, *args, **kwargs)
+        elif not tensor.is_cuda:
             start = time.perf_counter_ns()
             collective(tensor, *args, **kwargs)
             self.host_ns += time.perf_counter_ns() - start
