@@ -18,6 +18,7 @@ import pytest
 from otvllm import SamplingParams
 from otvllm.synthetic import write_model
 from otvllm.tracing import schema as S
+from tests.helpers import PROMPTS as TRACED_PROMPTS
 from tests.helpers import by_name, make_llm, random_prompts, traced_run
 from tests.reference import hf_greedy
 
@@ -122,7 +123,10 @@ def test_the_cli_refuses_a_size_that_does_not_split_the_model_before_anything_st
            "PYTHONPATH": os.path.dirname(os.path.dirname(otvllm.__file__))}
     args = [sys.executable, "-m", "otvllm", command, "--model", qwen3_dir, "--device", "cpu",
             "--tensor-parallel-size", "3"]
-    args += ["--prompt", "hi"] if command == "generate" else ["--trace-file", str(tmp_path / "serve.json"), "--port", "0"]
+    if command == "generate":
+        args += ["--prompt", "hi"]
+    else:
+        args += ["--trace-file", str(tmp_path / "serve.json"), "--port", "0"]
     result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -138,8 +142,7 @@ def test_each_rank_has_its_spans_under_the_step_and_in_engine_init(qwen3_dir):
         worker_pids = llm.engine.workers.pids
     finally:
         llm.close()
-    assert token_ids(outputs) == [hf_greedy(qwen3_dir, p, 6) for p in
-                                  [[7] * 20, [9] * 35, [11] * 3]]   # helpers.PROMPTS
+    assert token_ids(outputs) == [hf_greedy(qwen3_dir, p, 6) for p in TRACED_PROMPTS]
     by_id = {s["span_id"]: s for s in spans}
     forwards = by_name(spans, S.FORWARD)
     assert forwards

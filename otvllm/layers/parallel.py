@@ -128,7 +128,9 @@ def row_linear(in_features: int, out_features: int, bias: bool, tp: TensorParall
 
 
 def embedding(vocab_size: int, hidden_size: int, tp: TensorParallel) -> nn.Module:
-    return nn.Embedding(vocab_size, hidden_size) if tp.size == 1 else VocabParallelEmbedding(vocab_size, hidden_size, tp)
+    if tp.size == 1:
+        return nn.Embedding(vocab_size, hidden_size)
+    return VocabParallelEmbedding(vocab_size, hidden_size, tp)
 
 
 def lm_head(hidden_size: int, vocab_size: int, tp: TensorParallel) -> nn.Module:
