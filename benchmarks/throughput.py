@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--block-size", type=int, default=256, help="KV-cache block (page) size in tokens")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="print where the engine's Python time goes")
     parser.add_argument("--trace-file", default=None, help="also write the traced runs to this Jaeger JSON file "
@@ -164,7 +165,8 @@ def main() -> None:
     endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
     session = configure(endpoint=endpoint, service_name="otvllm-bench", trace_file=args.trace_file)
     llm = LLM(model_dir, max_model_len=4096, max_num_seqs=512, enforce_eager=args.enforce_eager,
-              attention_backend=args.attention_backend, kvcache_block_size=args.block_size, trace_level="off")
+              attention_backend=args.attention_backend, kvcache_block_size=args.block_size, trace_level="off",
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     print(f"otvllm: {engine.runner.backend.name} attention, {engine.block_manager.num_blocks} KV blocks of "
           f"{engine.resolved.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}", flush=True)

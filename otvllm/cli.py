@@ -284,7 +284,11 @@ def _check_model(args) -> None:
 
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} does not exist or is not a directory")
-    EngineConfig(model=args.model or SYNTHETIC_MODEL, **_engine_options(args))
+    config = EngineConfig(model=args.model or SYNTHETIC_MODEL, **_engine_options(args))
+    if config.tensor_parallel_size > 1 and args.model is not None:   # the model's shape must split
+        from otvllm.core.resolved_config import check_tensor_parallel, resolve_device
+        from otvllm.models.spec import model_spec, read_config
+        check_tensor_parallel(config, model_spec(*read_config(config.model)), resolve_device(config))
 
 
 def _engine_options(args) -> dict:

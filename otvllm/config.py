@@ -42,7 +42,9 @@ class EngineConfig:
     enforce_eager: bool = _option(False, "no CUDA graphs")
     torch_compile: bool | None = _option(
         None, "fuse the small layers and the sampler with torch.compile (default: on CUDA, not on CPU)")
-    tensor_parallel_size: int = _option(1, "GPUs the model is split over (only 1 for now)")
+    tensor_parallel_size: int = _option(
+        1, "ranks (GPUs, or CPU processes) the model is split over, Megatron-style: one worker process per rank "
+           "after the first; the attention heads, KV heads and intermediate size must divide by it")
     device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     dtype: str | None = _option(
         None, "the weights' and activations' dtype (default: the checkpoint's float16 or bfloat16 on CUDA, "
@@ -74,8 +76,6 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs="
                              f"{self.max_num_seqs}: a step decodes one token of every running sequence; raise "
                              f"max_num_batched_tokens or lower max_num_seqs")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet: use 1")
         if self.device is not None:
             if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
                 raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

@@ -235,6 +235,9 @@ VARIABLES: dict[str, Variable] = {var.name: var for var in [
     Variable("OTVLLM_TRACE_PROFILE_KERNELS", integer(1), 32,
              "kernel spans kept per profiled step (the longest; the rest in one kernels.other span)"),
     Variable("OTVLLM_TRACE_FILE_MAX_SPANS", integer(1), 250_000, "spans one trace file holds at most"),
+    Variable("OTVLLM_TP_TIMEOUT_S", number(0, above_minimum=True), 60.0,
+             "seconds a tensor-parallel rank may take over one step (or to join at start-up) before the call "
+             "fails naming it"),
     Variable("OTVLLM_CACHE_DIR", directory, lambda: os.path.join(os.path.expanduser("~"), ".cache", "otvllm"),
              "where the synthetic model is written"),
     Variable("OTEL_SDK_DISABLED", boolean, False, "no trace or metric export at all"),

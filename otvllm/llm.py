@@ -42,6 +42,11 @@ class LLM:
         self._lock = threading.Lock()   # one generate call at a time: the engine has one batch
         self._owner: int | None = None
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel worker processes, if it has any (they also stop when
+        this process exits)."""
+        self.engine.close()
+
     def reset_prefix_cache(self) -> None:
         """Drop the prefix cache of finished requests (e.g. between benchmark runs)."""
         self.engine.block_manager.reset_prefix_cache()

@@ -13,6 +13,7 @@ import torch
 from otvllm.config import EngineConfig
 from otvllm.core.block_manager import BlockManager
 from otvllm.core.model_runner import ModelInputs, ModelRunner
+from otvllm.core.parallel import Workers
 from otvllm.core.request_limits import RequestLimits
 from otvllm.core.resolved_config import resolve_config, resolve_device
 from otvllm.core.scheduler import Finished, ScheduledBatch, Scheduler
@@ -41,7 +42,16 @@ class LLMEngine:
         level, device = config.requested_trace_level(), resolve_device(config)
         self.step_index = 0
         self.in_flight: InFlight | None = None
+        self.workers: Workers | None = None   # tensor parallelism's ranks 1..N-1
         self.tracer = make_tracer(level, torch.device(device), config.model)
+        try:
+            self._start(config, level, device)
+        except BaseException:
+            self.close()   # no worker outlives a start-up that failed
+            raise
+        self._observe()
+
+    def _start(self, config: EngineConfig, level: TraceLevel, device: str) -> None:
         with self.tracer.init(config) as init:
             arch, hf_config = init.phase(S.CONFIG_LOAD, read_config, config.model, attrs=A.config_load_attrs)
             self.spec = model_spec(arch, hf_config)
@@ -52,16 +62,20 @@ class LLMEngine:
             self.tokenizer = init.phase(S.TOKENIZER_LOAD, load_tokenizer, config.model, attrs=A.tokenizer_attrs)
             self.eos_token_ids = self._eos_token_ids()
             self.runner = ModelRunner(self.resolved, self.spec)
-            init.phase(S.MODEL_LOAD, self.runner.load_model, attrs=lambda _: A.model_attrs(self.runner))
+            if self.resolved.tensor_parallel_size > 1:
+                self.workers = init.phase(S.TP_START, Workers, self.resolved, self.spec, attrs=A.tp_start_attrs)
+            init.phase(S.MODEL_LOAD, self.on_all_ranks, "load_model", attrs=lambda *_: A.model_attrs(self.runner))
+            init.ranks(self.rank_records())
             init.phase(S.KV_CACHE_ALLOCATE, self.allocate_kv_cache, attrs=lambda _: A.kv_cache_attrs(self.runner))
+            init.ranks(self.rank_records())
             init.decided(self.resolved)   # now with the number of KV blocks
             if self.resolved.cuda_graphs:
-                init.phase(S.CUDA_GRAPH_CAPTURE, self.runner.capture_cuda_graphs,
-                           attrs=lambda _: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes),
-                                            S.CUDA_GRAPH_TRITON_GEMV: [
-                                                f"{role}: {','.join(map(str, counts))}"
-                                                for role, counts in self.runner.gemv_choice.items()]})
-        self._observe()
+                init.phase(S.CUDA_GRAPH_CAPTURE, self.on_all_ranks, "capture_cuda_graphs",
+                           attrs=lambda *_: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes),
+                                             S.CUDA_GRAPH_TRITON_GEMV: [
+                                                 f"{role}: {','.join(map(str, counts))}"
+                                                 for role, counts in self.runner.gemv_choice.items()]})
+                init.ranks(self.rank_records())
 
     def _observe(self) -> None:
         self.tracer.observe(self.scheduler, self.block_manager, self.runner.model.traced_parts(),
@@ -78,16 +92,31 @@ class LLMEngine:
         self.tracer = make_tracer(new, self.resolved.torch_device, self.config.model)
         self._observe()
 
+    def on_all_ranks(self, method: str, *args) -> list:
+        """`self.runner.<method>(*args)`, with tensor parallelism on every rank: each rank's result."""
+        if self.workers is None:
+            return [getattr(self.runner, method)(*args)]
+        return self.workers.call(self.runner, method, *args)
+
+    def rank_records(self) -> list:
+        return self.workers.take_records() if self.workers is not None else []
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (an engine without them has nothing to stop)."""
+        if self.workers is not None:
+            self.workers.close()
+
     def allocate_kv_cache(self) -> None:
         cfg = self.resolved
-        num_blocks = self.runner.plan_num_kvcache_blocks()
+        # Every rank holds the same blocks (of its own heads): as many as the tightest rank fits.
+        num_blocks = self.runner.num_kvcache_blocks = min(self.on_all_ranks("plan_num_kvcache_blocks"))
         needed = -(-cfg.max_model_len // cfg.kvcache_block_size)
         if num_blocks < needed:
             raise ValueError(
                 f"the KV cache has room for {num_blocks} blocks of {cfg.kvcache_block_size} tokens, but one "
                 f"sequence of max_model_len={cfg.max_model_len} needs {needed}: raise num_kvcache_blocks or "
                 f"gpu_memory_utilization, or lower max_model_len")
-        self.runner.allocate_kv_cache(num_blocks)
+        self.on_all_ranks("allocate_kv_cache", num_blocks)
         self.resolved = replace(cfg, num_kvcache_blocks=num_blocks)
         self.block_manager = BlockManager(num_blocks, cfg.kvcache_block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len,
@@ -143,6 +172,8 @@ class LLMEngine:
             if batch.seqs:   # empty when everything was preempted: the next step re-admits it
                 inputs = trace.phase(S.PREPARE_INPUTS, self.prepare_inputs, batch, attrs=A.prepare_attrs)
                 logits, _ = trace.phase(S.FORWARD, self.forward, inputs, attrs=A.forward_attrs)
+                if self.workers is not None:
+                    trace.ranks(self.workers.take_records())
                 result = None
                 if batch.sampled_seqs:
                     result = trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs)
@@ -177,7 +208,9 @@ class LLMEngine:
         return self.runner.prepare(batch, previous_tokens)
 
     def forward(self, inputs: ModelInputs):
-        """(logits, whether a CUDA graph was replayed)"""
+        """(logits, whether a CUDA graph was replayed); with tensor parallelism, on every rank"""
+        if self.workers is not None:
+            return self.workers.forward(self.runner, inputs)
         return self.runner.forward(inputs)
 
     def sample(self, logits, inputs: ModelInputs) -> SampleResult:

@@ -13,6 +13,7 @@ from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
 from otvllm.layers.basic import Kernels, use_kernels
+from otvllm.layers.parallel import TensorParallel
 from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
@@ -43,9 +44,12 @@ def block_table_array(seqs: list[Sequence]) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig, spec: ModelSpec):
+    def __init__(self, config: ResolvedConfig, spec: ModelSpec, rank: int = 0):
+        """`rank`: this runner's place among config.tensor_parallel_size ranks (core/parallel.py)."""
         self.config = config
         self.spec = spec
+        self.tp = TensorParallel(rank, config.tensor_parallel_size)
+        self.num_kv_heads = spec.num_kv_heads // self.tp.size   # this rank's share of the KV cache
         self.device = config.torch_device
         self.block_size = config.kvcache_block_size
         self.dtype = config.torch_dtype
@@ -61,11 +65,12 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = build_model(self.spec, self.config.model, self.dtype, self.device,
-                                 max_positions=self.config.max_model_len)
+                                 max_positions=self.config.max_model_len, tp=self.tp)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
         if self.config.torch_compile:
             use_kernels(self.model, Kernels.compiled())
+        if self.config.torch_compile and self.tp.rank == 0:   # only rank 0 samples
             self.sampler.warm_up(self.spec.vocab_size, self.dtype, self.device)
 
     def capture_cuda_graphs(self) -> None:
@@ -84,11 +89,11 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         s = self.spec
-        return 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+        return 2 * s.num_layers * self.block_size * self.num_kv_heads * s.head_dim * self.dtype.itemsize
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         s = self.spec
-        return (2, s.num_layers, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
+        return (2, s.num_layers, num_blocks, self.block_size, self.num_kv_heads, s.head_dim)
 
     def plan_num_kvcache_blocks(self) -> int:
         """The blocks to allocate, also kept in num_kvcache_blocks (an allocation that fails
@@ -263,7 +268,9 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
         return self.sampler(logits, inputs.sampling).copy_to_host()
 
-    def run(self, batch: ScheduledBatch) -> SampleResult:
+    def run(self, batch: ScheduledBatch) -> SampleResult | None:
+        """Prepare, forward and sample on this runner alone (None on a rank that does not sample)."""
         inputs = self.prepare(batch)
-        return self.sample(self.forward(inputs)[0], inputs)
+        logits = self.forward(inputs)[0]
+        return self.sample(logits, inputs) if logits is not None else None
 

@@ -52,6 +52,7 @@ def resolve_config(config: EngineConfig, spec: ModelSpec, level: TraceLevel, dev
     the tracer needs them before the model's config is read."""
     max_model_len = _max_model_len(config, spec)
     on_cuda = torch.device(device).type == "cuda"
+    check_tensor_parallel(config, spec, device)
     dtype = _dtype(config, spec, on_cuda)
     backend = choose_backend(config.attention_backend, torch.device(device), getattr(torch, dtype), spec.head_dim)
     enforce_eager = config.enforce_eager or level is TraceLevel.DEBUG
@@ -95,6 +96,26 @@ def _max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
         raise ValueError(f"max_model_len={max_model_len} is more than the model allows ({name}={limit} "
                          f"in {config.model}/config.json): lower max_model_len")
     return max_model_len
+
+
+def check_tensor_parallel(config: EngineConfig, spec: ModelSpec, device: str) -> None:
+    """The split must be even, and on CUDA each rank needs its own GPU (rank r on the device's
+    index + r). The vocabulary need not divide: its last slice is padded."""
+    n = config.tensor_parallel_size
+    if n == 1:
+        return
+    sizes = {"num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+             "intermediate_size": spec.intermediate_size}
+    for name, size in sizes.items():
+        if size % n:
+            raise ValueError(f"tensor_parallel_size={n} does not divide {name}={size} of {config.model}: "
+                             f"each rank needs an equal share; choose a divisor of {size}")
+    where = torch.device(device)
+    if where.type == "cuda":
+        first, visible = where.index or 0, torch.cuda.device_count()
+        if first + n > visible:
+            raise ValueError(f"tensor_parallel_size={n} needs GPUs {first}..{first + n - 1}, but torch sees "
+                             f"{visible} GPU(s): lower tensor_parallel_size (or set CUDA_VISIBLE_DEVICES)")
 
 
 def _cpu_threads(config: EngineConfig) -> int:

@@ -8,23 +8,26 @@ import torch
 from torch import nn
 
 from otvllm.layers.attention import Attention, ForwardContext
-from otvllm.layers.basic import Linear, MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul
+from otvllm.layers.basic import MergedLinear, RMSNorm, RotaryEmbedding, SiluAndMul
+from otvllm.layers.parallel import SINGLE, TensorParallel, embedding, lm_head, row_linear
 from otvllm.models.spec import ModelSpec
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        # With tensor parallelism, this rank's heads only.
+        self.num_heads, self.num_kv_heads = spec.num_heads // tp.size, spec.num_kv_heads // tp.size
+        self.head_dim = spec.head_dim
+        q_size, kv_size = self.num_heads * spec.head_dim, self.num_kv_heads * spec.head_dim
         self.q_size, self.kv_size = q_size, kv_size
         self.qkv_proj = MergedLinear(spec.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      bias=spec.qkv_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = row_linear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias, tp)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, layer_index)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, layer_index)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -39,11 +42,11 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel):
         super().__init__()
-        size = spec.intermediate_size
+        size = spec.intermediate_size // tp.size
         self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": size, "up_proj": size}, bias=spec.mlp_bias)
-        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = row_linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +54,12 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = DecoderAttention(spec, rotary, layer_index)
+        self.self_attn = DecoderAttention(spec, rotary, layer_index, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = DecoderMLP(spec)
+        self.mlp = DecoderMLP(spec, tp)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +75,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, max_positions: int):
+    def __init__(self, spec: ModelSpec, max_positions: int, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = embedding(spec.vocab_size, spec.hidden_size, tp)
         rotary = RotaryEmbedding(spec.inv_freq, spec.rope_scaling, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -93,11 +96,11 @@ class DecoderForCausalLM(nn.Module):
         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
     }
 
-    def __init__(self, spec: ModelSpec, max_positions: int):
+    def __init__(self, spec: ModelSpec, max_positions: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.spec = spec
-        self.model = DecoderModel(spec, max_positions)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.spec, self.tp = spec, tp
+        self.model = DecoderModel(spec, max_positions, tp)
+        self.lm_head = lm_head(spec.hidden_size, spec.vocab_size, tp)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -105,7 +108,8 @@ class DecoderForCausalLM(nn.Module):
         """Hidden states of every token: [num_tokens, hidden_size]."""
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[num_tokens, vocab_size]; with tensor parallelism on rank 0 only (None elsewhere)."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:

@@ -10,6 +10,7 @@ TOKENIZER_LOAD = "tokenizer.load"
 MODEL_LOAD = "model.load"
 KV_CACHE_ALLOCATE = "kv_cache.allocate"
 CUDA_GRAPH_CAPTURE = "cuda_graph.capture"
+TP_START = "tensor_parallel.start"    # the worker processes started and joined in a process group
 GENERATE = "llm.generate"
 REQUESTS = "llm.requests"              # a generate call's request spans, under one (collapsible) span
 STEP = "engine.step"                   # a detailed step's span is named "engine.step <phase>" (step_name)
@@ -65,6 +66,16 @@ def is_step(name: str) -> bool:
 
 def is_steps(name: str) -> bool:
     return name.startswith(STEPS + " ")
+
+
+# With tensor parallelism, model.load, kv_cache.allocate, cuda_graph.capture and model.forward
+# have one child per rank, "model.forward rank 1": each rank's own part, timed in its process.
+def rank_name(name: str, rank: int) -> str:
+    return f"{name} rank {rank}"
+
+
+def is_rank(name: str) -> bool:
+    return " rank " in name
 
 
 # ---- request events --------------------------------------------------------------------
@@ -252,6 +263,17 @@ SLOWEST_STEP_INDEX = "otvllm.steps.slowest_index"
 SLOWEST_STEP_DETAILED = "otvllm.steps.slowest_detailed"
 TRACE_POLICY = "otvllm.trace.sampling_policy"
 TRACE_LEVEL = "otvllm.trace.level"
+
+# tensor parallelism: on each rank's span (rank_name), tensor_parallel.start and a failed span
+TP_RANK = "otvllm.tp.rank"
+TP_DEVICE = "otvllm.tp.device"
+TP_PID = "otvllm.tp.pid"                         # the rank's process
+TP_COLLECTIVES = "otvllm.tp.collectives"         # all-reduces, gathers and the input broadcast it ran
+TP_COLLECTIVE_MS = "otvllm.tp.collective_ms"     # their time (host time on CPU, CUDA events on CUDA; not
+                                                 # inside a replayed CUDA graph)
+TP_SIZE = "otvllm.tp.size"                       # tensor_parallel.start: the ranks
+TP_WORKER_PIDS = "otvllm.tp.worker_pids"         # tensor_parallel.start: ranks 1..N-1's processes
+TP_FAILED_RANK = "otvllm.tp.failed_rank"         # the span of a call that a rank failed
 
 # engine.init / model.load
 CONFIG_PREFIX = "otvllm.config."   # + each field of EngineConfig (as asked) and ResolvedConfig (as decided)

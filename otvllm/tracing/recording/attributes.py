@@ -51,6 +51,13 @@ def model_attrs(runner) -> dict:
     return attrs
 
 
+def tp_start_attrs(workers, config, spec) -> dict:
+    attrs = {S.TP_SIZE: config.tensor_parallel_size}
+    if workers is not None:
+        attrs[S.TP_WORKER_PIDS] = workers.pids
+    return attrs
+
+
 def kv_cache_attrs(runner) -> dict:
     """The cache as planned: also on the span of an allocation that failed."""
     attrs = {S.BLOCK_SIZE: runner.block_size, S.KV_CACHE_BLOCK_BYTES: runner.block_bytes}

@@ -54,6 +54,8 @@ class SpanBuilder:
         parent = local.get(record.parent) or self._open.get(record.parent) if record.parent else None
         if parent is not None:
             context = trace.set_span_in_context(parent)
+        elif record.parent in self._contexts:   # a parent that ended and was sent before this record
+            context = trace.set_span_in_context(NonRecordingSpan(self._contexts[record.parent]))
         elif record.remote_parent is not None:
             context = _remote_context(record.remote_parent)
         else:

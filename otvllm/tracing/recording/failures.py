@@ -37,6 +37,9 @@ def describe_failure(record, exc: BaseException, attrs, args, device: torch.devi
         record.attrs.update(memory_snapshot(device))
     except Exception:   # a device that failed may not answer
         pass
+    failed_rank = getattr(exc, "failed_rank", None)   # tensor parallelism's RankFailed
+    if failed_rank is not None:
+        record.attrs[S.TP_FAILED_RANK] = failed_rank
     advice = error_advice(exc)
     if advice is not None:
         record.attrs[S.ERROR_ADVICE] = advice

@@ -7,12 +7,14 @@ The contract, as the engine uses it:
     with tracer.init(config) as init:                 # engine.init, with the config as asked
         init.decided(resolved)                        # and as start-up resolved it
         init.phase(S.MODEL_LOAD, load, attrs=fn)      # one child span per start-up phase
+        init.ranks(records)                           # tensor parallelism: each rank's part of it
     tracer.observe(scheduler, block_manager, layers)  # what later spans read
     with tracer.generate(seqs, prompts):              # llm.generate and one span per request
         with tracer.step() as step:                   # one engine step
             batch = step.phase(S.SCHEDULE, schedule, attrs=A.schedule_attrs)
             step.begin(batch)
             result = step.phase(name, fn, *args, attrs=attrs_fn)   # attrs_fn(result, *args)
+            step.ranks(records)                                    # each rank's part of the forward
             step.postprocessed(batch, finished)
 
 At level `off` the engine gets a NullTracer whose `phase` only calls the function. Which
@@ -115,6 +117,9 @@ class _NullPhases:
     def begin(self, batch) -> None:
         pass
 
+    def ranks(self, records) -> None:
+        pass
+
     def postprocessed(self, batch, finished) -> None:
         pass
 
@@ -161,6 +166,7 @@ class _InitTrace:
     def __init__(self, sink, config, device: torch.device):
         self.sink, self.device = sink, device
         self.record = _root(S.ENGINE_INIT, A.config_attrs(config))
+        self.last: SpanRecord | None = None   # the latest phase
 
     def __enter__(self):
         self.sink.send(OPEN, self.record)
@@ -178,7 +184,7 @@ class _InitTrace:
 
     def phase(self, name, fn, *args, attrs=None):
         """`attrs(result, *args)`; on failure `attrs(None, *args)`: what was planned."""
-        record = SpanRecord(name, self.record, now_ns())
+        record = self.last = SpanRecord(name, self.record, now_ns())
         try:
             with record:
                 result = fn(*args)
@@ -196,6 +202,13 @@ class _InitTrace:
         record.attrs.update(memory_snapshot(self.device))
         self.sink.send(SPANS, [record])
         return result
+
+    def ranks(self, records: list[SpanRecord]) -> None:
+        """Each tensor-parallel rank's records of the latest phase, as its children."""
+        if records:
+            for record in records:
+                record.parent = self.last.rid
+            self.sink.send(SPANS, records)
 
 
 # ---- one generate call ------------------------------------------------------------------------
@@ -301,6 +314,14 @@ class _StepTrace:
         """The batch this step launches (scheduled by its first phase)."""
         self.batch = batch
         self.tracer._on_schedule(self.call, batch)
+
+    def ranks(self, records: list) -> None:
+        """Each tensor-parallel rank's record of this step's forward, as its children."""
+        forward = self.forward
+        if forward is not None:
+            for record in records:
+                record.parent = forward.rid
+            self.children.extend(records)
 
     def postprocessed(self, batch, finished) -> None:
         """The tokens of `batch` (launched by this step or the one before) are in."""
