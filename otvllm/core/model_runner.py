@@ -62,6 +62,7 @@ class ModelRunner:
                                  max_positions=self.config.max_model_len)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
+        self.model.fuse_norm_rope_store(self.backend.norm_rope_store)
         if self.config.torch_compile:
             use_kernels(self.model, Kernels.compiled())
             self.sampler.warm_up(self.spec.vocab_size, self.dtype, self.device)
