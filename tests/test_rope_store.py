@@ -144,6 +144,24 @@ def test_the_engine_with_the_fused_kernel_gives_transformers_greedy_tokens(model
         assert out.token_ids == hf_greedy(model_dir, prompt, params.max_tokens)
 
 
+def test_the_fused_kernel_reads_each_layers_own_norm_weights(qwen3_dir):
+    """transformers initialises the q/k norm weights to ones: here each layer's get their own
+    random values, in two engines alike; the fused one (interpreted) gives the greedy tokens
+    of the layer by layer one."""
+    prompts = random_prompts([3, 12, 21], seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outputs = []
+    for kernel in (None, triton_rope_store.norm_rope_store):
+        llm = make_llm(qwen3_dir, trace_level="off")
+        gen = torch.Generator().manual_seed(7)
+        for layer in llm.engine.runner.model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen))
+        llm.engine.runner.model.fuse_norm_rope_store(kernel)
+        outputs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]
+
+
 # ---------------------------------------------------------------- GPU, real sizes
 
 @gpu
