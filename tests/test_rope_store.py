@@ -37,14 +37,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable 16-bit floats apart a and b are, element by element."""
-    def line(x):   # sign-magnitude bits onto one ordered integer line
-        bits = x.contiguous().view(torch.int16).int()
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-    return (line(a) - line(b)).abs()
-
-
 def make_case(num_tokens, heads, kvh, d, dtype, qk_norm, seed=0, block_size=16, row_pad=8):
     """Inputs as the model has them: qkv a column slice of a wider buffer (rows of another
     stride than their width), positions out of order, some slots -1, a zeroed cache."""
@@ -87,11 +79,17 @@ def fused(case):
     return q, case["k_cache"], case["v_cache"]
 
 
-def assert_within_one_ulp(got, want):
+def assert_rounds_alike(got, want, exact_share=0.99, ulps=1):
+    """Mostly bit-identical, and every element within `ulps` ulps of the largest in its head:
+    the norm's float32 sum, taken in another order, may round an element of the normed head
+    the other way (1 ulp), and rotary carries that to its neighbours; where x * cos and
+    rotate_half(x) * sin nearly cancel, that is many ulps of the result but not of the head."""
     assert got.shape == want.shape and got.dtype == want.dtype
-    far = ulps(got, want)
-    assert int(far.max()) <= 1, f"{int((far > 1).sum())} elements more than 1 ulp apart"
-    assert float((far == 0).float().mean()) > 0.98   # a 1-ulp difference is the exception
+    largest = want.float().abs().amax(-1, keepdim=True)
+    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(want.dtype).eps), torch.frexp(largest).exponent - 1)
+    far = (got.float() - want.float()).abs() > ulps * ulp
+    assert not far.any(), f"{int(far.sum())} elements more than {ulps} ulp of their head apart"
+    assert float((got == want).float().mean()) >= exact_share
 
 
 # ---------------------------------------------------------------- the kernel, small shapes
@@ -103,8 +101,8 @@ def test_matches_the_layer_by_layer_path(dtype, qk_norm):
     (q, k_cache, v_cache), (want_q, want_k, want_v) = fused(case), unfused(case)
     assert torch.equal(v_cache, want_v)   # v is copied, not computed
     for got, want in ((q, want_q), (k_cache, want_k)):
-        if dtype == torch.float16:
-            assert_within_one_ulp(got, want)
+        if dtype == torch.float16:   # without the norm, the same roundings: the same bits
+            assert_rounds_alike(got, want, exact_share=0.99 if qk_norm else 1.0)
         else:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
@@ -168,16 +166,21 @@ def test_the_fused_kernel_reads_each_layers_own_norm_weights(qwen3_dir):
 @needs_cuda
 @pytest.mark.parametrize("num_tokens", [1, 64, 16384])
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_gpu_bf16_qwen3_sizes_against_the_compiled_path(num_tokens, qk_norm):
+def test_gpu_bf16_qwen3_sizes_against_eager_and_compiled(num_tokens, qk_norm):
     from otvllm.ops import triton_kvcache
 
     case = make_case(num_tokens, 16, 8, 128, torch.bfloat16, qk_norm, seed=num_tokens, block_size=256)
     q, k_cache, v_cache = fused(case)
-    for kernels in (basic.EAGER, basic.Kernels.compiled()):
-        want_q, want_k, want_v = unfused(case, kernels, store=triton_kvcache.store_kvcache)
-        assert torch.equal(v_cache, want_v)
-        assert_within_one_ulp(q, want_q)
-        assert_within_one_ulp(k_cache, want_k)
+    want_q, want_k, want_v = unfused(case, store=triton_kvcache.store_kvcache)
+    assert torch.equal(v_cache, want_v)
+    exact_share = 0.99 if qk_norm else 1.0
+    assert_rounds_alike(q, want_q, exact_share)
+    assert_rounds_alike(k_cache, want_k, exact_share)
+    # torch.compile does not round between the operations it fuses: on CPU it differs from
+    # eager in half the elements, by up to 4 ulps of their head; so it does from the kernel
+    want_q, want_k, _ = unfused(case, basic.Kernels.compiled(), store=triton_kvcache.store_kvcache)
+    assert_rounds_alike(q, want_q, exact_share=0.0, ulps=8)
+    assert_rounds_alike(k_cache, want_k, exact_share=0.0, ulps=8)
 
 
 @gpu

@@ -1,12 +1,15 @@
 """One Triton kernel for what runs between the qkv projection and attention: q/k RMSNorm over
 each head (Qwen3; off for Llama, Qwen2, Mistral), rotary embedding, and the K/V cache store.
 
-Unfused this is five to six small kernels per layer, each reading and writing the activations.
-The result is the unfused path's, rounded where transformers rounds (see `_round`): the norm
-in float32, cast to the model dtype, times the weight; rotary in the model dtype with cos/sin
-cast to it. In bf16/fp16 the outputs equal the eager path's except where the norm's float32
-sum (another summation order) rounds the other way: at most 1 ulp. In float32 the GPU may fuse
-a multiply-add, a difference of float32 rounding error.
+Unfused these are three to five small kernels per layer, each reading and writing the activations.
+The results are the unfused eager path's (transformers'), rounded where it rounds (see
+`_round`): the norm in float32, cast to the model dtype, times the weight; rotary in the model
+dtype with cos/sin cast to it. Without q/k norm they are bit-identical. With it, the norm's
+float32 sum, taken in another order, now and then rounds an element of a normed head the
+other way (1 ulp), which rotary carries into its partner: every element is within 1 ulp of
+its head's largest (in fp16 under the interpreter, 99.998% of them bit-identical). In float32
+the GPU may also fuse a multiply-add. The torch.compile'd path does not round between the
+operations it fuses, so it differs from both in the last bits of about half the elements.
 
 One program per (token, head): a program of a query head writes q, one of a key head writes
 that head's K and V to the token's slot (slot -1 skips the store). No host synchronisation
