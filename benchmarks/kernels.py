@@ -198,6 +198,7 @@ def prefill_point(seq_len, total_tokens=16384, block_size=256, heads=HEADS, kvh=
 # ---------------------------------------------------------------- (d) q/k norm + rotary + KV store
 
 ROPE_STORE_TOKENS = (1, 64, 256, 16384)
+ROPE_STORE_GROUPS = (1, 2, 4, 8)   # heads per program
 
 
 def rope_store_point(num_tokens, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HEAD_DIM, max_positions=40960):
@@ -218,10 +219,10 @@ def rope_store_point(num_tokens, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HE
                torch.zeros(num_blocks, block_size, kvh, d, device="cuda", dtype=DTYPE)) for _ in range(layers)]
     compiled = basic.Kernels.compiled()
 
-    def fused():
+    def fused(group):
         for qkv, k_cache, v_cache in inputs:
             triton_rope_store.norm_rope_store(qkv, positions, rotary.cos, rotary.sin, q_weight, k_weight, 1e-6,
-                                              k_cache, v_cache, slots, heads, kvh)
+                                              k_cache, v_cache, slots, heads, kvh, group=group)
 
     def unfused():
         for qkv, k_cache, v_cache in inputs:
@@ -231,11 +232,15 @@ def rope_store_point(num_tokens, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HE
             q, k = compiled.apply_rotary(q, k, rotary.cos, rotary.sin, positions)
             triton_kvcache.store_kvcache(k, v, k_cache, v_cache, slots)
 
-    res = dict(tokens=num_tokens, heads=heads, kv_heads=kvh, layers=layers, bytes=moved)
-    for name, fn in (("fused", fused), ("unfused", unfused)):
-        ms = _graph_time_ms(fn) / layers
-        res[f"{name}_us"] = ms * 1e3
-        res[f"{name}_gbps"] = moved / ms / 1e6
+    default = triton_rope_store.heads_per_program(num_tokens, heads, kvh)
+    res = dict(tokens=num_tokens, heads=heads, kv_heads=kvh, layers=layers, bytes=moved,
+               heads_per_program=default, fused_us_by_heads_per_program={})
+    for group in ROPE_STORE_GROUPS:
+        res["fused_us_by_heads_per_program"][group] = _graph_time_ms(lambda: fused(group)) / layers * 1e3
+    res["fused_us"] = res["fused_us_by_heads_per_program"][default]
+    res["unfused_us"] = _graph_time_ms(unfused) / layers * 1e3
+    for name in ("fused", "unfused"):
+        res[f"{name}_gbps"] = moved / res[f"{name}_us"] / 1e3
     del inputs
     torch.cuda.empty_cache()
     return res
@@ -243,14 +248,18 @@ def rope_store_point(num_tokens, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HE
 
 def rope_store(copy_gbps):
     print(f"\n# q/k norm + rotary + KV store (CUDA graph, per layer), {HEADS} heads / {KV_HEADS} kv heads / "
-          f"head {HEAD_DIM}, bf16")
-    print(f"{'tokens':>6} {'fused us':>9} {'unfused us':>11} {'speed-up':>9} {'fused GB/s':>11} {'of copy':>8}")
+          f"head {HEAD_DIM}, bf16; fused: heads per program as the engine picks them, then each of "
+          f"{'/'.join(map(str, ROPE_STORE_GROUPS))}")
+    print(f"{'tokens':>6} {'fused us':>9} {'unfused us':>11} {'speed-up':>9} {'fused GB/s':>11} {'of copy':>8}  "
+          f"fused us by heads per program")
     rows = []
     for n in ROPE_STORE_TOKENS:
         r = rope_store_point(n)
         rows.append(r)
+        by_group = " ".join(f"{g}:{us:.2f}" for g, us in r["fused_us_by_heads_per_program"].items())
         print(f"{n:>6} {r['fused_us']:>9.2f} {r['unfused_us']:>11.2f} {r['unfused_us'] / r['fused_us']:>8.2f}x "
-              f"{r['fused_gbps']:>11.0f} {r['fused_gbps'] / copy_gbps:>8.1%}")
+              f"{r['fused_gbps']:>11.0f} {r['fused_gbps'] / copy_gbps:>8.1%}  {by_group} "
+              f"(picks {r['heads_per_program']})")
     return rows
 
 

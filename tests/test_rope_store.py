@@ -73,9 +73,9 @@ def unfused(case, kernels=basic.EAGER, store=attention_torch.store_kvcache):
     return q, k_cache, v_cache
 
 
-def fused(case):
+def fused(case, group=None):
     case = dict(case, k_cache=case["k_cache"].clone(), v_cache=case["v_cache"].clone())
-    q = triton_rope_store.norm_rope_store(**case)
+    q = triton_rope_store.norm_rope_store(**case, group=group)
     return q, case["k_cache"], case["v_cache"]
 
 
@@ -94,11 +94,13 @@ def assert_rounds_alike(got, want, exact_share=0.99, ulps=1):
 
 # ---------------------------------------------------------------- the kernel, small shapes
 
+@pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_the_layer_by_layer_path(dtype, qk_norm):
+def test_matches_the_layer_by_layer_path(dtype, qk_norm, group):
+    """One head a program (decode's) and two (a prefill's, at its size)."""
     case = make_case(23, 4, 2, 32, dtype, qk_norm)   # every 5th slot -1: no store, but a q
-    (q, k_cache, v_cache), (want_q, want_k, want_v) = fused(case), unfused(case)
+    (q, k_cache, v_cache), (want_q, want_k, want_v) = fused(case, group), unfused(case)
     assert torch.equal(v_cache, want_v)   # v is copied, not computed
     for got, want in ((q, want_q), (k_cache, want_k)):
         if dtype == torch.float16:   # without the norm, the same roundings: the same bits
@@ -107,8 +109,9 @@ def test_matches_the_layer_by_layer_path(dtype, qk_norm):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def test_head_dim_not_a_power_of_two_and_ungrouped_heads():
+def test_head_dim_not_a_power_of_two_and_odd_head_counts():
     case = make_case(9, 6, 3, 48, torch.float32, qk_norm=True, seed=3)
+    assert triton_rope_store.heads_per_program(1 << 14, 6, 3) == 1
     for got, want in zip(fused(case), unfused(case)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
@@ -119,10 +122,12 @@ def test_no_tokens():
     assert q.shape == (0, 4, 32) and not k_cache.any()
 
 
-def test_rejects_a_qkv_width_that_is_not_its_heads():
+def test_rejects_a_qkv_width_that_is_not_its_heads_and_groups_that_split_them():
     case = make_case(3, 4, 2, 32, torch.float32, qk_norm=False)
     with pytest.raises(AssertionError, match="not 4 \\+ 2 x 3 heads"):
         triton_rope_store.norm_rope_store(**dict(case, num_kv_heads=3))
+    with pytest.raises(AssertionError):
+        triton_rope_store.norm_rope_store(**case, group=4)   # 2 kv heads
 
 
 # ---------------------------------------------------------------- in the model

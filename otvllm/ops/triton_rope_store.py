@@ -11,14 +11,17 @@ its head's largest (in fp16 under the interpreter, 99.998% of them bit-identical
 the GPU may also fuse a multiply-add. The torch.compile'd path does not round between the
 operations it fuses, so it differs from both in the last bits of about half the elements.
 
-One program per (token, head): a program of a query head writes q, one of a key head writes
-that head's K and V to the token's slot (slot -1 skips the store). No host synchronisation
+One program per token and group of heads (one head for a few tokens, more for a prefill): a
+program of query heads writes q, one of key heads writes their K and V to the token's slot
+(slot -1 skips the store). No host synchronisation
 (CUDA-graph capturable).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+PREFILL_TOKENS = 1024   # from here on, programs of several heads (see heads_per_program)
 
 
 @triton.jit
@@ -33,21 +36,23 @@ def _rope_store_kernel(
     qkv_ptr, stride_qkv, positions_ptr, cos_ptr, sin_ptr, stride_table,
     q_weight_ptr, k_weight_ptr, eps, slot_ptr, q_out_ptr, stride_qt, stride_qh,
     k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     HALF_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)              # 0..NUM_HEADS-1: query heads, then the key heads
-    is_query = head < NUM_HEADS
+    # The heads of the row, query heads first then key heads, in groups that divide both.
+    first = tl.program_id(1) * HEADS_PER_PROGRAM
+    is_query = first < NUM_HEADS
     slot = tl.load(slot_ptr + token).to(tl.int64)
-    if (head >= NUM_HEADS) & (slot < 0):
+    if (first >= NUM_HEADS) & (slot < 0):
         return
     dtype = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     # rotate-half pairs element i with i + half: hold the two halves apart
-    d = tl.arange(0, HALF_BLOCK)
+    h = tl.arange(0, HEADS_PER_PROGRAM)[:, None]
+    d = tl.arange(0, HALF_BLOCK)[None, :]
     mask = d < half
-    row = qkv_ptr + token * stride_qkv + head * HEAD_DIM
+    row = qkv_ptr + token * stride_qkv + (first + h) * HEAD_DIM
     x1 = tl.load(row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + half + d, mask=mask, other=0.0).to(tl.float32)
 
@@ -58,7 +63,7 @@ def _rope_store_kernel(
         else:
             w1 = tl.load(k_weight_ptr + d, mask=mask).to(tl.float32)
             w2 = tl.load(k_weight_ptr + half + d, mask=mask).to(tl.float32)
-        rstd = tl.math.rsqrt((tl.sum(x1 * x1) + tl.sum(x2 * x2)) / HEAD_DIM + eps)
+        rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
         x1 = _round(w1 * _round(x1 * rstd, dtype), dtype)
         x2 = _round(w2 * _round(x2 * rstd, dtype), dtype)
 
@@ -73,32 +78,44 @@ def _rope_store_kernel(
     y2 = (_round(x2 * cos2, dtype) + _round(x1 * sin2, dtype)).to(dtype)
 
     if is_query:
-        dst = q_out_ptr + token * stride_qt + head * stride_qh
+        dst = q_out_ptr + token * stride_qt + (first + h) * stride_qh
         tl.store(dst + d, y1, mask=mask)
         tl.store(dst + half + d, y2, mask=mask)
     else:
-        kv_head = head - NUM_HEADS
+        kv_head = first - NUM_HEADS + h
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + kv_head * stride_kch
         tl.store(k_dst + d, y1.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(k_dst + half + d, y2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        v_src = qkv_ptr + token * stride_qkv + (head + NUM_KV_HEADS) * HEAD_DIM
+        v_src = qkv_ptr + token * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
         v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + kv_head * stride_vch
-        for h in tl.static_range(2):
-            v = tl.load(v_src + h * half + d, mask=mask)
-            tl.store(v_dst + h * half + d, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        for i in tl.static_range(2):
+            v = tl.load(v_src + i * half + d, mask=mask)
+            tl.store(v_dst + i * half + d, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def heads_per_program(num_tokens: int, num_heads: int, num_kv_heads: int) -> int:
+    """Few tokens: a program per head, to spread them over the SMs; many: up to four heads a
+    program (a power of two dividing both head counts), so that fewer, larger programs run."""
+    if num_tokens < PREFILL_TOKENS:
+        return 1
+    group = 4
+    while num_heads % group or num_kv_heads % group:
+        group //= 2
+    return group
 
 
 def norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                    num_heads: int, num_kv_heads: int, group: int | None = None) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim], normed (when the weights are given) and rotated;
     k, likewise, and v stored in the cache slots (-1 skips a token's store).
 
     qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows of any stride;
     cos/sin: [max_positions, head_dim] (RotaryEmbedding's tables); caches:
-    [num_blocks, block_size, num_kv_heads, head_dim]."""
+    [num_blocks, block_size, num_kv_heads, head_dim]. `group`: heads per program (a power of
+    two dividing both head counts; default heads_per_program)."""
     num_tokens, width = qkv.shape
     head_dim = width // (num_heads + 2 * num_kv_heads)
     assert width == (num_heads + 2 * num_kv_heads) * head_dim and head_dim % 2 == 0, (
@@ -116,12 +133,15 @@ def norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
-    _rope_store_kernel[(num_tokens, num_heads + num_kv_heads)](
+    group = group or heads_per_program(num_tokens, num_heads, num_kv_heads)
+    assert num_heads % group == 0 and num_kv_heads % group == 0 and group & (group - 1) == 0, group
+    half_block = triton.next_power_of_2(head_dim // 2)
+    _rope_store_kernel[(num_tokens, (num_heads + num_kv_heads) // group)](
         qkv, qkv.stride(0), positions, cos, sin, cos.stride(0),
         q_norm_weight, k_norm_weight, eps, slot_mapping, q, q.stride(0), q.stride(1),
         k_cache, v_cache, *k_cache.stride()[:3], *v_cache.stride()[:3],
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HALF_BLOCK=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], QK_NORM=qk_norm,
-        num_warps=1 if head_dim <= 128 else 2,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PER_PROGRAM=group,
+        HALF_BLOCK=half_block, BLOCK_SIZE=k_cache.shape[1], QK_NORM=qk_norm,
+        num_warps=min(4, max(1, group * half_block // 64)),
     )
     return q
