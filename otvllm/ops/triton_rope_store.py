@@ -7,9 +7,10 @@ The results are the unfused eager path's (transformers'), rounded where it round
 dtype with cos/sin cast to it. Without q/k norm they are bit-identical. With it, the norm's
 float32 sum, taken in another order, now and then rounds an element of a normed head the
 other way (1 ulp), which rotary carries into its partner: every element is within 1 ulp of
-its head's largest (in fp16 under the interpreter, 99.998% of them bit-identical). In float32
-the GPU may also fuse a multiply-add. The torch.compile'd path does not round between the
-operations it fuses, so it differs from both in the last bits of about half the elements.
+its head's largest (in fp16 under the interpreter, 99.998% of them bit-identical). The
+kernel is compiled without multiply-add contraction, which would skip those roundings. The
+torch.compile'd path does not round between the operations it fuses, so it differs from
+both in the last bits of about half the elements.
 
 One program per token and group of heads (one head for a few tokens, more for a prefill): a
 program of query heads writes q, one of key heads writes their K and V to the token's slot
@@ -143,5 +144,6 @@ def norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PER_PROGRAM=group,
         HALF_BLOCK=half_block, BLOCK_SIZE=k_cache.shape[1], QK_NORM=qk_norm,
         num_warps=min(4, max(1, group * half_block // 64)),
+        enable_fp_fusion=False,   # an fma would skip the rounding of x * cos that the reference does
     )
     return q
