@@ -2,11 +2,14 @@
 
 (a) device copy bandwidth (a large tensor copy, read + write bytes);
 (b) paged decode attention: KV bytes read per second and the ratio to the copy rate;
-(c) paged causal prefill attention: TFLOP/s against torch SDPA (cuDNN, flash backends).
+(c) paged causal prefill attention: TFLOP/s against torch SDPA (cuDNN, flash backends);
+(d) q/k norm + rotary + KV store between the qkv projection and attention: the fused Triton
+    kernel against the unfused path (torch.compile'd q_norm, k_norm and rotary, then the
+    Triton KV store), microseconds per layer replayed from CUDA graphs.
 Where FlashAttention-4 can run (`flash_attn.cute`), (b) and (c) time it on the same paged
 inputs as well, as the engine's `flash_attn` backend calls it.
 
-    python benchmarks/kernels.py [--json results.json] [--sweep]
+    python benchmarks/kernels.py [--json results.json] [--sweep] [--only rope_store]
 
 ``--sweep`` also times a grid of tile configurations at the headline shapes (tuning aid).
 Timings never gate tests; compare them only within one run on one machine.
@@ -27,7 +30,8 @@ except Exception:  # pragma: no cover - the package __init__ may need optional d
 import triton
 import triton.testing
 
-from otvllm.ops import flash_attn4, triton_decode, triton_prefill
+from otvllm.layers import basic
+from otvllm.ops import flash_attn4, triton_decode, triton_kvcache, triton_prefill, triton_rope_store
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -191,6 +195,74 @@ def prefill_point(seq_len, total_tokens=16384, block_size=256, heads=HEADS, kvh=
     return res
 
 
+# ---------------------------------------------------------------- (d) q/k norm + rotary + KV store
+
+ROPE_STORE_TOKENS = (1, 64, 256, 16384)
+ROPE_STORE_GROUPS = (1, 2, 4, 8)   # heads per program
+
+
+def rope_store_point(num_tokens, block_size=256, heads=HEADS, kvh=KV_HEADS, d=HEAD_DIM, max_positions=40960):
+    """The fused kernel and the unfused path over ``layers`` distinct inputs and caches (as a
+    model's layers, together larger than L2), each replayed from one CUDA graph: us per layer."""
+    width = (heads + 2 * kvh) * d
+    itemsize = torch.finfo(DTYPE).bits // 8
+    moved = num_tokens * (width + heads * d + 2 * kvh * d) * itemsize   # read qkv; write q, k, v
+    layers = max(1, min(28, triton.cdiv(256 << 20, moved)))
+    num_blocks = triton.cdiv(num_tokens, block_size)
+    inv_freq = 1.0 / (1000000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    rotary = basic.RotaryEmbedding(inv_freq, 1.0, max_positions).cuda()
+    positions = torch.randint(0, max_positions, (num_tokens,), device="cuda")
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    q_weight, k_weight = (torch.rand(d, device="cuda", dtype=DTYPE) + 0.5 for _ in range(2))
+    inputs = [(torch.randn(num_tokens, width, device="cuda", dtype=DTYPE),
+               torch.zeros(num_blocks, block_size, kvh, d, device="cuda", dtype=DTYPE),
+               torch.zeros(num_blocks, block_size, kvh, d, device="cuda", dtype=DTYPE)) for _ in range(layers)]
+    compiled = basic.Kernels.compiled()
+
+    def fused(group):
+        for qkv, k_cache, v_cache in inputs:
+            triton_rope_store.norm_rope_store(qkv, positions, rotary.cos, rotary.sin, q_weight, k_weight, 1e-6,
+                                              k_cache, v_cache, slots, heads, kvh, group=group)
+
+    def unfused():
+        for qkv, k_cache, v_cache in inputs:
+            q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=-1)
+            q, k, v = q.view(-1, heads, d), k.view(-1, kvh, d), v.view(-1, kvh, d)
+            q, k = compiled.rms_norm(q, q_weight, 1e-6), compiled.rms_norm(k, k_weight, 1e-6)
+            q, k = compiled.apply_rotary(q, k, rotary.cos, rotary.sin, positions)
+            triton_kvcache.store_kvcache(k, v, k_cache, v_cache, slots)
+
+    default = triton_rope_store.heads_per_program(num_tokens, heads, kvh)
+    res = dict(tokens=num_tokens, heads=heads, kv_heads=kvh, layers=layers, bytes=moved,
+               heads_per_program=default, fused_us_by_heads_per_program={})
+    for group in ROPE_STORE_GROUPS:
+        res["fused_us_by_heads_per_program"][group] = _graph_time_ms(lambda: fused(group)) / layers * 1e3
+    res["fused_us"] = res["fused_us_by_heads_per_program"][default]
+    res["unfused_us"] = _graph_time_ms(unfused) / layers * 1e3
+    for name in ("fused", "unfused"):
+        res[f"{name}_gbps"] = moved / res[f"{name}_us"] / 1e3
+    del inputs
+    torch.cuda.empty_cache()
+    return res
+
+
+def rope_store(copy_gbps):
+    print(f"\n# q/k norm + rotary + KV store (CUDA graph, per layer), {HEADS} heads / {KV_HEADS} kv heads / "
+          f"head {HEAD_DIM}, bf16; fused: heads per program as the engine picks them, then each of "
+          f"{'/'.join(map(str, ROPE_STORE_GROUPS))}")
+    print(f"{'tokens':>6} {'fused us':>9} {'unfused us':>11} {'speed-up':>9} {'fused GB/s':>11} {'of copy':>8}  "
+          f"fused us by heads per program")
+    rows = []
+    for n in ROPE_STORE_TOKENS:
+        r = rope_store_point(n)
+        rows.append(r)
+        by_group = " ".join(f"{g}:{us:.2f}" for g, us in r["fused_us_by_heads_per_program"].items())
+        print(f"{n:>6} {r['fused_us']:>9.2f} {r['unfused_us']:>11.2f} {r['unfused_us'] / r['fused_us']:>8.2f}x "
+              f"{r['fused_gbps']:>11.0f} {r['fused_gbps'] / copy_gbps:>8.1%}  {by_group} "
+              f"(picks {r['heads_per_program']})")
+    return rows
+
+
 # ---------------------------------------------------------------- sweep
 
 def sweep(copy_gbps):
@@ -239,6 +311,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
     ap.add_argument("--sweep-only", action="store_true", help="copy bandwidth and the sweep alone")
+    ap.add_argument("--only", choices=("rope_store",), help="copy bandwidth and this section alone")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA device")
@@ -251,8 +324,11 @@ def main(argv=None):
     print(f"# device: {results['device']}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"copy bandwidth: {cp['gbps']:.0f} GB/s ({cp['bytes'] / 2**30:.1f} GiB read+write in {cp['ms']:.3f} ms)")
 
-    if args.sweep_only:
-        results["sweep"] = sweep(cp["gbps"])
+    if args.sweep_only or args.only:
+        if args.sweep_only:
+            results["sweep"] = sweep(cp["gbps"])
+        else:
+            results["rope_store"] = rope_store(cp["gbps"])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)
@@ -290,6 +366,7 @@ def main(argv=None):
         print(f"{seq_len:>6} {r['batch']:>6} {bs:>6} {fmt(t)} {fmt(c)} {fmt(f)} {rc} {rf}{fa4}  "
               f"max|diff| {r.get('max_abs_diff_vs_cudnn', r.get('max_abs_diff_vs_flash', float('nan'))):.3g}")
     results["prefill"] = prefill
+    results["rope_store"] = rope_store(cp["gbps"])
 
     if args.sweep:
         results["sweep"] = sweep(cp["gbps"])

@@ -6,9 +6,10 @@ profiled), decodes `--warmup-steps` steps, then `--steps` decode steps are profi
 of the two it prints:
 
   - on CUDA: kernels per step (and per layer), GPU time per step by kernel family (GEMM,
-    attention, norm, rope, KV store, sampling, other) and by kernel; for the GEMMs and the
-    attention, the bytes they must move (every weight once plus their inputs and outputs; every
-    sequence's K and V once plus q and the output) over their time: the achieved GB/s, against
+    attention, norm, rope, KV store, rope+store: q/k norm, rotary and KV store in one kernel,
+    sampling, other) and by kernel; for the GEMMs and the attention, the bytes they must move
+    (every weight once plus their inputs and outputs; every sequence's K and V once plus q and
+    the output) over their time: the achieved GB/s, against
     the device copy rate measured in the same run with a large device-to-device copy (and
     TFLOP/s, which is what bounds a prefill);
   - on CPU (so that the script can be checked without a GPU): torch.profiler's aten-operator
@@ -41,9 +42,10 @@ sys.path.insert(0, ROOT)
 
 from otvllm.tracing.recording.profiler import short_name  # noqa: E402
 
-FAMILIES = ("GEMM", "attention", "norm", "rope", "KV store", "sampling", "other")
+FAMILIES = ("GEMM", "attention", "norm", "rope", "KV store", "rope+store", "sampling", "other")
 # (family, pattern searched in the lower-cased kernel or operator name): the first match wins.
 _RULES = [
+    ("rope+store", r"rope_store"),
     ("KV store", r"store_kvcache|reshape_and_cache|index_put"),
     ("sampling", r"argmax|gumbel|exponential|multinomial|topk|sort|log_softmax|uniform"),
     ("attention", r"decode_stage|prefill_kernel|flash|fmha|attention|attn|softmax"),

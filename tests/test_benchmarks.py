@@ -90,7 +90,8 @@ def test_profile_step_prints_the_operator_table_and_the_step_by_family(qwen3_dir
     for phase, tokens in (("prefill", batch * context), ("decode", batch)):
         s = report[phase]
         assert s["steps"] == (1 if phase == "prefill" else steps)
-        assert list(s["families"]) == ["GEMM", "attention", "norm", "rope", "KV store", "sampling", "other"]
+        assert list(s["families"]) == ["GEMM", "attention", "norm", "rope", "KV store", "rope+store", "sampling",
+                                        "other"]
         assert math.isclose(sum(f["share"] for f in s["families"].values()), 1.0)
         assert math.isclose(sum(f["time_us_per_step"] for f in s["families"].values()), s["time_us_per_step"])
         weights = sum(i * o for i, o in gemms) + hidden * vocab
@@ -151,9 +152,11 @@ def test_gpu_profile_step_finds_every_kernel_family(qwen3_dir, tmp_path, backend
     assert report["copy_gb_s"] > 0 and report["attention_backend"] == backend
     for phase in ("prefill", "decode"):
         families = report[phase]["families"]
-        for name in ("GEMM", "attention", "norm", "rope", "KV store", "sampling"):
+        for name in ("GEMM", "attention", "norm", "sampling"):
             assert families[name]["kernels_per_step"] > 0, (phase, name, report[phase]["kernels"])
-        assert families["KV store"]["kernels_per_step"] == layers
+        # q/k norm, rotary and the KV store: one fused kernel per layer on these backends
+        assert families["rope+store"]["kernels_per_step"] == layers
+        assert families["rope"]["kernels_per_step"] == families["KV store"]["kernels_per_step"] == 0
         assert families["GEMM"]["kernels_per_step"] >= 4 * layers + 1
         assert families["GEMM"]["of_copy"] > 0 and families["attention"]["of_copy"] > 0
 

@@ -68,6 +68,7 @@ class ModelRunner:
                                  max_positions=self.config.max_model_len, tp=self.tp)
         for layer in self.model.attention_layers():
             layer.backend = self.backend
+        self.model.fuse_norm_rope_store(self.backend.norm_rope_store)
         if self.config.torch_compile:
             use_kernels(self.model, Kernels.compiled())
         if self.config.torch_compile and self.tp.rank == 0:   # only rank 0 samples

@@ -21,7 +21,8 @@ class ForwardContext:
 
 
 class Attention(nn.Module):
-    """Stores this step's K/V in the paged cache, then attends over each sequence's context."""
+    """Attends each new token over its sequence's context in the paged cache, which already
+    holds this step's K/V (written by `store`, or by a kernel fused with rotary)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_index: int):
         super().__init__()
@@ -31,9 +32,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def store(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+
+    def forward(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         backend = self.backend
-        backend.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             return backend.prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
                                    ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale)

@@ -4,6 +4,8 @@ The architectures differ in three switches: bias on q/k/v (Qwen2), RMSNorm on ea
 head of q and k (Qwen3), and tied input/output embeddings.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,17 +30,37 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, layer_index)
+        # ops/triton_rope_store.norm_rope_store where the model runs fused (set at load), else None
+        self.fused_norm_rope_store: Callable | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.fused_norm_rope_store is None:
+            q = self._norm_rope_store(positions, qkv, ctx)
+        else:
+            q = self._fused_norm_rope_store(positions, qkv, ctx)
+        out = self.attn(q, ctx)
+        return self.o_proj(out.flatten(1))
+
+    def _norm_rope_store(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q/k norm, rotary and the K/V store, layer by layer (the reference); returns q."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, ctx)
-        return self.o_proj(out.flatten(1))
+        self.attn.store(k, v, ctx)
+        return q
+
+    def _fused_norm_rope_store(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The same in one kernel; returns q."""
+        q_weight, k_weight, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                                   if self.q_norm is not None else (None, None, 0.0))
+        return self.fused_norm_rope_store(qkv, positions, self.rotary.cos, self.rotary.sin, q_weight, k_weight, eps,
+                                          self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping,
+                                          self.num_heads, self.num_kv_heads)
 
 
 class DecoderMLP(nn.Module):
@@ -114,6 +136,12 @@ class DecoderForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def fuse_norm_rope_store(self, kernel: Callable | None) -> None:
+        """Make every layer run its q/k norm, rotary and K/V store as `kernel` (the signature of
+        ops/triton_rope_store.norm_rope_store), or, with None, layer by layer."""
+        for layer in self.model.layers:
+            layer.self_attn.fused_norm_rope_store = kernel
 
     def traced_parts(self) -> list[tuple[str, int | None, nn.Module]]:
         """(part, layer index or None, module) for every module a forward runs, in order: a

@@ -32,22 +32,27 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
 
 
 class AttentionBackend:
-    """Calls one implementation of the three paged-cache operations."""
+    """Calls one implementation of the three paged-cache operations. `norm_rope_store`: the
+    kernel that a model on this backend runs for its q/k norm, rotary and K/V store, or None
+    where it runs them layer by layer (the torch reference)."""
 
     def __init__(self, name: str):
         self.name = name
+        self.norm_rope_store = None
         if name == "torch":
             self._store, self._prefill, self._decode = (attention_torch.store_kvcache,
                                                         attention_torch.prefill_attention,
                                                         attention_torch.decode_attention)
         elif name == "triton":
-            from otvllm.ops import triton_decode, triton_kvcache, triton_prefill
+            from otvllm.ops import triton_decode, triton_kvcache, triton_prefill, triton_rope_store
             self._store = triton_kvcache.store_kvcache
+            self.norm_rope_store = triton_rope_store.norm_rope_store
             self._prefill = triton_prefill.prefill_attention
             self._decode = triton_decode.decode_attention
         elif name == "flash_attn":
-            from otvllm.ops import triton_kvcache
+            from otvllm.ops import triton_kvcache, triton_rope_store
             self._store = triton_kvcache.store_kvcache
+            self.norm_rope_store = triton_rope_store.norm_rope_store
             self._prefill = flash_attn4.prefill_attention
             self._decode = flash_attn4.decode_attention
         else:
