@@ -6,13 +6,15 @@ The results are the unfused eager path's (transformers'), rounded where it round
 `_round`): the norm in float32, cast to the model dtype, times the weight; rotary in the model
 dtype with cos/sin cast to it. Without q/k norm they are bit-identical. With it, the norm's
 float32 sum, taken in another order, now and then rounds an element of a normed head the
-other way (1 ulp), which rotary carries into its partner: every element is within 1 ulp of
-its head's largest (in fp16 under the interpreter, 99.998% of them bit-identical). The
+other way (1 ulp), which rotary carries into its partner; an output mixes two such elements,
+so every element is within 2 ulps of its head's largest (in fp16 under the interpreter,
+99.998% of them bit-identical; on the H200 in bf16 at 16,384 tokens, one element in 50
+million was more than 1 ulp away). The
 kernel is compiled without multiply-add contraction, which would skip those roundings. The
 torch.compile'd path does not round between the operations it fuses, so it differs from
 both in the last bits of about half the elements.
 
-One program per token and group of heads (one head for a few tokens, more for a prefill): a
+One program per token and group of heads (four, eight for a prefill): a
 program of query heads writes q, one of key heads writes their K and V to the token's slot
 (slot -1 skips the store). No host synchronisation
 (CUDA-graph capturable).
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-PREFILL_TOKENS = 1024   # from here on, programs of several heads (see heads_per_program)
+PREFILL_TOKENS = 1024   # from here on, programs of eight heads (see heads_per_program)
 
 
 @triton.jit
@@ -96,11 +98,12 @@ def _rope_store_kernel(
 
 
 def heads_per_program(num_tokens: int, num_heads: int, num_kv_heads: int) -> int:
-    """Few tokens: a program per head, to spread them over the SMs; many: up to four heads a
-    program (a power of two dividing both head counts), so that fewer, larger programs run."""
-    if num_tokens < PREFILL_TOKENS:
-        return 1
-    group = 4
+    """Four heads a program, eight from PREFILL_TOKENS tokens (the largest power of two up to
+    that dividing both head counts). Measured on the H200 at Qwen3-0.6B's 16 + 8 heads
+    (`benchmarks/kernels.py --only rope_store`, us per layer for 1 / 2 / 4 / 8 heads a program):
+    1 token 1.90 / 2.28 / 1.83 / 2.02, 64 tokens 2.33 / 2.66 / 2.12 / 2.26, 256 tokens
+    5.43 / 4.91 / 4.07 / 4.17, 16,384 tokens 242 / 146 / 119 / 90."""
+    group = 4 if num_tokens < PREFILL_TOKENS else 8
     while num_heads % group or num_kv_heads % group:
         group //= 2
     return group
