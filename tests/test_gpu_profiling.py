@@ -42,28 +42,40 @@ def qwen3_0_6b(tmp_path_factory):
 
 
 def test_profiled_steps_kernels_add_up_to_their_gpu_time(qwen3_0_6b, monkeypatch):
-    # Steps 0 (the prefill) and 3 (a decode from a CUDA graph) of each call; the second call's
-    # are checked: a first call can pay one-off compilation, host time that a forward's GPU
-    # time would include as idle gaps between its kernels.
-    monkeypatch.setenv("OTVLLM_TRACE_PROFILE_STEPS", "0,3")
+    # Three calls of the same shapes: a warm-up (a first call may pay one-off work), one
+    # unprofiled (the reference GPU time of each step), then one with steps 0 (the prefill)
+    # and 3 (a decode from a CUDA graph) profiled. Profiling perturbs a step: the profiler's
+    # own cost per kernel shows in the profiled step's GPU time as gaps between kernels (on
+    # the H200, a graph decode of 1.9 ms of kernels took 3.3-4.0 ms profiled, 2.0-2.4 ms not).
+    # So the kernels are checked against the same step unprofiled.
+    monkeypatch.delenv("OTVLLM_TRACE_PROFILE_STEPS", raising=False)
     rng = random.Random(0)
     prompts = [[rng.randrange(10000) for _ in range(256)] for _ in range(64)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
-    def twice(llm):
-        for variant in range(2):
+    def three_calls(llm):
+        for variant in range(3):
+            if variant == 2:
+                monkeypatch.setenv("OTVLLM_TRACE_PROFILE_STEPS", "0,3")
+                llm.engine.set_trace_level("step")   # a new tracer, which reads the variable
             llm.generate([[t + variant for t in p] for p in prompts], params, use_tqdm=False)
 
     spans, llm = traced(lambda: LLM(qwen3_0_6b, device="cuda", dtype="bfloat16", max_model_len=512,
                                     max_num_batched_tokens=16384, max_num_seqs=64, gpu_memory_utilization=0.5,
-                                    trace_level="step"), twice)
+                                    trace_level="step"), three_calls)
     by_id = {s.context.span_id: s for s in spans}
-    profiled = [s for s in spans if s.name == S.FORWARD and S.PROFILE_KERNELS in s.attributes]
-    calls = sorted({s.context.trace_id for s in profiled}, key=lambda t: min(s.start_time for s in profiled
-                                                                               if s.context.trace_id == t))
-    assert len(calls) == 2
-    forwards = [s for s in profiled if s.context.trace_id == calls[1]]
-    assert sorted(by_id[f.parent.span_id].attributes[S.STEP_INDEX] for f in forwards) == [0, 3]
+    all_forwards = [s for s in spans if s.name == S.FORWARD]
+    calls = sorted({s.context.trace_id for s in all_forwards},
+                   key=lambda t: min(s.start_time for s in all_forwards if s.context.trace_id == t))
+    assert len(calls) == 3
+
+    def step_index(forward):
+        return by_id[forward.parent.span_id].attributes[S.STEP_INDEX]
+
+    reference = {step_index(f): f.attributes[S.GPU_TIME_MS] for f in all_forwards if f.context.trace_id == calls[1]}
+    assert not any(S.PROFILE_KERNELS in f.attributes for f in all_forwards if f.context.trace_id != calls[2])
+    forwards = [f for f in all_forwards if f.context.trace_id == calls[2] and S.PROFILE_KERNELS in f.attributes]
+    assert sorted(step_index(f) for f in forwards) == [0, 3]
     for forward in forwards:
         a = forward.attributes
         step = by_id[forward.parent.span_id]
@@ -81,10 +93,12 @@ def test_profiled_steps_kernels_add_up_to_their_gpu_time(qwen3_0_6b, monkeypatch
         # stop waits for them); 50 us for the alignment of the two clocks.
         assert first >= forward.start_time - 50_000 and last <= step.end_time + 50_000
         envelope_ms = (last - first) / 1e6
-        assert abs(envelope_ms - gpu_ms) <= 0.1 * gpu_ms, (envelope_ms, gpu_ms)
-        assert abs(kernel_ms - gpu_ms) <= 0.1 * gpu_ms, (
-            f"step {step.attributes[S.STEP_INDEX]} ({a[S.PHASE]}, graph {a[S.CUDA_GRAPH]}): kernels "
-            f"{kernel_ms:.3f} ms, GPU time {gpu_ms:.3f} ms, first to last kernel {envelope_ms:.3f} ms")
+        assert abs(envelope_ms - gpu_ms) <= 0.1 * gpu_ms, (envelope_ms, gpu_ms)   # every kernel of the window
+        assert kernel_ms <= gpu_ms
+        unprofiled_ms = reference[step_index(forward)]
+        assert abs(kernel_ms - unprofiled_ms) <= 0.1 * unprofiled_ms, (
+            f"step {step_index(forward)} ({a[S.PHASE]}, graph {a[S.CUDA_GRAPH]}): kernels {kernel_ms:.3f} ms, "
+            f"GPU time {unprofiled_ms:.3f} ms unprofiled, {gpu_ms:.3f} ms profiled")
         assert any(S.KERNEL_GRID in k.attributes and S.KERNEL_BLOCK in k.attributes for k in named)
         assert all(k.attributes[S.KERNEL_DEVICE] == "cuda" and k.attributes[S.KERNEL_NAME] for k in named)
     decode = [f for f in forwards if f.attributes[S.PHASE] == "decode"][0]
