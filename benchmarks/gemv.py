@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from otvllm.core.gemv_choice import replay_ms  # noqa: E402
 from otvllm.ops import triton_gemv  # noqa: E402
 
 # Qwen3-0.6B: hidden 1024, 16 heads / 8 KV heads of 128, intermediate 3072, vocab 151936
@@ -29,27 +30,9 @@ SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (614
 ROTATE_BYTES = 512 << 20
 
 
-def graph_time_us(fn, calls: int, replays: int = 20) -> float:
+def graph_time_us(fn, calls: int) -> float:
     """µs per call of fn(i) for i in range(calls), captured once in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
+    return replay_ms(lambda: [fn(i) for i in range(calls)], replays=20) * 1e3 / calls
 
 
 def copy_rate_gbps() -> float:

@@ -232,6 +232,8 @@ def test_engine_options_reach_the_engine(qwen3_dir, tmp_path):
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1], got 1.5"),
     (["--gpu-memory-utilization", "nan"], "gpu_memory_utilization must be a number, got nan"),
     (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    # needs the model's config: refused before any trace file or worker process exists
+    (["--device", "cpu", "--tensor-parallel-size", "3"], "tensor_parallel_size=3 does not divide num_attention_heads=4"),
 ])
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_engine_options_are_checked_before_anything_starts(qwen3_dir, tmp_path, command, option, message):

@@ -34,8 +34,8 @@ def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, lis
         wins = []
         for n in counts:
             x = torch.randn(n, first.weight.shape[1], dtype=first.weight.dtype, device=first.weight.device)
-            cublas = _replay_ms(lambda: [F.linear(x, m.weight, m.bias) for m in modules])
-            gemv = _replay_ms(lambda: [triton_gemv.gemv(x, m.weight, m.bias) for m in modules])
+            cublas = replay_ms(lambda: [F.linear(x, m.weight, m.bias) for m in modules])
+            gemv = replay_ms(lambda: [triton_gemv.gemv(x, m.weight, m.bias) for m in modules])
             if gemv < MARGIN * cublas:
                 wins.append(n)
         for m in modules:
@@ -46,8 +46,9 @@ def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, lis
 
 
 @torch.inference_mode()
-def _replay_ms(fn, replays: int = 10) -> float:
-    """ms per replay of `fn` captured in a CUDA graph (run once before, outside the capture, to compile)."""
+def replay_ms(fn, replays: int = 10) -> float:
+    """ms per replay of `fn` captured in a CUDA graph (run once before, outside the capture, to compile);
+    benchmarks/gemv.py times with it too."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
