@@ -94,12 +94,12 @@ def assert_rounds_alike(got, want, exact_share=0.99, ulps=2):
 
 # ---------------------------------------------------------------- the kernel, small shapes
 
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_the_layer_by_layer_path(dtype, qk_norm, group):
-    """One, two, four (decode's) and eight (a prefill's) heads a program."""
-    case = make_case(23, 16, 8, 32, dtype, qk_norm)   # every 5th slot -1: no store, but a q
+    """One, four (decode's) and eight (a prefill's) heads a program."""
+    case = make_case(11, 16, 8, 32, dtype, qk_norm)   # every 5th slot -1: no store, but a q
     (q, k_cache, v_cache), (want_q, want_k, want_v) = fused(case, group), unfused(case)
     assert torch.equal(v_cache, want_v)   # v is copied, not computed
     for got, want in ((q, want_q), (k_cache, want_k)):
