@@ -9,6 +9,7 @@ from transformers import AutoConfig
 from otvllm import LLM, SamplingParams
 from otvllm.tracing import schema as S
 from otvllm.tracing.tools.summary import human_bytes
+from scripts.failing_step_trace import fail_on_call   # the debugging guide's script breaks its step the same way
 from tests import helpers
 from tests.helpers import lines, traced
 
@@ -22,18 +23,6 @@ CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 def make_llm(model_dir, **kwargs):
     return helpers.make_llm(model_dir, max_model_len=128, max_num_batched_tokens=256, **kwargs)
-
-
-def fail_on_call(obj, name, n, exc):
-    """Make the `n`-th call of `obj.name` raise `exc`."""
-    real, calls = getattr(obj, name), []
-
-    def broken(*args):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return real(*args)
-    setattr(obj, name, broken)
 
 
 def failed(spans, name):

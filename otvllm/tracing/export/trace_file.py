@@ -37,12 +37,20 @@ def check_trace_path(path: str) -> str:
                     "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
                     else "a broken link" if not mode else "not a regular file")
             raise ValueError(f"trace file {path} exists and is {kind}: give the path of a regular file")
+    problem = directory_problem(path)
+    if problem:
+        raise ValueError(f"cannot write trace file {path}: {problem}")
+    return path
+
+
+def directory_problem(path: str) -> str | None:
+    """Why a file could not be created at absolute `path` for want of its directory, or None."""
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
-        raise ValueError(f"cannot write trace file {path}: directory {directory} does not exist")
+        return f"directory {directory} does not exist"
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write trace file {path}: directory {directory} is not writable")
-    return path
+        return f"directory {directory} is not writable"
+    return None
 
 
 def write_atomically(path: str, data: bytes, mode: int) -> None:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from otvllm.tracing import schema as S
-from otvllm.tracing.export.trace_file import file_mode, write_atomically
+from otvllm.tracing.export.trace_file import directory_problem, file_mode, write_atomically
 from otvllm.tracing.tools.jaeger_reader import load_jaeger_json, parent_id, span_tags
 
 FORMATS = (".html", ".json")
@@ -167,11 +167,9 @@ def check_output(path: str, source: str) -> str:
         raise ValueError(f"-o {path} is the trace file itself: give another file name")
     if os.path.isdir(out):
         raise ValueError(f"-o {path} is a directory: give a file name")
-    directory = os.path.dirname(out)
-    if not os.path.isdir(directory):
-        raise ValueError(f"-o {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"-o {path}: directory {directory} is not writable")
+    problem = directory_problem(out)
+    if problem:
+        raise ValueError(f"-o {path}: {problem}")
     return out
 
 
