@@ -71,10 +71,7 @@ class LLMEngine:
             init.decided(self.resolved)   # now with the number of KV blocks
             if self.resolved.cuda_graphs:
                 init.phase(S.CUDA_GRAPH_CAPTURE, self.on_all_ranks, "capture_cuda_graphs",
-                           attrs=lambda *_: {S.CUDA_GRAPH_BATCH_SIZES: list(self.runner.graphs.sizes),
-                                             S.CUDA_GRAPH_TRITON_GEMV: [
-                                                 f"{role}: {','.join(map(str, counts))}"
-                                                 for role, counts in self.runner.gemv_choice.items()]})
+                           attrs=lambda *_: A.cuda_graph_attrs(self.runner))
                 init.ranks(self.rank_records())
 
     def _observe(self) -> None:

@@ -179,7 +179,7 @@ class ModelRunner:
         for an asynchronous copy) and one copy for all of them. Each starts on a 16-byte
         boundary: Triton specialises a kernel on its pointers' alignment, and an offset that
         varied with the batch would compile a new variant mid-run (about a second each)."""
-        align = max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+        align = max(1, 16 // dtype.itemsize)
         starts = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
         host = torch.empty(int(starts[-1]), dtype=dtype, pin_memory=self.device.type == "cuda")
         flat = host.numpy()

@@ -68,6 +68,12 @@ def kv_cache_attrs(runner) -> dict:
     return attrs
 
 
+def cuda_graph_attrs(runner) -> dict:
+    return {S.CUDA_GRAPH_BATCH_SIZES: list(runner.graphs.sizes),
+            S.CUDA_GRAPH_TRITON_GEMV: [f"{role}: {','.join(map(str, counts))}"
+                                       for role, counts in runner.gemv_choice.items()]}
+
+
 def batch_attrs(batch) -> dict:
     return {S.PHASE: batch.phase, S.NUM_SEQS: len(batch.seqs), S.NUM_BATCHED_TOKENS: batch.num_batched_tokens,
             S.NUM_PREFILL_TOKENS: batch.num_prefill_tokens, S.NUM_DECODE_TOKENS: batch.num_decode_tokens}
