@@ -32,6 +32,7 @@ import triton.testing
 
 from otvllm.layers import basic
 from otvllm.ops import flash_attn4, triton_decode, triton_kvcache, triton_prefill, triton_rope_store
+from otvllm.ops.query_tiles import query_tiles
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -151,10 +152,13 @@ def prefill_point(seq_len, total_tokens=16384, block_size=256, heads=HEADS, kvh=
     cu[1:] = torch.cumsum(torch.tensor(lens, device="cuda"), 0)
     scale = d ** -0.5
     out = torch.empty_like(q)
+    # the work list, as the engine builds it on the host before the step
+    per_tile = triton_prefill.tokens_per_tile(heads, kvh, d, DTYPE, q.device, config)
+    tiles = torch.tensor(query_tiles([seq_len] * batch, [0] * batch, per_tile), device="cuda")
 
     def fn():
         triton_prefill.prefill_attention(q, k_cache, v_cache, cu, cu, table, scale,
-                                         max_seqlen_q=seq_len, out=out, config=config)
+                                         tiles=tiles, out=out, config=config)
 
     flops = _causal_flops(lens, heads, d)
     res = dict(seq_len=seq_len, batch=batch, block_size=block_size, heads=heads, kv_heads=kvh,

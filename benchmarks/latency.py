@@ -17,11 +17,13 @@ Systems: otvllm with each of `--attention-backends` (`flash_attn` only where Fla
 can serve the model; it is skipped with the reason elsewhere) and, with `--nano-vllm DIR`,
 nano-vllm from that checkout (its flash-attn 2 calls served by FlashAttention-4 through
 benchmarks/fa2_api_on_fa4, as in nanovllm_side_by_side.py; nano-vllm refuses greedy sampling,
-so it samples at temperature 1e-5, which picks the same token at the same cost). Each system and
+so it samples at temperature 1e-5, which picks the same token at the same cost); with
+`--eager-prefill`, also otvllm with its prefills launched eagerly instead of replayed from CUDA
+graphs (what prefill graphs save). Each system and
 context runs in a process of its own (each engine takes most of the GPU's memory).
 
     python benchmarks/latency.py [--batches 1,8] [--contexts 1024,4096,16384] [--output-len 512]
-                                 [--nano-vllm ../nano-vllm] [--repeats 3] [--json OUT]
+                                 [--nano-vllm ../nano-vllm] [--eager-prefill] [--repeats 3] [--json OUT]
 """
 
 import argparse
@@ -37,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHIM = os.path.join(ROOT, "benchmarks", "fa2_api_on_fa4")
 NANOVLLM = "nano-vllm"
+EAGER_PREFILL = "otvllm-eager-prefill"   # otvllm with its prefills launched eagerly, not from CUDA graphs
 NANOVLLM_TEMPERATURE = 1e-5   # nano-vllm asserts temperature > 1e-10: no greedy
 WARMUP_SEED = 1 << 20         # warm-up prompts come from other seeds than the timed ones
 
@@ -47,11 +50,14 @@ def prompts_for(batch: int, context: int, vocab: int, seed: int) -> list[list[in
 
 
 class OtvllmSystem:
-    def __init__(self, model_dir: str, device: str, backend: str, max_model_len: int, max_batch: int):
+    def __init__(self, model_dir: str, device: str, backend: str, max_model_len: int, max_batch: int,
+                 eager_prefill: bool = False):
         from otvllm import LLM, SamplingParams
         from otvllm.core.sequence import PENDING_TOKEN
+        more = dict(cudagraph_max_prefill_tokens=0) if eager_prefill else {}
         self.llm = LLM(model_dir, device=device, attention_backend=backend, max_model_len=max_model_len,
-                       max_num_seqs=max_batch, max_num_batched_tokens=max_batch * max_model_len, trace_level="off")
+                       max_num_seqs=max_batch, max_num_batched_tokens=max_batch * max_model_len, trace_level="off",
+                       **more)
         self.engine = self.llm.engine
         self.vocab = self.engine.spec.vocab_size
         self.backend = self.engine.resolved.attention_backend
@@ -161,9 +167,12 @@ def child(args) -> dict:
             if args.device.startswith("cuda") else "FlashAttention-4 needs a CUDA device"
         if why_not:
             return {"skipped": why_not}
-    cls = NanoVllmSystem if name == NANOVLLM else OtvllmSystem
     max_model_len = args.child_context + args.output_len
-    system = cls(args.model_dir, args.device, backend, max_model_len, max(args.batches))
+    if name == NANOVLLM:
+        system = NanoVllmSystem(args.model_dir, args.device, backend, max_model_len, max(args.batches))
+    else:
+        system = OtvllmSystem(args.model_dir, args.device, backend, max_model_len, max(args.batches),
+                              eager_prefill=name == EAGER_PREFILL)
     results = [measure(system, b, args.child_context, args.output_len, args.repeats) for b in args.batches]
     return {"attention_backend": system.backend, "results": results}
 
@@ -191,6 +200,9 @@ def main() -> None:
     parser.add_argument("--attention-backends", default=None,
                         help="otvllm's backends, comma-separated (default: triton,flash_attn on CUDA, torch on CPU)")
     parser.add_argument("--nano-vllm", metavar="DIR", help="also time nano-vllm from this checkout")
+    parser.add_argument("--eager-prefill", action="store_true",
+                        help=f"also time otvllm ({EAGER_PREFILL}) with its prefills launched eagerly rather "
+                             "than replayed from CUDA graphs (cudagraph_max_prefill_tokens=0)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-context", type=int, help=argparse.SUPPRESS)
@@ -227,6 +239,8 @@ def main() -> None:
         parser.error(f"context {max(args.contexts)} + --output-len {args.output_len} is more than the model's "
                      f"{limit} positions")
     systems = [("otvllm", b) for b in backends]
+    if args.eager_prefill:
+        systems += [(EAGER_PREFILL, b) for b in backends]
     if args.nano_vllm:
         from otvllm.synthetic import byte_level_tokenizer
         byte_level_tokenizer().save_pretrained(model_dir)   # nano-vllm loads a tokenizer with the model

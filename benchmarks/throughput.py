@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--cudagraph-max-prefill-tokens", type=int, default=8192,
+                        help="largest prefill or mixed step replayed from a CUDA graph (0: prefill eagerly)")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--block-size", type=int, default=256, help="KV-cache block (page) size in tokens")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
@@ -166,10 +168,12 @@ def main() -> None:
     session = configure(endpoint=endpoint, service_name="otvllm-bench", trace_file=args.trace_file)
     llm = LLM(model_dir, max_model_len=4096, max_num_seqs=512, enforce_eager=args.enforce_eager,
               attention_backend=args.attention_backend, kvcache_block_size=args.block_size, trace_level="off",
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size,
+              cudagraph_max_prefill_tokens=args.cudagraph_max_prefill_tokens)
     engine = llm.engine
     print(f"otvllm: {engine.runner.backend.name} attention, {engine.block_manager.num_blocks} KV blocks of "
-          f"{engine.resolved.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}", flush=True)
+          f"{engine.resolved.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}, prefill graphs up to "
+          f"{engine.resolved.cudagraph_max_prefill_tokens} tokens", flush=True)
     # Warm-up: the workload's own prefill batches and a few decode steps, so that the kernels'
     # per-shape specialisations (Triton specialises integer arguments) compile outside the timing.
     run_otvllm(llm, prompts, [min(n, 32) for n in max_tokens], "off", 1)

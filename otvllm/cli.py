@@ -85,7 +85,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         else:
             choices = f.metadata["choices"]
             metavar = None if choices else flag.removeprefix("--").replace("-", "_").upper()
-            parser.add_argument(flag, type=_positive_int if kind is int else kind, choices=choices,
+            parser.add_argument(flag, type=_int_at_least(f.metadata["minimum"]) if kind is int else kind,
+                                choices=choices,
                                 metavar=metavar, **common)
 
 

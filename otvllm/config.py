@@ -20,8 +20,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 AUTO = "auto"
 
 
-def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def _option(default, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None,
+            minimum: int = 1):
+    """`minimum`: an int option's least value."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "minimum": minimum})
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class EngineConfig:
     trace_level: str | None = _option(None, "trace detail (default: OTVLLM_TRACE_LEVEL, else step)",
                                          choices=TRACE_LEVELS)
     cudagraph_max_batch_size: int = _option(512, "largest decode batch replayed from a CUDA graph")
+    cudagraph_max_prefill_tokens: int = _option(
+        8192, "largest prefill or mixed step, in tokens, replayed from a CUDA graph (Triton attention only; "
+              "0: prefill eagerly)", minimum=0)
     max_logprobs: int = _option(20, "the most top log-probabilities a request may ask for")
     cpu_threads: int | None = _option(
         None, "on CPU, torch's threads (default: OMP_NUM_THREADS, else one fewer than the usable cores, "
@@ -115,8 +120,10 @@ def _check_field(f: Field, value) -> None:
     if value is None and optional:
         return
     name = f.name
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    minimum = f.metadata.get("minimum", 1)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     if kind is bool and not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):

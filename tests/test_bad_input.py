@@ -232,6 +232,7 @@ def test_max_model_len_defaults_to_the_models_limit_and_beyond_it_is_refused(qwe
     ("gpu_memory_utilization", "0.5", "gpu_memory_utilization must be a number"),
     ("device", 5, "device must be a string"),
     ("num_kvcache_blocks", 2.5, "num_kvcache_blocks must be a positive integer"),
+    ("cudagraph_max_prefill_tokens", -1, "cudagraph_max_prefill_tokens must be an integer >= 0, got -1"),
 ])
 def test_engine_options_of_the_wrong_type_are_named(qwen3_dir, option, value, message):
     with pytest.raises(ValueError, match=message):

@@ -142,6 +142,8 @@ def test_credentials_in_a_bad_environment_variable_are_not_shown(tmp_path):
     ("--stop-token-ids", "13,x", "argument --stop-token-ids: expected token ids (integers >= 0) separated by commas"),
     ("--output", "xml", "argument --output: invalid choice: 'xml'"),
     ("--num-prompts", "0", "argument --num-prompts: expected an integer >= 1, got 0"),
+    ("--cudagraph-max-prefill-tokens", "-1", "argument --cudagraph-max-prefill-tokens: expected an integer >= 0"),
+    ("--max-num-seqs", "0", "argument --max-num-seqs: expected an integer >= 1, got 0"),
 ])
 def test_a_bad_option_is_one_line_naming_it(option, value, problem, tmp_path):
     line = one_error_line(run_cli("generate", "--prompt", "hi", option, value, tmp_path=tmp_path))

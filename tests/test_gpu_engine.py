@@ -36,7 +36,9 @@ def test_other_architectures_on_triton(model_dirs, variant):
 
 
 def test_bfloat16_cuda_graphs_agree_with_eager(qwen3_dir):
-    graphs = make_llm(qwen3_dir, device="cuda", dtype="bfloat16")
+    # Decode graphs only: a prefill graph pads the step's tokens, and cuBLAS may choose another
+    # kernel, with another rounding, for the padded shape (prefill graphs: the test below).
+    graphs = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", cudagraph_max_prefill_tokens=0)
     eager = make_llm(qwen3_dir, device="cuda", dtype="bfloat16", enforce_eager=True)
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     replayed = record_graph_use(graphs)
@@ -45,6 +47,33 @@ def test_bfloat16_cuda_graphs_agree_with_eager(qwen3_dir):
     # Same kernels, same inputs: the graph replays exactly what eager mode runs.
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert any(replayed)
+
+
+def test_prefill_and_mixed_steps_replay_graphs_and_keep_float32_greedy_equal_to_transformers(qwen3_dir):
+    # Chunked prompts (a 64-token budget), steps that mix decodes with a chunk, and prefix-cache
+    # hits (prompts that share their first 40 tokens), all replayed from padded prefill graphs.
+    shared = random_prompts([40], seed=3)[0]
+    prompts = PROMPTS + [shared + p for p in random_prompts([9, 70], seed=4)] + [shared]
+    llm = make_llm(qwen3_dir, device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64,
+                   kvcache_block_size=16)
+    runner = llm.engine.runner
+    assert llm.engine.resolved.cudagraph_max_prefill_tokens == 64 and runner.prefill_graphs.sizes == [16, 32, 64]
+    steps, forward = [], runner.forward
+
+    def recording(inputs):
+        logits, used_graph = forward(inputs)
+        steps.append((inputs.phase, len(inputs.input_ids), used_graph))
+        return logits, used_graph
+
+    runner.forward = recording
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(qwen3_dir, prompt, GREEDY.max_tokens)
+    with_prompts = [s for s in steps if s[0] != "decode"]
+    assert {phase for phase, _, _ in with_prompts} == {"prefill", "mixed"}
+    assert all(used for _, _, used in with_prompts), with_prompts
+    assert {n for _, n, _ in with_prompts} - {16, 32, 64}   # padded, not only whole sizes
+    assert llm.engine.block_manager.num_prompt_tokens_cached > 0
 
 
 def test_bfloat16_first_tokens_match_float32_reference(qwen3_dir):
@@ -146,8 +175,10 @@ def test_start_up_on_cuda_resolves_dtype_graphs_and_compile(qwen3_dir):
     assert (resolved.device, resolved.dtype) == ("cuda", "bfloat16")
     assert resolved.attention_backend in ("triton", "flash_attn")
     assert (resolved.cuda_graphs, resolved.torch_compile, resolved.cpu_threads) == (True, True, None)
+    # prefill graphs on Triton attention only, up to the step's token budget (make_llm's: 1024)
+    assert resolved.cudagraph_max_prefill_tokens == (1024 if resolved.attention_backend == "triton" else 0)
     eager = make_llm(qwen3_dir, device="cuda", enforce_eager=True, torch_compile=False).engine.resolved
-    assert (eager.cuda_graphs, eager.torch_compile) == (False, False)
+    assert (eager.cuda_graphs, eager.torch_compile, eager.cudagraph_max_prefill_tokens) == (False, False, 0)
 
 
 def test_a_cpu_engine_made_after_a_cuda_engine_compiles_nothing(qwen3_dir):

@@ -198,3 +198,30 @@ def test_a_profiled_step_that_fails_is_detailed_as_an_error(qwen3_dir, monkeypat
     forward = [s for s in spans if s.name == S.FORWARD and s.parent.span_id == step.context.span_id][0]
     assert forward.attributes[S.PROFILE_KERNELS] > 0   # its forward's profile is kept
     assert any(s.parent is not None and s.parent.span_id == forward.context.span_id for s in spans)
+
+
+class _KernelEvent:
+    """A device event of torch's profiler whose metadata is `text` (torch 2.11 gives '' for kernels)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def name(self) -> str:
+        return "void gemm_kernel<128, 64>()"
+
+    def metadata_json(self) -> str:
+        return self.text
+
+
+def test_a_kernels_grid_and_block_are_read_where_the_profiler_gives_them():
+    from otvllm.tracing.recording.profiler import _kernel_attrs
+
+    # the fields as Kineto's chrome-trace logger writes a kernel's launch
+    text = ('"queued": 0, "device": 0, "context": 1, "stream": 7, "correlation": 311, "registers per thread": 128, '
+            '"shared memory": 49152, "blocks per SM": 1.5, "warps per SM": 12.0, "grid": [198, 1, 4], '
+            '"block": [256, 1, 1], "est. achieved occupancy %": 25')
+    attrs = _kernel_attrs(_KernelEvent(text), cuda=True)
+    assert attrs[S.KERNEL_GRID] == [198, 1, 4] and attrs[S.KERNEL_BLOCK] == [256, 1, 1]
+    assert attrs[S.KERNEL_NAME] == "void gemm_kernel<128, 64>()" and attrs[S.KERNEL_DEVICE] == "cuda"
+    empty = _kernel_attrs(_KernelEvent(""), cuda=True)
+    assert S.KERNEL_GRID not in empty and S.KERNEL_BLOCK not in empty

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,7 @@ def _load_kernels():
 
 triton_kvcache, triton_prefill, triton_decode = _load_kernels()
 from otvllm.ops import attention_torch as ref  # noqa: E402
+from otvllm.ops.query_tiles import IDLE, max_tiles, query_tiles  # noqa: E402
 from tests.paged_cases import DEVICE, REAL_SHAPES, paged_inputs  # noqa: E402
 from tests.paged_cases import block_tables as _block_tables  # noqa: E402
 from tests.paged_cases import cu as _cu  # noqa: E402
@@ -76,8 +78,13 @@ def _prefill_case(q_lens, ctx_lens, heads, kvh, d, block_size, dtype, seed=0, co
     want = ref.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, scale)
     got = triton_prefill.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, scale, config=config)
     torch.testing.assert_close(got, want, **_tol(dtype))
-    got2 = triton_prefill.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, scale,
-                                            max_seqlen_q=max(q_lens) + 5, config=config)
+    # The work list as a CUDA graph holds it: in another order, padded with idle entries.
+    tok_m = triton_prefill.tokens_per_tile(heads, kvh, d, dtype, q.device, config)
+    lens = np.array(q_lens)
+    tiles = query_tiles(lens, np.array(ctx_lens) - lens, tok_m)[::-1]
+    padded = np.concatenate([tiles, np.full(max_tiles(sum(q_lens), len(q_lens), tok_m) - len(tiles) + 3, IDLE)])
+    got2 = triton_prefill.prefill_attention(q, k_cache, v_cache, cu_q, cu_k, bt, scale, config=config,
+                                            tiles=torch.from_numpy(padded).to(q.device))
     torch.testing.assert_close(got2, got, atol=0, rtol=0)
 
 

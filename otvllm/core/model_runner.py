@@ -6,7 +6,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from otvllm.core.cuda_graphs import DecodeGraphs
+from otvllm.core.cuda_graphs import DecodeGraphs, PrefillGraphs
 from otvllm.core.gemv_choice import choose_gemv
 from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
@@ -18,6 +18,7 @@ from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend
+from otvllm.ops.query_tiles import query_tiles
 from otvllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_BUDGET = 512 << 20  # bytes: the default CPU cache never grows past this
@@ -57,6 +58,10 @@ class ModelRunner:
         self.sampler = Sampler(compiled=config.torch_compile)
         self.model = None
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        # the Triton prefill's tokens per work-list entry (ops/query_tiles.py); None elsewhere
+        self.tokens_per_tile = self.backend.tokens_per_tile(spec.num_heads // self.tp.size, self.num_kv_heads,
+                                                            spec.head_dim, self.dtype, self.device)
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
         self.gemv_choice: dict[str, list[int]] = {}   # projection -> token counts on the Triton GEMV
@@ -76,11 +81,17 @@ class ModelRunner:
 
     def capture_cuda_graphs(self) -> None:
         cfg = self.config
+        max_blocks_per_seq = -(-cfg.max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, min(cfg.max_num_seqs, cfg.cudagraph_max_batch_size),
-                                   -(-cfg.max_model_len // self.block_size), cfg.max_model_len,
-                                   self.spec.hidden_size, self.dtype, self.device)
+                                   max_blocks_per_seq, cfg.max_model_len, self.spec.hidden_size, self.dtype, self.device)
         self.gemv_choice = choose_gemv(self.model.model.layers, self.graphs.sizes)   # before capture: graphs keep it
-        self.graphs.capture()
+        pool = None
+        if cfg.cudagraph_max_prefill_tokens:   # first: the largest activations, which the decodes' pool reuses
+            self.prefill_graphs = PrefillGraphs(self.model, cfg.cudagraph_max_prefill_tokens, cfg.max_num_seqs,
+                                                max_blocks_per_seq, self.tokens_per_tile, self.spec.hidden_size,
+                                                self.dtype, self.device)
+            pool = self.prefill_graphs.capture()
+        self.graphs.capture(pool)
 
     @property
     def parameter_bytes(self) -> int:
@@ -209,9 +220,11 @@ class ModelRunner:
         # Sampling rows whose input token is still on the device, sampled by the step in flight.
         pending_rows = np.fromiter((s.pending_row for s in seqs), np.int64, n)[samples]
         pending = pending_rows >= 0
+        tiles = (query_tiles(query_lens, starts, self.tokens_per_tile) if self.tokens_per_tile
+                 else np.zeros(0, np.int64))
         # positions first: at offset 0 always, which torch.compile's guards on the rotary see
-        positions, input_ids, slots, last, pending_at, pending_rows = self._upload(
-            [positions, input_ids, slots, last, last[pending], pending_rows[pending]], torch.int64)
+        positions, input_ids, slots, last, pending_at, pending_rows, tiles = self._upload(
+            [positions, input_ids, slots, last, last[pending], pending_rows[pending], tiles], torch.int64)
         cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
         if pending.any():
             input_ids[pending_at] = previous_tokens[pending_rows]
@@ -223,6 +236,7 @@ class ModelRunner:
             cu_seqlens_k=cu_k,
             context_lens=context_lens,
             max_seqlen_q=max(batch.query_lens),
+            query_tiles=tiles if self.tokens_per_tile else None,
         )
         return ModelInputs(input_ids, positions, ctx, last, sampling=None)
 
@@ -254,9 +268,8 @@ class ModelRunner:
         """Logits of the token each sequence samples next ([num_seqs, vocab_size]), and whether
         a CUDA graph was replayed."""
         ctx = inputs.ctx
-        graphs = self.graphs
-        use_graph = (graphs is not None and not ctx.is_prefill
-                     and graphs.fits(len(inputs.input_ids), ctx.block_tables.shape[1]))
+        graphs = self.prefill_graphs if ctx.is_prefill else self.graphs
+        use_graph = graphs is not None and graphs.fits(len(inputs.input_ids), ctx)
         if use_graph:
             hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
         else:

@@ -82,7 +82,7 @@ def _collective_attrs() -> dict:
 
 # ---- a step's inputs, from rank 0 to the others ------------------------------------------------
 
-_CTX_TENSORS = ("slot_mapping", "block_tables", "cu_seqlens_q", "cu_seqlens_k", "context_lens")
+_CTX_TENSORS = ("slot_mapping", "block_tables", "cu_seqlens_q", "cu_seqlens_k", "context_lens", "query_tiles")
 
 
 def _pack(inputs: ModelInputs) -> tuple[tuple, torch.Tensor]:
@@ -103,7 +103,8 @@ def _unpack(header: tuple, flat: torch.Tensor) -> ModelInputs:
             continue
         shape, dtype = entry
         size = torch.Size(shape).numel()
-        tensors.append(flat[offset:offset + size].view(shape).to(dtype))
+        # a copy of its own: aligned as on rank 0 (Triton compiles a kernel per pointer alignment)
+        tensors.append(flat[offset:offset + size].view(shape).to(dtype, copy=True))
         offset += size
     input_ids, positions, logits_indices, *ctx_tensors = tensors
     ctx = ForwardContext(is_prefill, **dict(zip(_CTX_TENSORS, ctx_tensors)), max_seqlen_q=max_seqlen_q,

@@ -26,10 +26,11 @@ class ResolvedConfig:
     num_kvcache_blocks: int | None     # None until the KV cache is sized, after the model has loaded
     gpu_memory_utilization: float
     enforce_eager: bool                # also at trace level debug: per-layer spans need the eager forward
-    cuda_graphs: bool                  # decode steps replay CUDA graphs
+    cuda_graphs: bool                  # decode steps (and prefills up to cudagraph_max_prefill_tokens) replay CUDA graphs
     torch_compile: bool                # the small layers and the sampler are fused by torch.compile
     tensor_parallel_size: int
     cudagraph_max_batch_size: int
+    cudagraph_max_prefill_tokens: int  # 0 where prefills run eagerly
     max_logprobs: int
     cpu_threads: int | None            # the CPU device's torch threads (None on CUDA)
 
@@ -56,6 +57,8 @@ def resolve_config(config: EngineConfig, spec: ModelSpec, level: TraceLevel, dev
     dtype = _dtype(config, spec, on_cuda)
     backend = choose_backend(config.attention_backend, torch.device(device), getattr(torch, dtype), spec.head_dim)
     enforce_eager = config.enforce_eager or level is TraceLevel.DEBUG
+    # The torch reference syncs with the host (.tolist()), which a graph cannot capture.
+    cuda_graphs = on_cuda and not enforce_eager and backend != "torch"
     decided = dict(
         device=device,
         trace_level=str(level),
@@ -63,8 +66,10 @@ def resolve_config(config: EngineConfig, spec: ModelSpec, level: TraceLevel, dev
         attention_backend=backend,
         max_model_len=max_model_len,
         enforce_eager=enforce_eager,
-        # The torch reference syncs with the host (.tolist()), which a graph cannot capture.
-        cuda_graphs=on_cuda and not enforce_eager and backend != "torch",
+        cuda_graphs=cuda_graphs,
+        # FlashAttention-4's prefill launch depends on the longest prompt: only Triton's is captured.
+        cudagraph_max_prefill_tokens=(min(config.cudagraph_max_prefill_tokens, config.max_num_batched_tokens)
+                                      if cuda_graphs and backend == "triton" else 0),
         torch_compile=on_cuda if config.torch_compile is None else config.torch_compile,
         cpu_threads=None if on_cuda else _cpu_threads(config),
     )

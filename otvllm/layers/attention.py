@@ -18,6 +18,7 @@ class ForwardContext:
     max_seqlen_q: int = 0                      # prefill, known on the host
     context_lens: torch.Tensor | None = None   # tokens in the cache per sequence (flash_attn prefill, decode)
     max_context_len: int = 0                   # decode, known on the host
+    query_tiles: torch.Tensor | None = None    # prefill on Triton: its work list (ops/query_tiles.py)
 
 
 class Attention(nn.Module):
@@ -39,6 +40,7 @@ class Attention(nn.Module):
         backend = self.backend
         if ctx.is_prefill:
             return backend.prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
-                                   ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale)
+                                   ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, ctx.query_tiles,
+                                   self.scale)
         return backend.decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
                               ctx.max_context_len, self.scale)

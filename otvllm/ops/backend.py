@@ -61,15 +61,24 @@ class AttentionBackend:
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         self._store(k, v, k_cache, v_cache, slot_mapping)
 
+    def tokens_per_tile(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        device: torch.device) -> int | None:
+        """Where the prefill takes a work list of query tiles (ops/query_tiles.py), the tokens
+        of a tile; else None."""
+        if self.name != "triton":
+            return None
+        from otvllm.ops import triton_prefill
+        return triton_prefill.tokens_per_tile(num_heads, num_kv_heads, head_dim, dtype, device)
+
     def prefill(self, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, context_lens, block_tables,
-                max_seqlen_q: int, scale: float) -> torch.Tensor:
+                max_seqlen_q: int, query_tiles, scale: float) -> torch.Tensor:
         if self.name == "torch":
             return self._prefill(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale)
         if self.name == "flash_attn":
             return self._prefill(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                  max_seqlen_q=max_seqlen_q)
         return self._prefill(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale,
-                             max_seqlen_q=max_seqlen_q)
+                             tiles=query_tiles)
 
     def decode(self, q, k_cache, v_cache, block_tables, context_lens, max_context_len: int,
                scale: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ sequence over its whole context (prefix-cached tokens plus the new ones, already
 into the cache), reading K/V through ``block_tables``. Query ``i`` of sequence ``b`` sits
 at position ``ctx_len_b - q_len_b + i``.
 
-Kernel layout: one program per (tile of query tokens, sequence, kv head). The tile packs
+Kernel layout: one program per (tile of query tokens, kv head); the tiles come from a list
+built on the host (ops/query_tiles.py), so the grid depends on the token count alone. The tile packs
 all ``G = H // KVH`` query heads of the kv head's group (rows ``token * G + head``), so
 each K/V tile loaded from the cache serves the whole group. Online softmax in float32
 with ``exp2``; the key loop is split into the fully visible part (no mask) and the causal
@@ -15,6 +16,7 @@ diagonal (masked).
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,8 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older triton: pointer loads only
     TensorDescriptor = None
+
+from otvllm.ops.query_tiles import query_tiles
 
 _LOG2E = 1.4426950408889634
 
@@ -61,7 +65,7 @@ def _load_kv_tile(base, desc, kvh, bt_row, start, offs_n, tile_offs, d, n_ok, st
 # The block table's width varies from step to step: no specialising on it (a recompile).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
-    Q, K, V, O, K_desc, V_desc, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
+    Q, K, V, O, K_desc, V_desc, tiles_ptr, cu_q_ptr, cu_k_ptr, bt_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -69,15 +73,14 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOK_M: tl.constexpr,
     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    seq = tl.program_id(1)
-    kvh = tl.program_id(2)
-    # heaviest (last) query tiles first
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile = tl.load(tiles_ptr + tl.program_id(0))
+    if tile < 0:   # padding of the list
+        return
+    seq = (tile >> 32).to(tl.int32)
+    tok0 = (tile & 0xFFFFFFFF).to(tl.int32)
+    kvh = tl.program_id(1)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    tok0 = pid_m * TOK_M
-    if tok0 >= q_len:
-        return
     kv_len = tl.load(cu_k_ptr + seq + 1) - tl.load(cu_k_ptr + seq)
     past = kv_len - q_len
 
@@ -174,15 +177,30 @@ def _tma_ok(cache: torch.Tensor, page: int, block_n: int) -> bool:
             and cache.data_ptr() % 16 == 0 and (kvh * d * cache.element_size()) % 16 == 0)
 
 
+def _launch_config(group: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                   config: dict | None) -> tuple[dict, int]:
+    """The settings and the rows of a tile (all the group's heads of its tokens)."""
+    cfg = {**prefill_config(head_dim, dtype, device), **(config or {})}
+    return cfg, max(cfg["BLOCK_M"], triton.next_power_of_2(group))
+
+
+def tokens_per_tile(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device, config: dict | None = None) -> int:
+    """Query tokens of one program: what ops/query_tiles.py lists the tiles in."""
+    group = num_heads // num_kv_heads
+    return _launch_config(group, head_dim, dtype, device, config)[1] // group
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, *,
-                      max_seqlen_q: int | None = None, out: torch.Tensor | None = None,
+                      tiles: torch.Tensor | None = None, out: torch.Tensor | None = None,
                       config: dict | None = None) -> torch.Tensor:
     """Causal varlen attention of new tokens q [num_tokens, H, D] over each sequence's paged
-    context. ``max_seqlen_q`` (the longest new-token count) avoids a device sync when
-    given; it must be >= the true maximum. ``out`` may be a preallocated [num_tokens, H, D]
-    tensor. ``config`` overrides the tile sizes (see :func:`prefill_config`)."""
+    context. ``tiles``, the kernel's work list (ops/query_tiles.py, for this head count and
+    ``config``; it may be padded with -1) avoids a device sync when given. ``out`` may be a
+    preallocated [num_tokens, H, D] tensor. ``config`` overrides the tile sizes (see
+    :func:`prefill_config`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, head_dim_k = k_cache.shape
     assert head_dim_k == head_dim and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
@@ -197,15 +215,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-    cfg = dict(prefill_config(head_dim, q.dtype, q.device))
-    if config:
-        cfg.update(config)
-    block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
+    cfg, block_m = _launch_config(group, head_dim, q.dtype, q.device, config)
     block_n = cfg["BLOCK_N"]
     tok_m = block_m // group
-    grid = (triton.cdiv(max_seqlen_q, tok_m), num_seqs, num_kv_heads)
+    if tiles is None:
+        cu_q, cu_k = cu_seqlens_q.cpu().numpy(), cu_seqlens_k.cpu().numpy()
+        query_lens = np.diff(cu_q)
+        tiles = torch.from_numpy(query_tiles(query_lens, np.diff(cu_k) - query_lens, tok_m)).to(q.device)
+    grid = (tiles.shape[0], num_kv_heads)
     dot_prec = "ieee" if q.dtype == torch.float32 or k_cache.dtype == torch.float32 else "tf32"
     use_tma = bool(cfg.get("tma", False)) and _tma_ok(k_cache, page, block_n) and _tma_ok(v_cache, page, block_n)
     if use_tma:
@@ -217,7 +234,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     else:
         k_desc, v_desc = k_cache, v_cache  # unused
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, k_desc, v_desc, cu_seqlens_q, cu_seqlens_k, block_tables,
+        q, k_cache, v_cache, out, k_desc, v_desc, tiles, cu_seqlens_q, cu_seqlens_k, block_tables,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -286,7 +286,8 @@ MODEL_HEAD_DIM = "otvllm.model.head_dim"
 MODEL_VOCAB_SIZE = "otvllm.model.vocab_size"
 MODEL_DTYPE = "otvllm.model.dtype"
 MODEL_PARAMETER_BYTES = "otvllm.model.parameter_bytes"
-CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"
+CUDA_GRAPH_BATCH_SIZES = "otvllm.cuda_graph.batch_sizes"          # decode graphs
+CUDA_GRAPH_PREFILL_TOKENS = "otvllm.cuda_graph.prefill_tokens"   # prefill (and mixed step) graphs; [] if none
 # the projections whose few-token products run the Triton GEMV, chosen by timing at start-up:
 # ["self_attn.o_proj: 1,2,4", ...]
 CUDA_GRAPH_TRITON_GEMV = "otvllm.cuda_graph.triton_gemv"

@@ -69,7 +69,9 @@ def kv_cache_attrs(runner) -> dict:
 
 
 def cuda_graph_attrs(runner) -> dict:
+    prefill = runner.prefill_graphs
     return {S.CUDA_GRAPH_BATCH_SIZES: list(runner.graphs.sizes),
+            S.CUDA_GRAPH_PREFILL_TOKENS: list(prefill.sizes) if prefill is not None else [],
             S.CUDA_GRAPH_TRITON_GEMV: [f"{role}: {','.join(map(str, counts))}"
                                        for role, counts in runner.gemv_choice.items()]}
 

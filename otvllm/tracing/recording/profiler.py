@@ -14,6 +14,7 @@ profiler's start and the conversion of its events; its model.forward does not.""
 
 import json
 import os
+import re
 
 import torch
 from torch.autograd import DeviceType
@@ -165,22 +166,18 @@ def _totals(spans: list, cuda: bool) -> dict:
 def _kernel_attrs(event, cuda: bool) -> dict:
     attrs = {S.KERNEL_NAME: event.name(), S.KERNEL_DEVICE: "cuda" if cuda else "cpu"}
     if cuda:
-        launch = _metadata(event)
+        text = event.metadata_json() or ""
         for key, attr in (("grid", S.KERNEL_GRID), ("block", S.KERNEL_BLOCK)):
-            if isinstance(launch.get(key), list):
-                attrs[attr] = [int(x) for x in launch[key]]
+            dims = _launch_dims(text, key)
+            if dims:
+                attrs[attr] = dims
     elif event.shapes():
         attrs[S.KERNEL_INPUT_SHAPES] = json.dumps(event.shapes())
     return attrs
 
 
-def _metadata(event) -> dict:
-    """Kineto's metadata of a device event (a kernel's grid and block), as a dict."""
-    text = (event.metadata_json() or "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text if text.startswith("{") else "{" + text + "}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+def _launch_dims(metadata: str, key: str) -> list[int] | None:
+    """A kernel's "grid" or "block" ([x, y, z]) from Kineto's metadata of a device event (which
+    torch 2.11 leaves empty: then None)."""
+    match = re.search(rf'"{key}"\s*:\s*\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]', metadata)
+    return [int(x) for x in match.groups()] if match else None
