@@ -21,7 +21,35 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
-class DecodeGraphs:
+class _Graphs:
+    """One graph per size in `sizes` (batch rows or tokens) of `model`'s forward, which writes
+    its rows of the static `hidden`."""
+
+    model: torch.nn.Module
+    sizes: list[int]
+    hidden: torch.Tensor
+    graphs: dict[int, torch.cuda.CUDAGraph]
+
+    def _args(self, size: int) -> tuple:
+        """The model's arguments for a graph of `size`: views of the static buffers."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Returns the memory pool, for other graphs to share."""
+        for size in reversed(self.sizes):   # largest first: the smaller graphs reuse its memory
+            args = self._args(size)
+            self.hidden[:size] = self.model(*args)   # warm-up: compiles kernels outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.hidden[:size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            torch.cuda.synchronize()
+        return pool
+
+
+class DecodeGraphs(_Graphs):
     def __init__(self, model, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.model = model
@@ -36,26 +64,12 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def _context(self, bs: int) -> ForwardContext:
+    def _args(self, bs: int) -> tuple:
         # max_context_len is fixed at capture: it only chooses the kernel's split count.
-        return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:bs],
-                              block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs],
-                              max_context_len=self.max_model_len)
-
-    @torch.inference_mode()
-    def capture(self, pool=None):
-        """Returns the memory pool, for other graphs to share."""
-        for bs in reversed(self.sizes):   # largest first: the smaller graphs reuse its memory pool
-            ctx = self._context(bs)
-            args = (self.input_ids[:bs], self.positions[:bs], ctx)
-            self.hidden[:bs] = self.model(*args)   # warm-up: compiles kernels outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self.hidden[:bs] = self.model(*args)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-        return pool
+        ctx = ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:bs],
+                             block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs],
+                             max_context_len=self.max_model_len)
+        return self.input_ids[:bs], self.positions[:bs], ctx
 
     def fits(self, num_tokens: int, ctx: ForwardContext) -> bool:
         return num_tokens <= self.sizes[-1] and ctx.block_tables.shape[1] <= self.block_tables.shape[1]
@@ -89,7 +103,7 @@ def prefill_graph_tokens(max_tokens: int) -> list[int]:
     return sizes + [max_tokens]
 
 
-class PrefillGraphs:
+class PrefillGraphs(_Graphs):
     """Steps with prompt tokens (prefills, and mixed steps whose decodes are one-token queries)
     on the Triton prefill kernel, whose launch depends only on the token count: its work list
     (ops/query_tiles.py) is padded with idle entries to the graph's length."""
@@ -111,26 +125,13 @@ class PrefillGraphs:
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def _context(self, tokens: int) -> ForwardContext:
-        return ForwardContext(is_prefill=True, slot_mapping=self.slot_mapping[:tokens],
-                              block_tables=self.block_tables, cu_seqlens_q=self.cu_seqlens_q,
-                              cu_seqlens_k=self.cu_seqlens_k, max_seqlen_q=tokens,
-                              query_tiles=self.tiles[:self.num_tiles[tokens]])
-
-    @torch.inference_mode()
-    def capture(self, pool=None):
-        """Returns the memory pool, for other graphs to share. The work list is idle while
-        capturing: the attention computes nothing until a replay fills it."""
-        for tokens in reversed(self.sizes):   # largest first: the smaller graphs reuse its memory
-            args = (self.input_ids[:tokens], self.positions[:tokens], self._context(tokens))
-            self.hidden[:tokens] = self.model(*args)   # warm-up: compiles kernels outside capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self.hidden[:tokens] = self.model(*args)
-            pool = graph.pool()
-            self.graphs[tokens] = graph
-            torch.cuda.synchronize()
-        return pool
+    def _args(self, tokens: int) -> tuple:
+        # The work list is idle while capturing: the attention computes nothing until a replay fills it.
+        ctx = ForwardContext(is_prefill=True, slot_mapping=self.slot_mapping[:tokens],
+                             block_tables=self.block_tables, cu_seqlens_q=self.cu_seqlens_q,
+                             cu_seqlens_k=self.cu_seqlens_k, max_seqlen_q=tokens,
+                             query_tiles=self.tiles[:self.num_tiles[tokens]])
+        return self.input_ids[:tokens], self.positions[:tokens], ctx
 
     def fits(self, num_tokens: int, ctx: ForwardContext) -> bool:
         return (num_tokens <= self.sizes[-1] and ctx.cu_seqlens_q.shape[0] - 1 <= self.max_seqs
