@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def run_script(name: str, *args, tmp_path, device: str = "cpu") -> subprocess.CompletedProcess:
+def run_script(name: str, *args, tmp_path, device: str | None = "cpu") -> subprocess.CompletedProcess:
+    """benchmarks/`name` with `args` (and --device, unless None) in a fresh environment."""
     if device == "cuda":
         # Engines of earlier tests that only a reference cycle still holds would keep most of the
         # GPU's memory from the script's process.
@@ -28,7 +29,8 @@ def run_script(name: str, *args, tmp_path, device: str = "cpu") -> subprocess.Co
            "OTVLLM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            # the repository first; then where the caller's packages live (the GPU machine's --target dir)
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--device", device, *args],
+    device_args = ["--device", device] if device else []
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *device_args, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
@@ -44,10 +46,29 @@ def config(model_dir: str) -> dict:
         return json.load(f)
 
 
-def test_latency_reports_ttft_and_tpot_for_every_context_and_batch(qwen3_dir, tmp_path):
+@pytest.fixture(scope="module")
+def latency_run(qwen3_dir, tmp_path_factory):
+    """(the run, its JSON file) of latency.py on CPU: run once, for this test and the figure's."""
+    tmp_path = tmp_path_factory.mktemp("latency")
     out = tmp_path / "latency.json"
     result = run_script("latency.py", "--model-dir", qwen3_dir, "--contexts", "16,24", "--batches", "1,2",
                         "--output-len", "5", "--repeats", "2", "--json", str(out), tmp_path=tmp_path)
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def scaling_run(qwen3_dir, tmp_path_factory):
+    """(the run, its JSON file) of scaling.py on CPU, as latency_run."""
+    tmp_path = tmp_path_factory.mktemp("scaling")
+    out = tmp_path / "scaling.json"
+    result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "256,1024",
+                        "--num-requests", "2,3", "--prompt-lens", "8,16", "--output-lens", "4,8", "--repeats", "1",
+                        "--json", str(out), tmp_path=tmp_path)
+    return result, out
+
+
+def test_latency_reports_ttft_and_tpot_for_every_context_and_batch(latency_run):
+    result, out = latency_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["context"], r["batch"]) for r in rows] == [(16, 1), (16, 2), (24, 1), (24, 2)]
@@ -115,11 +136,8 @@ def test_profile_step_prints_the_operator_table_and_the_step_by_family(qwen3_dir
     assert kv == layers * batch * (report["decode"]["mean_context"] * per_token + q_and_out)
 
 
-def test_scaling_reports_kv_cache_against_max_model_len_and_throughput_against_requests(qwen3_dir, tmp_path):
-    out = tmp_path / "scaling.json"
-    result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "256,1024",
-                        "--num-requests", "2,3", "--prompt-lens", "8,16", "--output-lens", "4,8", "--repeats", "1",
-                        "--json", str(out), tmp_path=tmp_path)
+def test_scaling_reports_kv_cache_against_max_model_len_and_throughput_against_requests(qwen3_dir, scaling_run):
+    result, out = scaling_run
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     cfg = config(qwen3_dir)
@@ -212,3 +230,44 @@ def test_prepare_cost_refuses_bad_input_before_any_work(tmp_path):
     line = usage_error(run_script("prepare_cost.py", "--block-sizes", "16,0", tmp_path=tmp_path))
     assert "--block-sizes" in line and "16,0" in line
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_the_scaling_figure_draws_what_the_two_benchmarks_measured(latency_run, scaling_run, tmp_path):
+    from benchmarks.plot_scaling import figure
+
+    (_, latency_file), (_, scaling_file) = latency_run, scaling_run
+    latency, scaling = json.loads(latency_file.read_text()), json.loads(scaling_file.read_text())
+    fig = figure(scaling, latency)
+    tput, ttft, kv, tpot = fig.axes
+
+    def series(ax) -> dict:
+        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+    rows = scaling["throughput"]
+    assert series(tput) == {"tracing off": ([r["requests"] for r in rows], [r["tok_s"] for r in rows])}
+    for ax, key in ((ttft, "ttft_ms"), (tpot, "tpot_p50_ms")):
+        assert series(ax) == {f"batch {b}": ([16, 24], [r[key] for r in latency["results"] if r["batch"] == b])
+                              for b in (1, 2)}
+    caches = scaling["kv_cache"]
+    assert series(kv) == {"sequences of full length": ([256, 1024], [r["full_length_seqs"] for r in caches])}
+
+    out = tmp_path / "scaling.png"
+    result = run_script("plot_scaling.py", str(scaling_file), str(latency_file), "-o", str(out), tmp_path=tmp_path,
+                        device=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_scaling_figure_names_a_bad_file_before_drawing(latency_run, tmp_path):
+    _, latency_file = latency_run
+    swapped = run_script("plot_scaling.py", str(latency_file), str(latency_file), "-o", str(tmp_path / "f.png"),
+                         tmp_path=tmp_path, device=None)
+    line = usage_error(swapped)
+    assert str(latency_file) in line and "not the JSON of benchmarks/scaling.py" in line
+    nowhere = run_script("plot_scaling.py", str(latency_file), str(latency_file), "-o", str(tmp_path / "no" / "f.png"),
+                         tmp_path=tmp_path, device=None)
+    assert "no directory" in usage_error(nowhere)
+    unknown = run_script("plot_scaling.py", str(latency_file), str(latency_file), "-o", str(tmp_path / "f.xyz"),
+                         tmp_path=tmp_path, device=None)
+    assert "name the image with one of the suffixes" in usage_error(unknown) and "png" in usage_error(unknown)
+    assert not (tmp_path / "f.png").exists()
