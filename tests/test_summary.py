@@ -47,11 +47,12 @@ def summary(tmp_path_factory):
     # 1 prefill step (10 ms) + decode steps of 4, 16 and 3 ms; steps 0 and 2 have their phases.
     gen = b.tracer.start_span(S.GENERATE, start_time=T0)
     _step(b, gen, 0, "prefill", 0, 10, 2, 30, [
-        (S.SCHEDULE, 0, 1, {}), (S.FORWARD, 1, 8, {S.MEM_PEAK: GiB + GiB // 2, S.GPU_TIME_MS: 6.5}),
+        (S.SCHEDULE, 0, 1, {}),
+        (S.FORWARD, 1, 8, {S.MEM_PEAK: GiB + GiB // 2, S.GPU_TIME_MS: 6.5, S.CUDA_GRAPH: True}),
         (S.SAMPLE, 8, 9, {}), (S.POSTPROCESS, 9, 10, {})])
     _step(b, gen, 1, "decode", 10, 14, 2, 2)
     _step(b, gen, 2, "decode", 14, 30, 1, 1, [
-        (S.SCHEDULE, 14, 15, {}), (S.FORWARD, 15, 28, {S.MEM_PEAK: 2 * GiB + GiB // 2}),
+        (S.SCHEDULE, 14, 15, {}), (S.FORWARD, 15, 28, {S.MEM_PEAK: 2 * GiB + GiB // 2, S.CUDA_GRAPH: False}),
         (S.SAMPLE, 28, 29, {}), (S.POSTPROCESS, 29, 30, {})])
     _step(b, gen, 3, "decode", 30, 33, 1, 1)
     b.span(REQUEST, 0, 14, gen, **REQUEST_IDS, **{S.GEN_AI_USAGE_INPUT_TOKENS: 20, S.GEN_AI_USAGE_OUTPUT_TOKENS: 2,
@@ -70,7 +71,8 @@ def summary(tmp_path_factory):
         S.TRACE_STEPS_DETAILED: 2, S.TRACE_STEPS_AGGREGATED: 98, S.TRACE_AGGREGATE_SPANS: 2,
         S.TRACE_STEPS_OVER_BUDGET: 0, S.STEPS_COUNT: 100, S.STEP_TIME_MEAN_MS: 9.4, S.STEP_TIME_P50_MS: 9.0,
         S.STEP_TIME_P99_MS: 12.0, S.STEP_TIME_MAX_MS: 250.0, S.SLOWEST_STEP_INDEX: 50})
-    _step(b, gen, 0, "prefill", 0, 10, 4, 1000, [(S.FORWARD, 1, 9, {S.MEM_PEAK: 3 * GiB})], base=t1)
+    _step(b, gen, 0, "prefill", 0, 10, 4, 1000, [(S.FORWARD, 1, 9, {S.MEM_PEAK: 3 * GiB, S.CUDA_GRAPH: False})],
+          base=t1)
     _step(b, gen, 50, "decode", 500, 750, 4, 4, base=t1)
     gen.end(end_time=t1 + 1000 * MS)
 
@@ -95,6 +97,12 @@ def summary(tmp_path_factory):
     _step(b, gen, 0, "prefill", 0, 5, 1, 7, base=t5)
     gen.set_status(trace.Status(trace.StatusCode.ERROR, "KeyboardInterrupt: "))
     gen.end(end_time=t5 + 200 * MS)
+    # Trace G: engine.init on CUDA, with decode and prefill graphs.
+    t6 = T0 + 6 * 10**9
+    init = b.tracer.start_span(S.ENGINE_INIT, start_time=t6)
+    b.span(S.CUDA_GRAPH_CAPTURE, 0, 1500, init, base=t6, **{S.CUDA_GRAPH_BATCH_SIZES: [1, 2, 4, 8, 16],
+                                                            S.CUDA_GRAPH_PREFILL_TOKENS: [16, 32, 1024, 1536, 8192]})
+    init.end(end_time=t6 + 1600 * MS)
     # Trace E: not otvllm's.
     b.span("GET /health", 0, 2, base=T0 + 4 * 10**9)
     provider.shutdown()
@@ -102,7 +110,7 @@ def summary(tmp_path_factory):
     text = summarize_file(str(path))
     print(text)
     blocks = text.split("\n\n")[1:]
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     return blocks
 
 
@@ -131,6 +139,8 @@ def test_generate_from_step_spans(summary):
     prefill, decode = _line(a, "prefill "), _line(a, "decode ")
     assert "1 steps" in prefill and "total    10.00 ms" in prefill and "min/mean/max 2/2.0/2" in prefill
     assert "3 steps" in decode and "mean    7.67 ms" in decode and "min/mean/max 1/1.3/2" in decode
+    # of the steps with a forward span: the prefill's replayed a graph, the decode's did not
+    assert prefill.endswith("from CUDA graphs 1/1") and decode.endswith("from CUDA graphs 0/1")
     assert "2.00 ms" in _line(a, S.SCHEDULE) and "6.1%" in _line(a, S.SCHEDULE)   # 2 of 33 ms
     assert "20.00 ms" in _line(a, S.FORWARD) and "60.6%" in _line(a, S.FORWARD)
     assert "6.50 ms" in _line(a, "(model.forward GPU time")
@@ -151,6 +161,7 @@ def test_generate_prefers_aggregates(summary):
     times = _line(b, "prefill_time")
     assert "prefill_time=40.00 ms" in times and "decode_time=900.00 ms" in times and "throughput=512.0 tok/s" in times
     assert "2 of 100 steps detailed" in b
+    assert "CUDA graphs" not in b   # no forward replayed one
     assert _line(b, "prefix cache hit rate").startswith("prefix cache hit rate: 25.0%")
     memory = _line(b, "CUDA memory")
     assert memory.startswith("CUDA memory: peak 5.00 GiB")
@@ -217,3 +228,9 @@ def test_debug_forward_parts_and_captured_content(tmp_path):
         f"{S.MLP} 3.00 ms 21.4%", f"{S.LM_HEAD} 2.50 ms 17.9%", "(outside the parts) 0.50 ms 3.6%"]
     assert ("content captured: 2 of 3 requests carry their prompt and output token ids and text; "
             "log-probabilities in 1 (top 3)") in lines
+
+
+def test_init_names_the_cuda_graphs_captured(summary):
+    g = summary[6]
+    assert _line(g, "CUDA graphs") == ("CUDA graphs: 5 decode batch sizes, 5 prefill token counts (up to 8,192 "
+                                       "tokens) captured in 1500.00 ms")

@@ -89,6 +89,11 @@ def _num(x) -> str:
     return f"{x:,}"
 
 
+def _replayed(step: _Span) -> list[bool]:
+    """Whether each forward of a step replayed a CUDA graph."""
+    return [f.get(S.CUDA_GRAPH) is True for f in step.children if f.name == S.FORWARD]
+
+
 def _json_list(value):
     if isinstance(value, str) and value.startswith("["):
         try:
@@ -152,6 +157,7 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
     if steps:
         traced = "" if len(steps) == n_steps else f" ({len(steps)} of {n_steps} steps detailed)"
         lines.append(f"  steps by phase{traced}:")
+        any_graphs = any(any(_replayed(s)) for s in steps)   # not on CPU, nor with enforce_eager
         for phase in phases:
             group = by_phase[phase]
             durations = [s.ms for s in group]
@@ -163,6 +169,9 @@ def _generate_lines(gen: _Span | None, spans: list[_Span]) -> list[str]:
                 line += f"  batch seqs min/mean/max {min(seqs)}/{sum(seqs) / len(seqs):.1f}/{max(seqs)}"
             if tokens:
                 line += f"  tokens/step {sum(tokens) / len(tokens):.1f}"
+            graphs = [r for s in group for r in _replayed(s)]
+            if any_graphs and graphs:
+                line += f"  from CUDA graphs {sum(graphs)}/{len(graphs)}"
             lines.append(line)
 
         step_ms = sum(s.ms for s in steps)
@@ -373,8 +382,11 @@ def _init_lines(init: _Span) -> list[str]:
     graphs = found.get(S.CUDA_GRAPH_CAPTURE)
     if graphs is not None:
         sizes = _json_list(graphs.get(S.CUDA_GRAPH_BATCH_SIZES, []))
-        count = len(sizes) if isinstance(sizes, list) else "?"
-        lines.append(f"  CUDA graphs: {count} batch sizes captured in {_ms(graphs.ms)}")
+        prefill = _json_list(graphs.get(S.CUDA_GRAPH_PREFILL_TOKENS, []))
+        line = f"  CUDA graphs: {len(sizes) if isinstance(sizes, list) else '?'} decode batch sizes"
+        if isinstance(prefill, list) and prefill:
+            line += f", {len(prefill)} prefill token counts (up to {_num(max(prefill))} tokens)"
+        lines.append(line + f" captured in {_ms(graphs.ms)}")
     peaks = [s.get(S.MEM_PEAK) for s in [init, *init.descendants()] if s.get(S.MEM_PEAK) is not None]
     lines.append(f"  CUDA memory: {f'peak {human_bytes(max(peaks))}' if peaks else 'n/a (CPU)'}")
     return lines
