@@ -12,22 +12,19 @@ any format matplotlib writes, from the file's suffix).
 """
 
 import argparse
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from otvllm.tracing.tools.jaeger_reader import read_json_file  # noqa: E402
 
 GIB = 1 << 30
 
 
 def read_json(path: str, keys: tuple[str, ...], what: str) -> dict:
     """The file's object, or ValueError naming the file and what is wrong with it."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    data = read_json_file(path)
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(f"{path}: not the JSON of {what} (no {', '.join(repr(k) for k in missing)})")

@@ -3,16 +3,21 @@
 import json
 
 
-def load_jaeger_json(path: str) -> list[dict]:
-    """The traces (the `data` list) of a Jaeger JSON file; ValueError naming the file and the
-    problem when it is not one."""
+def read_json_file(path: str):
+    """The file's JSON value; ValueError naming the file when it cannot be read or is not JSON."""
     try:
         with open(path) as f:
-            doc = json.load(f)
+            return json.load(f)
     except OSError as e:
         raise ValueError(f"{path}: cannot read it: {e.strerror}") from None
     except ValueError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def load_jaeger_json(path: str) -> list[dict]:
+    """The traces (the `data` list) of a Jaeger JSON file; ValueError naming the file and the
+    problem when it is not one."""
+    doc = read_json_file(path)
     data = doc.get("data") if isinstance(doc, dict) else doc
     if isinstance(data, dict):
         data = [data]
