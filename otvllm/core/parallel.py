@@ -22,6 +22,7 @@ from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from otvllm.core.model_runner import ModelInputs, ModelRunner
 from otvllm.core.resolved_config import ResolvedConfig
@@ -85,12 +86,19 @@ def _collective_attrs() -> dict:
 _CTX_TENSORS = ("slot_mapping", "block_tables", "cu_seqlens_q", "cu_seqlens_k", "context_lens", "query_tiles")
 
 
+def _slot(numel: int) -> int:
+    """int64 elements a tensor of `numel` takes in the flat tensor: each starts on a 16-byte
+    boundary, aligned as on rank 0 (Triton compiles a kernel per pointer alignment)."""
+    return numel + numel % 2
+
+
 def _pack(inputs: ModelInputs) -> tuple[tuple, torch.Tensor]:
     """(a picklable header, the index tensors flattened into one int64 tensor on the device)."""
     ctx = inputs.ctx
     tensors = [inputs.input_ids, inputs.positions, inputs.logits_indices, *(getattr(ctx, n) for n in _CTX_TENSORS)]
     layout = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors if t is not None])
+    flat = torch.cat([F.pad(t.reshape(-1).to(torch.int64), (0, _slot(t.numel()) - t.numel()))
+                      for t in tensors if t is not None])
     return (inputs.phase, ctx.is_prefill, ctx.max_seqlen_q, ctx.max_context_len, layout), flat
 
 
@@ -103,9 +111,8 @@ def _unpack(header: tuple, flat: torch.Tensor) -> ModelInputs:
             continue
         shape, dtype = entry
         size = torch.Size(shape).numel()
-        # a copy of its own: aligned as on rank 0 (Triton compiles a kernel per pointer alignment)
-        tensors.append(flat[offset:offset + size].view(shape).to(dtype, copy=True))
-        offset += size
+        tensors.append(flat[offset:offset + size].view(shape).to(dtype))
+        offset += _slot(size)
     input_ids, positions, logits_indices, *ctx_tensors = tensors
     ctx = ForwardContext(is_prefill, **dict(zip(_CTX_TENSORS, ctx_tensors)), max_seqlen_q=max_seqlen_q,
                          max_context_len=max_context_len)
@@ -113,7 +120,7 @@ def _unpack(header: tuple, flat: torch.Tensor) -> ModelInputs:
 
 
 def _flat_size(header: tuple) -> int:
-    return sum(int(torch.Size(entry[0]).numel()) for entry in header[4] if entry is not None)
+    return sum(_slot(int(torch.Size(entry[0]).numel())) for entry in header[4] if entry is not None)
 
 
 # ---- rank 0's side ---------------------------------------------------------------------------------
