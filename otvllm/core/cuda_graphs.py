@@ -22,13 +22,29 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class _Graphs:
-    """One graph per size in `sizes` (batch rows or tokens) of `model`'s forward, which writes
-    its rows of the static `hidden`."""
+    """One graph per size in `sizes` (batch rows or tokens) of `model`'s forward, which reads
+    its tokens from static buffers and writes its rows of the static `hidden`."""
 
-    model: torch.nn.Module
-    sizes: list[int]
-    hidden: torch.Tensor
-    graphs: dict[int, torch.cuda.CUDAGraph]
+    def __init__(self, model, sizes: list[int], hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.sizes = sizes
+        n = sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _load_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> int:
+        """Copies the step's tokens in; returns the size of the graph that holds them, whose
+        padded rows write to slot -1."""
+        n = input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = slot_mapping
+        self.slot_mapping[n:size] = -1
+        return size
 
     def _args(self, size: int) -> tuple:
         """The model's arguments for a graph of `size`: views of the static buffers."""
@@ -52,17 +68,11 @@ class _Graphs:
 class DecodeGraphs(_Graphs):
     def __init__(self, model, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device):
-        self.model = model
-        self.sizes = graph_batch_sizes(max_batch)
+        super().__init__(model, graph_batch_sizes(max_batch), hidden_size, dtype, device)
         self.max_model_len = max_model_len
         n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _args(self, bs: int) -> tuple:
         # max_context_len is fixed at capture: it only chooses the kernel's split count.
@@ -77,12 +87,8 @@ class DecodeGraphs(_Graphs):
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states of the batch's tokens: [num_seqs, hidden_size]."""
         n = input_ids.shape[0]
-        bs = next(b for b in self.sizes if b >= n)
+        bs = self._load_tokens(input_ids, positions, ctx.slot_mapping)
         width = ctx.block_tables.shape[1]
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = ctx.slot_mapping
-        self.slot_mapping[n:bs] = -1
         self.context_lens[:n] = ctx.context_lens
         self.context_lens[n:bs] = 0
         self.block_tables[:n, :width] = ctx.block_tables
@@ -110,20 +116,13 @@ class PrefillGraphs(_Graphs):
 
     def __init__(self, model, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, tokens_per_tile: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device):
-        self.model = model
-        self.sizes = prefill_graph_tokens(max_tokens)
+        super().__init__(model, prefill_graph_tokens(max_tokens), hidden_size, dtype, device)
         self.max_seqs = max_seqs
         self.num_tiles = {t: max_tiles(t, max_seqs, tokens_per_tile) for t in self.sizes}
-        n = self.sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.tiles = torch.full((self.num_tiles[n],), IDLE, dtype=torch.int64, device=device)
+        self.tiles = torch.full((self.num_tiles[self.sizes[-1]],), IDLE, dtype=torch.int64, device=device)
         self.cu_seqlens_q = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
         self.cu_seqlens_k = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _args(self, tokens: int) -> tuple:
         # The work list is idle while capturing: the attention computes nothing until a replay fills it.
@@ -139,18 +138,13 @@ class PrefillGraphs(_Graphs):
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states of the step's tokens: [num_tokens, hidden_size]."""
-        n = input_ids.shape[0]
-        tokens = next(t for t in self.sizes if t >= n)
+        tokens = self._load_tokens(input_ids, positions, ctx.slot_mapping)
         seqs, tiles = ctx.cu_seqlens_q.shape[0] - 1, ctx.query_tiles.shape[0]
         rows, width = ctx.block_tables.shape
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = ctx.slot_mapping
-        self.slot_mapping[n:tokens] = -1
         self.cu_seqlens_q[:seqs + 1] = ctx.cu_seqlens_q
         self.cu_seqlens_k[:seqs + 1] = ctx.cu_seqlens_k
         self.block_tables[:rows, :width] = ctx.block_tables
         self.tiles[:tiles] = ctx.query_tiles
         self.tiles[tiles:self.num_tiles[tokens]] = IDLE
         self.graphs[tokens].replay()
-        return self.hidden[:n]
+        return self.hidden[:input_ids.shape[0]]
