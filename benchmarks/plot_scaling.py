@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from otvllm.tracing.export.trace_file import directory_problem  # noqa: E402
 from otvllm.tracing.tools.jaeger_reader import read_json_file  # noqa: E402
 
 GIB = 1 << 30
@@ -99,9 +100,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", required=True, help="the image to write (e.g. scaling.png)")
     parser.add_argument("--backend", help="the attention backend's rows to draw (default: the first in the file)")
     args = parser.parse_args()
-    directory = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(directory):
-        parser.error(f"-o {args.output}: no directory {directory}")
+    problem = directory_problem(os.path.abspath(args.output))
+    if problem:
+        parser.error(f"-o {args.output}: {problem}")
     try:
         from matplotlib.figure import Figure
     except ImportError:

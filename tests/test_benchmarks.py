@@ -266,7 +266,7 @@ def test_the_scaling_figure_names_a_bad_file_before_drawing(latency_run, tmp_pat
     assert str(latency_file) in line and "not the JSON of benchmarks/scaling.py" in line
     nowhere = run_script("plot_scaling.py", str(latency_file), str(latency_file), "-o", str(tmp_path / "no" / "f.png"),
                          tmp_path=tmp_path, device=None)
-    assert "no directory" in usage_error(nowhere)
+    assert f"directory {tmp_path / 'no'} does not exist" in usage_error(nowhere)
     unknown = run_script("plot_scaling.py", str(latency_file), str(latency_file), "-o", str(tmp_path / "f.xyz"),
                          tmp_path=tmp_path, device=None)
     assert "name the image with one of the suffixes" in usage_error(unknown) and "png" in usage_error(unknown)
