@@ -1,5 +1,5 @@
 """Start-up's choice between cuBLAS and the Triton GEMV (core/gemv_choice.py), with the timings
-given: each projection takes the GEMV at the token counts where it is 10% faster, for every
+given: each projection takes the GEMV at the token counts where it is 5% faster, for every
 layer, and nothing above MAX_TOKENS is timed. (The timing itself needs CUDA graphs: the GPU
 tests in test_gpu_engine.py run it for real.)"""
 
@@ -12,7 +12,7 @@ from otvllm.layers.basic import Linear, MergedLinear
 from tests.helpers import make_llm
 
 
-def test_each_projection_takes_the_gemv_where_it_is_ten_percent_faster(qwen3_dir, monkeypatch):
+def test_each_projection_takes_the_gemv_where_it_is_five_percent_faster(qwen3_dir, monkeypatch):
     layers = make_llm(qwen3_dir).engine.runner.model.model.layers
     o_proj_shape = tuple(layers[0].self_attn.o_proj.weight.shape)
     timed = []   # (weight shape, tokens, on the GEMV?) of each timing
@@ -27,12 +27,12 @@ def test_each_projection_takes_the_gemv_where_it_is_ten_percent_faster(qwen3_dir
         return F.linear(x, weight, bias)
 
     def fake_replay_ms(fn):
-        # ms: o_proj's GEMV wins by 20% at 1 and 2 tokens and by 5% at 4; every other
+        # ms: o_proj's GEMV wins by 20% at 1 and 2 tokens and by 3% at 4; every other
         # projection is faster on cuBLAS
         fn()
         timed.append((seen["shape"], seen["tokens"], seen["gemv"]))
         if seen["shape"] == o_proj_shape and seen["gemv"]:
-            return {1: 0.8, 2: 0.8, 4: 0.95}[seen["tokens"]]
+            return {1: 0.8, 2: 0.8, 4: 0.97}[seen["tokens"]]
         return 1.2 if seen["gemv"] else 1.0
 
     from otvllm.ops import triton_gemv
