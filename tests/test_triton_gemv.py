@@ -43,6 +43,38 @@ def test_gemv_matches_torch(dtype, m, config, bias):
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * k ** 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 4])
+def test_gemv_of_silu_and_mul_matches_torch(dtype, m):
+    g = torch.Generator().manual_seed(10 + m)
+    n, k = 12, 72
+    gate_up = torch.randn(m, 2 * k, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    out = triton_gemv.gemv(gate_up, w, silu_and_mul=True, config=(4, 32, 4, 2))
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    activated = (torch.nn.functional.silu(gate) * up).to(dtype).float()
+    expected = activated @ w.float().T
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * k ** 0.5)
+
+
+def test_down_projection_on_the_gemv_takes_the_activation_into_its_kernel(monkeypatch):
+    from otvllm.layers.basic import EAGER, Linear, SiluAndMul
+    calls = []
+    real = triton_gemv.gemv
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    down = Linear(48, 16, bias=False).to(DEVICE)
+    down.gemv_tokens = frozenset({2})
+    act = SiluAndMul()
+    with torch.no_grad():
+        for tokens, fused in ((2, True), (3, False)):
+            gate_up = torch.randn(tokens, 96, device=DEVICE)
+            calls.clear()
+            out = down.forward_silu_and_mul(gate_up, act)
+            torch.testing.assert_close(out, EAGER.silu_and_mul(gate_up) @ down.weight.T, rtol=1e-5, atol=1e-4)
+            assert [kw.get("silu_and_mul") for kw in calls] == ([True] if fused else [])
+
+
 def test_gemv_reads_rows_of_a_strided_input():
     x = torch.randn(4, 96).to(DEVICE)[:, :64]      # a column slice: row stride 96
     w = torch.randn(16, 64).to(DEVICE)
@@ -60,4 +92,17 @@ def test_gpu_gemv_at_qwen3_shapes_in_bfloat16(n, k, m):
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     out = triton_gemv.gemv(x, w, b)
     expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_gpu_gemv_of_silu_and_mul_at_qwen3_down_proj_in_bfloat16(m):
+    torch.manual_seed(0)
+    gate_up = torch.randn(m, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5
+    out = triton_gemv.gemv(gate_up, w, silu_and_mul=True)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

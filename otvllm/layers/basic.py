@@ -108,6 +108,13 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.gemv_tokens)
 
+    def forward_silu_and_mul(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
+        """self(act(gate_up)); on the GEMV, one kernel that applies the activation as it reads."""
+        if gate_up.shape[0] in self.gemv_tokens:
+            from otvllm.ops import triton_gemv
+            return triton_gemv.gemv(gate_up, self.weight, self.bias, silu_and_mul=True)
+        return self(act(gate_up))
+
 
 class MergedLinear(nn.Module):
     """Several projections of the same input stacked into one weight (q/k/v, gate/up).

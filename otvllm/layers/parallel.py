@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from otvllm.layers.basic import Linear
+from otvllm.layers.basic import Linear, SiluAndMul
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,9 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor, act: SiluAndMul) -> torch.Tensor:
+        return self(act(gate_up))   # as Linear's, which may fuse the two
 
 
 def vocab_range(vocab_size: int, tp: TensorParallel) -> tuple[int, int]:

@@ -23,7 +23,7 @@ ACCUMULATOR = 4 * 4 * 1024   # float32 elements a program holds (BLOCK_M x BLOCK
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -32,9 +32,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_
         k = k0 + ks
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :],
                     mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :], mask=(ms[:, None] < M) & (k[None, :] < K),
-                    other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x_ptrs = x_ptr + ms[:, None] * stride_xm + k[None, :]
+        x_ok = (ms[:, None] < M) & (k[None, :] < K)
+        x = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+        if SILU_AND_MUL:   # x holds [gate, up]: the product's input is silu(gate) * up, rounded as stored
+            up = tl.load(x_ptrs + K, mask=x_ok, other=0.0).to(tl.float32)
+            x = (x * tl.sigmoid(x) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -51,16 +55,19 @@ def _config(m: int, k: int) -> tuple[int, int, int, int]:
     return block_n, block_k, 4, 3
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_and_mul: bool = False,
          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_TOKENS, last dim contiguous) @ weight[N, K].T + bias -> [M, N] in x's dtype."""
-    m, k = x.shape
+    """x [M, K] (M <= MAX_TOKENS, last dim contiguous) @ weight[N, K].T + bias -> [M, N] in x's dtype.
+    With `silu_and_mul`, x is [M, 2K] = [gate, up] and the product is of silu(gate) * up: the
+    activation is applied as the kernel reads its input, not by a kernel of its own."""
+    m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
-    assert m <= MAX_TOKENS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert m <= MAX_TOKENS and x.shape[1] == (2 * k if silu_and_mul else k)
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1
     block_n, block_k, num_warps, num_stages = config or _config(m, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, x.stride(0), weight.stride(0), y.stride(0),
         K=k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-        HAS_BIAS=bias is not None, num_warps=num_warps)
+        HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, num_warps=num_warps)
     return y
