@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otvllm.serving.detokenize import TextStream
-from otvllm.serving.engine_client import EngineClient, EngineFailed, QueueFull, ServerRequest
+from otvllm.serving.engine_client import EngineClient, EngineFailed, QueueFull, ServerRequest, next_updates
 from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
                                      now, usage)
 from otvllm.tokenizer import tokenize
@@ -120,29 +120,29 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         """Yields (choice, delta text, new token ids, their logprobs) until every choice ended."""
         remaining = len(choices)
         while remaining:
-            index, update = await updates.get()
-            choice = choices[index]
-            if choice.finish_reason is not None:
-                continue
-            if update.finish_reason == "error":
-                raise APIError(500, f"the engine failed: {engine.error}", kind="server_error")
-            before = choice.text.num_tokens
-            delta = choice.text.add(update.token_ids, final=update.finish_reason is not None)
-            kept = choice.text.num_tokens - before   # tokens after a stop string are dropped
-            ids, logprobs = update.token_ids[:kept], update.logprobs[:kept]
-            choice.token_ids += ids
-            choice.logprobs += logprobs
-            reason = update.finish_reason
-            if choice.text.stopped:
-                if reason is None:
-                    engine.abort(choice.request, "stop")
-                reason = "stop"
-            if reason is not None:
-                choice.finish_reason = reason
-                remaining -= 1
-                if metrics is not None:
-                    metrics.request_ended(choice.request, len(choice.token_ids), time.time_ns(), reason)
-            yield choice, delta, ids, logprobs
+            for index, update in await next_updates(updates):
+                choice = choices[index]
+                if choice.finish_reason is not None:
+                    continue
+                if update.finish_reason == "error":
+                    raise APIError(500, f"the engine failed: {engine.error}", kind="server_error")
+                before = choice.text.num_tokens
+                delta = choice.text.add(update.token_ids, final=update.finish_reason is not None)
+                kept = choice.text.num_tokens - before   # tokens after a stop string are dropped
+                ids, logprobs = update.token_ids[:kept], update.logprobs[:kept]
+                choice.token_ids += ids
+                choice.logprobs += logprobs
+                reason = update.finish_reason
+                if choice.text.stopped:
+                    if reason is None:
+                        engine.abort(choice.request, "stop")
+                    reason = "stop"
+                if reason is not None:
+                    choice.finish_reason = reason
+                    remaining -= 1
+                    if metrics is not None:
+                        metrics.request_ended(choice.request, len(choice.token_ids), time.time_ns(), reason)
+                yield choice, delta, ids, logprobs
 
     def abort_unfinished(choices: list[Choice]) -> None:
         for choice in choices:

@@ -42,6 +42,25 @@ class ServerRequest:
                                 self.arrival_ns)
 
 
+async def next_updates(updates: asyncio.Queue) -> list[tuple[int, Update]]:
+    """Wait for a request's next update, then take every one queued behind it, merged into one
+    per choice: when the front end falls behind the engine's steps, a choice's tokens of several
+    steps go out as one chunk, not one chunk each, and it catches up."""
+    merged: dict[int, Update] = {}
+    item = await updates.get()
+    while True:
+        index, update = item
+        before = merged.get(index)
+        if before is None:
+            merged[index] = update
+        elif before.finish_reason is None:   # nothing follows a choice's end
+            merged[index] = Update(update.rid, before.token_ids + update.token_ids, update.finish_reason,
+                                   before.logprobs + update.logprobs, before.first_token_ns or update.first_token_ns)
+        if updates.empty():
+            return list(merged.items())
+        item = updates.get_nowait()
+
+
 class EngineClient:
     def __init__(self, model: str, options: dict, max_queue: int, stream_interval_s: float,
                  run_rid: int | None, sink):
