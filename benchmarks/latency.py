@@ -37,6 +37,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.arguments import positive_ints  # noqa: E402
+
 SHIM = os.path.join(ROOT, "benchmarks", "fa2_api_on_fa4")
 NANOVLLM = "nano-vllm"
 EAGER_PREFILL = "otvllm-eager-prefill"   # otvllm with its prefills launched eagerly, not from CUDA graphs
@@ -175,16 +178,6 @@ def child(args) -> dict:
                               eager_prefill=name == EAGER_PREFILL)
     results = [measure(system, b, args.child_context, args.output_len, args.repeats) for b in args.batches]
     return {"attention_backend": system.backend, "results": results}
-
-
-def positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
-    return values
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.arguments import positive_ints  # noqa: E402
 from otvllm.config import EngineConfig  # noqa: E402
 from otvllm.core.model_runner import ModelRunner  # noqa: E402
 from otvllm.core.resolved_config import resolve_config  # noqa: E402
@@ -113,20 +114,10 @@ def time_prepare(runner: ModelRunner, batch: ScheduledBatch, previous, steps: in
     return best * 1e6
 
 
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return sizes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--block-sizes", type=parse_sizes, default=[16, 256])
+    parser.add_argument("--block-sizes", type=positive_ints, default=[16, 256])
     parser.add_argument("--cases", default="prefill,decode,mixed")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)

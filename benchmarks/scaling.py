@@ -31,6 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.arguments import positive_ints  # noqa: E402
+
 MAX_MODEL_LEN = 4096        # the throughput engine's, as in throughput.py
 MAX_NUM_SEQS = 512
 MIN_BATCHED_TOKENS = 16384  # EngineConfig's default max_num_batched_tokens
@@ -89,16 +91,6 @@ def throughput(model_dir: str, device: str, max_model_len: int, num_requests: li
                      "runs_s": seconds, "tok_s": sum(max_tokens) / statistics.median(seconds),
                      "steps": runs[-1][1], "preemptions": runs[-1][2]})
     return rows
-
-
-def positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
-    return values
 
 
 def length_range(text: str) -> tuple[int, int]:

@@ -232,6 +232,22 @@ def test_prepare_cost_refuses_bad_input_before_any_work(tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("stop", [False, True])
+def test_detokenize_cost_times_each_length_of_a_checked_stream(tmp_path, stop):
+    result = run_script("detokenize_cost.py", "--lengths", "16,40", *(["--stop"] if stop else []),
+                        tmp_path=tmp_path, device=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [(r[0], r[1], r[3:]) for r in rows] == [(n, "tokens:", ["us", "per", "chunk"]) for n in ("16", "40")]
+    assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_detokenize_cost_refuses_bad_lengths_before_any_work(tmp_path):
+    for bad in ("16,x", "16,0"):
+        line = usage_error(run_script("detokenize_cost.py", "--lengths", bad, tmp_path=tmp_path, device=None))
+        assert "--lengths" in line and bad in line
+
+
 def test_the_scaling_figure_draws_what_the_two_benchmarks_measured(latency_run, scaling_run, tmp_path):
     from benchmarks.plot_scaling import figure
 
