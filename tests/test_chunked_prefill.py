@@ -98,6 +98,22 @@ def test_blocks_of_a_preempted_chunked_prompt_are_not_reused_before_computed(qwe
     assert out.token_ids == hf_greedy(qwen3_dir, again, GREEDY.max_tokens)
 
 
+def test_at_debug_a_mixed_steps_attention_layers_say_they_took_the_prefill_path(qwen3_dir, tmp_path):
+    prompts = random_prompts([10, 14, 100], seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    spans, _ = traced(tmp_path, lambda: make_llm(qwen3_dir, trace_level="debug", **CHUNKED).generate(
+        prompts, params, use_tqdm=False))
+    forwards = {s["span_id"]: s["attributes"] for s in by_name(spans, S.FORWARD)}
+    layers = [s for s in by_name(spans, S.ATTENTION) if s["parent_span_id"] in forwards]
+    path_by_phase = {}
+    for layer in layers:
+        forward = forwards[layer["parent_span_id"]]
+        path_by_phase.setdefault(forward[S.PHASE], set()).add(layer["attributes"][S.ATTENTION_PATH])
+        assert S.PHASE not in layer["attributes"]   # the step's phase is its forward's
+        assert layer["attributes"][S.SHAPE_PREFIX + "q"][0] == forward[S.SHAPE_PREFIX + "input_ids"][0]
+    assert path_by_phase == {"prefill": {"prefill"}, "mixed": {"prefill"}, "decode": {"decode"}}
+
+
 def test_decodes_continue_while_a_long_prompt_is_chunked_and_the_trace_says_so(qwen3_dir, tmp_path):
     prompts = random_prompts([10, 14, 300], seed=37)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)

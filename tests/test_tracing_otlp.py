@@ -293,7 +293,7 @@ def test_level_debug_adds_per_sequence_blocks_and_attention_layers(qwen3_dir):
         -(-len(p) // BLOCK) for p in PROMPTS)
     layers = by_name(spans, S.ATTENTION)
     assert len(layers) == spec.num_layers * PARAMS.max_tokens
-    prefill_layer = [s for s in layers if s["attributes"][S.PHASE] == "prefill"][0]["attributes"]
+    prefill_layer = [s for s in layers if s["attributes"][S.ATTENTION_PATH] == "prefill"][0]["attributes"]
     total = sum(len(p) for p in PROMPTS)
     assert prefill_layer[S.SHAPE_PREFIX + "q"] == [total, spec.num_heads, spec.head_dim]
     assert prefill_layer[S.SHAPE_PREFIX + "k"] == [total, spec.num_kv_heads, spec.head_dim]

@@ -170,6 +170,7 @@ SHAPE_PREFIX = "otvllm.shape."
 CUDA_GRAPH = "otvllm.forward.cuda_graph"
 GPU_TIME_MS = "otvllm.forward.gpu_time_ms"
 ATTENTION_BACKEND = "otvllm.attention.backend"
+ATTENTION_PATH = "otvllm.attention.path"         # prefill | decode: the kernel (a mixed step's decodes are one-token prefill queries)
 LAYER_INDEX = "otvllm.layer.index"
 NORM_POSITION = "otvllm.norm.position"           # input | post_attention | final
 

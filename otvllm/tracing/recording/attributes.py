@@ -189,7 +189,7 @@ def attention_attrs(module, args, output) -> dict:
     x, ctx = args[1], args[2]
     n, attn = x.shape[0], module.attn
     return {
-        S.LAYER_INDEX: attn.layer_index, S.PHASE: "prefill" if ctx.is_prefill else "decode",
+        S.LAYER_INDEX: attn.layer_index, S.ATTENTION_PATH: "prefill" if ctx.is_prefill else "decode",
         S.SHAPE_PREFIX + "q": [n, module.num_heads, module.head_dim],
         S.SHAPE_PREFIX + "k": [n, module.num_kv_heads, module.head_dim],
         S.SHAPE_PREFIX + "v": [n, module.num_kv_heads, module.head_dim],
