@@ -11,8 +11,8 @@ from otvllm.cli import main
 from otvllm.tracing import schema as S
 from otvllm.tracing.tools.plot import GPU_TIME, OTHER, STRETCH_MEAN
 
-PER_STEP = [*S.STEP_PHASE_SPANS, OTHER, "sequences", "batched tokens", "KV blocks used", "KV blocks free",
-            "preempted"]
+PER_STEP = [*S.STEP_PHASE_SPANS, OTHER, "sequences", "prompt tokens", "decode tokens", "KV blocks used",
+            "KV blocks free", "preempted"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_plot_json_has_one_point_per_step_for_each_series(trace_file, tmp_path, 
     for name in PER_STEP:
         assert drawn[name][0] == list(steps), name          # a point at each step's index
     assert drawn["sequences"][1] == [s["tags"][S.NUM_SEQS] for s in steps.values()]
-    assert drawn["batched tokens"][1] == [s["tags"][S.NUM_BATCHED_TOKENS] for s in steps.values()]
+    assert drawn["prompt tokens"][1] == [s["tags"][S.NUM_PREFILL_TOKENS] for s in steps.values()]
+    assert drawn["decode tokens"][1] == [s["tags"][S.NUM_DECODE_TOKENS] for s in steps.values()]
+    assert [p + d for p, d in zip(drawn["prompt tokens"][1], drawn["decode tokens"][1])] == [
+        s["tags"][S.NUM_BATCHED_TOKENS] for s in steps.values()]
     schedule = [s["children"][S.SCHEDULE] for s in steps.values()]
     assert drawn["KV blocks used"][1] == [c[S.BLOCKS_USED] for c in schedule]
     assert drawn["KV blocks free"][1] == [c[S.BLOCKS_FREE] for c in schedule]

@@ -1,6 +1,7 @@
 """`otvllm trace plot FILE -o run.html`: a run's shape over its steps, drawn with plotly from a
-Jaeger JSON trace file alone: step time split by phase (and GPU time), batch size and
-tokens, KV blocks used and free, preemptions, CUDA memory and GPU utilisation.
+Jaeger JSON trace file alone: step time split by phase (and GPU time), batch size, tokens
+(prompt tokens and decode tokens, stacked), KV blocks used and free, preemptions, CUDA memory
+and GPU utilisation.
 
 One point per detailed step (`engine.step`), at its `otvllm.step.index`, lines broken where
 steps are not detailed; those show as their stretch's mean time (`engine.steps`). Rows with nothing to show
@@ -74,7 +75,8 @@ def _step_figures(step: dict, children: dict) -> dict:
     a = span_tags(step)
     ms = step.get("duration", 0) / 1000
     figures = {"index": a.get(S.STEP_INDEX), "phase": a.get(S.PHASE), "time_ms": ms,
-               "seqs": a.get(S.NUM_SEQS), "tokens": a.get(S.NUM_BATCHED_TOKENS),
+               "seqs": a.get(S.NUM_SEQS), "prefill_tokens": a.get(S.NUM_PREFILL_TOKENS),
+               "decode_tokens": a.get(S.NUM_DECODE_TOKENS),
                "utilization": a.get(S.GPU_UTILIZATION), "memory_utilization": a.get(S.GPU_MEMORY_UTILIZATION)}
     phases = dict.fromkeys(S.STEP_PHASE_SPANS, 0.0)
     for child in children.get(step["spanID"], ()):
@@ -126,7 +128,8 @@ def figure(call: Call, title: str):
     rows = [("step time (ms)", [(name, _series(call, name), "bar") for name in (*S.STEP_PHASE_SPANS, OTHER)]
              + [(GPU_TIME, _series(call, "gpu_ms"), "line")]),
             ("sequences in the batch", [("sequences", _series(call, "seqs"), "line")]),
-            ("batched tokens", [("batched tokens", _series(call, "tokens"), "line")]),
+            ("batched tokens", [("prompt tokens", _series(call, "prefill_tokens"), "bar"),
+                                ("decode tokens", _series(call, "decode_tokens"), "bar")]),
             ("KV-cache blocks", [("KV blocks used", _series(call, "blocks_used"), "line"),
                                  ("KV blocks free", _series(call, "blocks_free"), "line")]),
             ("preempted sequences", [("preempted", _series(call, "preempted"), "bar")]),
