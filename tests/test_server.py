@@ -502,6 +502,27 @@ def test_sampling_parameters_reach_the_sampler(server, ref):
     assert text(temperature=1.0, seed=7, top_p=1e-6) == greedy            # and so does top_p
 
 
+def test_parameters_at_their_neutral_values_are_accepted_and_change_nothing(server, ref):
+    expected = ref.generate("neutral", 12).text
+    out = server.client().completions.create(
+        model=SYNTHETIC_NAME, prompt="neutral", max_tokens=12, temperature=0, presence_penalty=0,
+        frequency_penalty=0.0, logit_bias={}, best_of=1, user="someone",
+        extra_body={"repetition_penalty": 1.0, "min_p": 0.0, "some_future_field": 7})
+    assert out.choices[0].text == expected
+
+
+def test_stop_token_ids_end_the_completion_as_offline(server, ref):
+    free = ref.generate("stop here", 16, ignore_eos=True)
+    stop = free.token_ids[5]
+    expected = ref.generate("stop here", 16, ignore_eos=True, stop_token_ids=[stop])
+    assert expected.token_ids == free.token_ids[:free.token_ids.index(stop) + 1]
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt="stop here", max_tokens=16, temperature=0,
+                                             extra_body={"ignore_eos": True, "stop_token_ids": [stop]})
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason == "stop"
+    assert out.usage.completion_tokens == len(expected.token_ids)
+
+
 def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     prompts = [f"concurrent request number {i} " + "x" * (3 * i) for i in range(8)]
     expected = [ref.generate(p, 24) for p in prompts]
@@ -531,8 +552,15 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(prompt=""), "BadRequestError", 400, []),
     (dict(echo=True), "BadRequestError", 400, ["echo"]),
     (dict(logprobs=21), "BadRequestError", 400, ["logprobs", "20"]),
+    (dict(presence_penalty=0.5), "BadRequestError", 400, ["presence_penalty", "not supported"]),
+    (dict(frequency_penalty=-1.0), "BadRequestError", 400, ["frequency_penalty"]),
+    (dict(logit_bias={"5": 10}), "BadRequestError", 400, ["logit_bias"]),
+    (dict(best_of=3), "BadRequestError", 400, ["best_of"]),
+    (dict(extra_body={"repetition_penalty": 1.3}), "BadRequestError", 400, ["repetition_penalty"]),
+    (dict(extra_body={"stop_token_ids": [-1]}), "BadRequestError", 400, ["stop_token_ids"]),
 ], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-2", "temperature-negative",
-        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit"])
+        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty",
+        "frequency-penalty", "logit-bias", "best-of", "repetition-penalty", "negative-stop-token-id"])
 def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):
     request = dict(model=SYNTHETIC_NAME, prompt="hello", max_tokens=4)
     request.update(kwargs)
@@ -656,19 +684,23 @@ def test_chat_logprobs(chat_server, chat_ref):
     assert plain.choices[0].logprobs is None
 
 
-@pytest.mark.parametrize("kwargs, exc_type", [
-    (dict(messages=[]), "BadRequestError"),
-    (dict(n=2), "BadRequestError"),
-    (dict(temperature=-1), "BadRequestError"),
-    (dict(max_tokens=0), "BadRequestError"),
-    (dict(model="synthetic-qwen3-v1"), "NotFoundError"),
-], ids=["empty-messages", "n-2", "temperature-negative", "max-tokens-0", "unknown-model"])
-def test_bad_chat_requests(chat_server, kwargs, exc_type):
+@pytest.mark.parametrize("kwargs, exc_type, word", [
+    (dict(messages=[]), "BadRequestError", "messages"),
+    (dict(n=2), "BadRequestError", "n=2"),
+    (dict(temperature=-1), "BadRequestError", "temperature"),
+    (dict(max_tokens=0), "BadRequestError", "max_tokens"),
+    (dict(model="synthetic-qwen3-v1"), "NotFoundError", "synthetic-qwen3-v1"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+     "BadRequestError", "tools"),
+    (dict(response_format={"type": "json_object"}), "BadRequestError", "response_format"),
+], ids=["empty-messages", "n-2", "temperature-negative", "max-tokens-0", "unknown-model", "tools",
+        "response-format-json"])
+def test_bad_chat_requests(chat_server, kwargs, exc_type, word):
     request = dict(model="tiny-chat", messages=MESSAGES, max_tokens=4)
     request.update(kwargs)
     with pytest.raises(getattr(openai, exc_type)) as info:
         chat_server.client().chat.completions.create(**request)
-    error_of(info.value)
+    assert word in error_of(info.value)["message"]
     assert get(chat_server.port, "/health")[0] == 200
 
 

@@ -20,12 +20,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Fields of the OpenAI API, and vLLM's extensions, that change what is generated and that
+# otvllm does not implement, with the values that leave the output as it is. A request that
+# sets one to anything else gets a 400 naming it, never an answer that silently ignores it.
+# Fields that change nothing generated (user, metadata, store, ...) are accepted and ignored.
+UNSUPPORTED = {
+    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "min_p": (None, 0), "min_tokens": (None, 0), "use_beam_search": (None, False),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "prediction": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "structured_outputs": (None,), "prompt_logprobs": (None,),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")   # checked against UNSUPPORTED in sampling_params
 
     model: str
     temperature: float | None = None
@@ -38,6 +53,7 @@ class _Sampling(BaseModel):
     # otvllm's (and vLLM's) extensions
     top_k: int = -1
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -45,6 +61,10 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name}={value!r} is not supported by otvllm (it would change the output, "
+                                    f"and otvllm does not implement it); leave it out", param=name)
         if self.n != 1:
             raise APIError(400, f"n={self.n} is not supported: otvllm returns one choice per prompt (n=1)", param="n")
         if max_tokens is not None and max_tokens < 1:
@@ -54,7 +74,7 @@ class _Sampling(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k,
                 max_tokens=16 if max_tokens is None else max_tokens, ignore_eos=self.ignore_eos,
-                seed=self.seed, logprobs=logprobs)
+                seed=self.seed, logprobs=logprobs, stop_token_ids=self.stop_token_ids)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
