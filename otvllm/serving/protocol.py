@@ -29,8 +29,8 @@ UNSUPPORTED = {
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "repetition_penalty": (None, 1),
     "min_p": (None, 0), "min_tokens": (None, 0), "use_beam_search": (None, False),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "prediction": (None,), "audio": (None,),
-    "modalities": (None, ["text"]), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "prediction": (None,),
+    "audio": (None,), "modalities": (None, ["text"]), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "structured_outputs": (None,), "prompt_logprobs": (None,),
 }
 
