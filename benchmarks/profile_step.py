@@ -11,7 +11,10 @@ of the two it prints:
     (every weight once plus their inputs and outputs; every sequence's K and V once plus q and
     the output) over their time: the achieved GB/s, against
     the device copy rate measured in the same run with a large device-to-device copy (and
-    TFLOP/s, which is what bounds a prefill);
+    TFLOP/s, which is what bounds a prefill); and, for decode, `--steps` more steps timed
+    without the profiler by CUDA events around each: what that adds to the kernels' time is
+    the GPU idling between kernels and waiting for the host (the profiler itself widens those
+    gaps, so they are not read from the profile);
   - on CPU (so that the script can be checked without a GPU): torch.profiler's aten-operator
     table, and the same families over the operators' self time.
 
@@ -29,6 +32,7 @@ import json
 import os
 import random
 import re
+import statistics
 import sys
 import time
 
@@ -147,6 +151,19 @@ def summarise(times: dict, steps: int, work: dict, copy_bytes_s: float | None, n
                          "time_us_per_step": ns * per_step / 1e3} for name, (calls, ns, family) in top]}
 
 
+def unprofiled_gpu_us(step, steps: int) -> float:
+    """Median GPU time of `steps` calls of `step`, from CUDA events recorded around each."""
+    events = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
+
+
 def print_phase(title: str, summary: dict, cuda: bool, top: int) -> None:
     what, unit = ("kernels", "GPU") if cuda else ("operators", "CPU (operators' self time)")
     print(f"\n{title}")
@@ -164,6 +181,11 @@ def print_phase(title: str, summary: dict, cuda: bool, top: int) -> None:
             extra = f" {f['bytes_per_step'] / 1e6:9.2f} {f['gb_s']:8.1f} {of_copy} {f['tflop_s']:8.2f}"
         print(f"  {name:10s} {f['kernels_per_step']:8.1f} {f['time_us_per_step']:10.1f} "
               f"{100 * f['share']:6.1f}%{extra}")
+    if "unprofiled_gpu_us_per_step" in summary:
+        idle = summary["unprofiled_gpu_us_per_step"] - summary["time_us_per_step"]
+        print(f"  without the profiler: {summary['unprofiled_gpu_us_per_step']:.1f} us of GPU time per step "
+              f"(CUDA events, median), {idle:.1f} us more than its kernels "
+              f"({idle / summary['kernels_per_step']:.2f} us per kernel): the GPU idle between them")
     print(f"  top {top} by time:")
     for k in summary["kernels"][:top]:
         print(f"    {k['time_us_per_step']:9.1f} us {k['calls_per_step']:7.1f}x  {k['family']:9s} {k['name'][:110]}")
@@ -195,7 +217,7 @@ def main() -> None:
 
     from benchmarks.throughput import copy_bandwidth, make_model
     from otvllm import LLM, SamplingParams
-    new_tokens = args.warmup_steps + args.steps + 2
+    new_tokens = args.warmup_steps + 2 * args.steps + 2
     max_model_len = args.context + new_tokens
     try:
         llm = LLM(make_model(args.model_dir), device=device, attention_backend=args.attention_backend,
@@ -245,6 +267,8 @@ def main() -> None:
         decode = summarise(kernel_times(prof, cuda), args.steps, work, copy_rate, spec.num_layers)
         decode["wall_us_per_step"] = seconds * 1e6 / args.steps
         decode["mean_context"] = sum(mean_lens) / len(mean_lens)
+        if cuda:
+            decode["unprofiled_gpu_us_per_step"] = unprofiled_gpu_us(engine.step, args.steps)
         if not cuda:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         while not engine.is_finished():

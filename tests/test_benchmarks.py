@@ -183,6 +183,7 @@ def test_gpu_profile_step_finds_every_kernel_family(qwen3_dir, tmp_path, backend
         assert families["rope"]["kernels_per_step"] == families["KV store"]["kernels_per_step"] == 0
         assert families["GEMM"]["kernels_per_step"] >= 4 * layers + 1
         assert families["GEMM"]["of_copy"] > 0 and families["attention"]["of_copy"] > 0
+    assert report["decode"]["unprofiled_gpu_us_per_step"] > 0 and "unprofiled_gpu_us_per_step" not in report["prefill"]
 
 
 @pytest.mark.gpu
