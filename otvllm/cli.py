@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="ID[,ID...]",
                      help="also stop when one of these token ids is generated")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="subtracted from the logit of each token the output already holds, in [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="subtracted from a token's logit once per time the output holds it, in [-2, 2]")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="divides the positive logits (multiplies the negative ones) of tokens in the prompt "
+                          "or the output; 1 is none")
     gen.add_argument("--logprobs", type=_int_at_least(0), default=None, metavar="N",
                      help="report each generated token's log-probability and its N likeliest alternatives")
     gen.add_argument("--output", choices=("text", "json"), default="text",
@@ -228,7 +235,8 @@ def _requests(args) -> list[_Request]:
 
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                    ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                   logprobs=args.logprobs)
+                   logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                   frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
     params = SamplingParams(**options)
     given = []
     for i, prompt in enumerate(args.prompt, 1):

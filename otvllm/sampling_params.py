@@ -14,9 +14,16 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None    # makes this request's samples reproducible, whatever the batch
     logprobs: int | None = None  # return the top-N log-probabilities of each generated token
+    # Penalties on tokens already there, applied to the logits before temperature, top-k and
+    # top-p (vLLM's and OpenAI's meanings): presence subtracts once per token the output holds,
+    # frequency once per occurrence in the output; repetition divides a positive logit (multiplies
+    # a negative one) of each token in the prompt or the output.
+    presence_penalty: float = 0.0    # in [-2, 2]
+    frequency_penalty: float = 0.0   # in [-2, 2]
+    repetition_penalty: float = 1.0  # > 0; 1 is none
 
     def __post_init__(self):
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -24,6 +31,11 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -42,3 +54,7 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {bad[0]!r}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -511,6 +511,17 @@ def test_parameters_at_their_neutral_values_are_accepted_and_change_nothing(serv
     assert out.choices[0].text == expected
 
 
+def test_penalties_reach_the_sampler_as_offline(server, ref):
+    penalties = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
+    expected = ref.generate("penalised", 16, ignore_eos=True, **penalties)
+    assert expected.token_ids != ref.generate("penalised", 16, ignore_eos=True).token_ids
+    out = server.client().completions.create(
+        model=SYNTHETIC_NAME, prompt="penalised", max_tokens=16, temperature=0,
+        presence_penalty=penalties["presence_penalty"], frequency_penalty=penalties["frequency_penalty"],
+        extra_body={"ignore_eos": True, "repetition_penalty": penalties["repetition_penalty"]})
+    assert out.choices[0].text == expected.text
+
+
 def test_stop_token_ids_end_the_completion_as_offline(server, ref):
     free = ref.generate("stop here", 16, ignore_eos=True)
     stop = free.token_ids[5]
@@ -552,15 +563,17 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(prompt=""), "BadRequestError", 400, []),
     (dict(echo=True), "BadRequestError", 400, ["echo"]),
     (dict(logprobs=21), "BadRequestError", 400, ["logprobs", "20"]),
-    (dict(presence_penalty=0.5), "BadRequestError", 400, ["presence_penalty", "not supported"]),
-    (dict(frequency_penalty=-1.0), "BadRequestError", 400, ["frequency_penalty"]),
-    (dict(logit_bias={"5": 10}), "BadRequestError", 400, ["logit_bias"]),
+    (dict(presence_penalty=2.5), "BadRequestError", 400, ["presence_penalty", "[-2, 2]"]),
+    (dict(frequency_penalty=-3.0), "BadRequestError", 400, ["frequency_penalty"]),
+    (dict(extra_body={"repetition_penalty": 0}), "BadRequestError", 400, ["repetition_penalty"]),
+    (dict(logit_bias={"5": 10}), "BadRequestError", 400, ["logit_bias", "not supported"]),
     (dict(best_of=3), "BadRequestError", 400, ["best_of"]),
-    (dict(extra_body={"repetition_penalty": 1.3}), "BadRequestError", 400, ["repetition_penalty"]),
+    (dict(extra_body={"min_p": 0.1}), "BadRequestError", 400, ["min_p"]),
     (dict(extra_body={"stop_token_ids": [-1]}), "BadRequestError", 400, ["stop_token_ids"]),
 ], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-2", "temperature-negative",
-        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty",
-        "frequency-penalty", "logit-bias", "best-of", "repetition-penalty", "negative-stop-token-id"])
+        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty-range",
+        "frequency-penalty-range", "repetition-penalty-zero", "logit-bias", "best-of", "min-p",
+        "negative-stop-token-id"])
 def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):
     request = dict(model=SYNTHETIC_NAME, prompt="hello", max_tokens=4)
     request.update(kwargs)

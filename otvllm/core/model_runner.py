@@ -8,6 +8,7 @@ import torch
 
 from otvllm.core.cuda_graphs import DecodeGraphs, PrefillGraphs
 from otvllm.core.gemv_choice import choose_gemv
+from otvllm.core.penalty_inputs import penalty_inputs
 from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
@@ -181,8 +182,10 @@ class ModelRunner:
             inputs = self._prepare_decode(batch.seqs, previous_tokens)
         inputs.phase = batch.phase
         sampled = batch.sampled_seqs
-        inputs.sampling = SamplingBatch.from_params([s.params for s in sampled], [len(s) for s in sampled],
-                                                    self.spec.vocab_size, self.device) if sampled else None
+        if sampled:
+            inputs.sampling = SamplingBatch.from_params([s.params for s in sampled], [len(s) for s in sampled],
+                                                        self.spec.vocab_size, self.device)
+            inputs.sampling.penalties = penalty_inputs(sampled, previous_tokens, self.spec.vocab_size, self.device)
         return inputs
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:

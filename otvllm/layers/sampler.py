@@ -1,9 +1,44 @@
-"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds,
-and the top-N log-probabilities of each chosen token."""
+"""Token sampling on the logits' device: presence, frequency and repetition penalties, greedy,
+temperature, top-k, top-p, per-request seeds, and the top-N log-probabilities of each chosen
+token (of the model's own distribution, before penalties and temperature, as vLLM reports them)."""
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Penalties:
+    """The penalties of the rows that have any, and the tokens they apply to, on the device
+    (core/penalty_inputs.py builds it from the sequences)."""
+
+    rows: torch.Tensor              # [P] int64: the batch rows with penalties
+    presence: torch.Tensor          # [P, 1] float32
+    frequency: torch.Tensor         # [P, 1] float32
+    repetition: torch.Tensor | None  # [P, 1] float32, None when no row has one
+    output_ids: torch.Tensor        # [P, L] int64: each row's output tokens so far, padded with vocab_size
+    prompt_ids: torch.Tensor | None  # [P, L'] int64, padded likewise; for the repetition penalty
+    in_flight: torch.Tensor | None  # [P] int64: a row's last output token, still on the device; vocab_size where none
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits, in float32, with each penalised row's penalties applied (a new tensor)."""
+        vocab = logits.shape[1]
+        ids = self.output_ids if self.in_flight is None else torch.cat([self.output_ids, self.in_flight[:, None]], 1)
+        counts = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.float32, device=logits.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+        counts = counts[:, :vocab]
+        present = counts > 0
+        scores = logits[self.rows].float()
+        if self.repetition is not None:   # first, as vLLM: on the logits as the model gave them
+            seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+            seen.scatter_(1, self.prompt_ids, True)
+            seen = seen[:, :vocab] | present
+            scores = torch.where(seen, torch.where(scores > 0, scores / self.repetition, scores * self.repetition),
+                                 scores)
+        scores = scores - self.frequency * counts - self.presence * present
+        out = logits.to(torch.float32, copy=True)
+        out[self.rows] = scores
+        return out
 
 
 @dataclass
@@ -21,6 +56,7 @@ class SamplingBatch:
     num_greedy: int                  # for the trace: the batch's sampling settings at a glance
     temperature_min: float
     temperature_max: float
+    penalties: Penalties | None = None   # set by the runner, which knows the sequences
 
     @classmethod
     def from_params(cls, params: list, positions: list[int], vocab_size: int,
@@ -118,7 +154,8 @@ class Sampler:
             self.gumbel_max(logits, torch.ones(rows, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-        tokens = logits.argmax(dim=-1) if batch.all_greedy else self._sample(logits, batch)
+        scores = logits if batch.penalties is None else batch.penalties.apply(logits)
+        tokens = scores.argmax(dim=-1) if batch.all_greedy else self._sample(scores, batch)
         if not batch.logprob_rows:
             return SampleResult(tokens, None, None, None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)

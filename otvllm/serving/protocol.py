@@ -26,7 +26,6 @@ class APIError(Exception):
 # Fields that change nothing generated (user, metadata, store, ...) are accepted and ignored.
 UNSUPPORTED = {
     "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "repetition_penalty": (None, 1),
     "min_p": (None, 0), "min_tokens": (None, 0), "use_beam_search": (None, False),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
     "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "prediction": (None,),
@@ -51,9 +50,12 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # otvllm's (and vLLM's) extensions
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     top_k: int = -1
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    repetition_penalty: float = 1.0
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -74,7 +76,9 @@ class _Sampling(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k,
                 max_tokens=16 if max_tokens is None else max_tokens, ignore_eos=self.ignore_eos,
-                seed=self.seed, logprobs=logprobs, stop_token_ids=self.stop_token_ids)
+                seed=self.seed, logprobs=logprobs, stop_token_ids=self.stop_token_ids,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

@@ -94,6 +94,9 @@ GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
 GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
 GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
 GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
+GEN_AI_REQUEST_PRESENCE_PENALTY = "gen_ai.request.presence_penalty"
+GEN_AI_REQUEST_FREQUENCY_PENALTY = "gen_ai.request.frequency_penalty"
+REQUEST_REPETITION_PENALTY = "otvllm.request.repetition_penalty"   # not in the GenAI conventions
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
@@ -213,6 +216,7 @@ SAMPLE_TOP_K = "otvllm.sampling.uses_top_k"
 SAMPLE_TOP_P = "otvllm.sampling.uses_top_p"
 SAMPLE_SEEDED = "otvllm.sampling.seeded_seqs"
 SAMPLE_LOGPROBS = "otvllm.sampling.logprobs_seqs"
+SAMPLE_PENALIZED = "otvllm.sampling.penalized_seqs"
 
 # scheduler.postprocess
 TOKENS_APPENDED = "otvllm.postprocess.tokens_appended"

@@ -138,6 +138,7 @@ def sample_attrs(result, logits, inputs) -> dict:
         S.SAMPLE_TEMPERATURE_MIN: sampling.temperature_min, S.SAMPLE_TEMPERATURE_MAX: sampling.temperature_max,
         S.SAMPLE_TOP_K: sampling.top_ks is not None, S.SAMPLE_TOP_P: sampling.top_ps is not None,
         S.SAMPLE_SEEDED: len(sampling.seeded_rows), S.SAMPLE_LOGPROBS: len(sampling.logprob_rows),
+        S.SAMPLE_PENALIZED: 0 if sampling.penalties is None else len(sampling.penalties.rows),
     }
 
 
@@ -216,6 +217,12 @@ def request_attrs(seq, model_name: str, ended_as: str | None = None) -> dict:
         attrs[S.GEN_AI_REQUEST_TOP_K] = p.top_k
     if p.seed is not None:
         attrs[S.GEN_AI_REQUEST_SEED] = p.seed
+    if p.presence_penalty:
+        attrs[S.GEN_AI_REQUEST_PRESENCE_PENALTY] = float(p.presence_penalty)
+    if p.frequency_penalty:
+        attrs[S.GEN_AI_REQUEST_FREQUENCY_PENALTY] = float(p.frequency_penalty)
+    if p.repetition_penalty != 1:
+        attrs[S.REQUEST_REPETITION_PENALTY] = float(p.repetition_penalty)
     if seq.first_scheduled_ns:
         attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
     if seq.first_token_ns:
