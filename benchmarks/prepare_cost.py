@@ -6,6 +6,9 @@ Cases, each at each block size:
   prefill  32 prompts x 512 tokens, nothing cached
   decode   256 sequences at ~1k tokens of context, their last tokens still on the device
   mixed    128 such decodes and 8 prompt chunks of 512 tokens, half after a cached prefix
+  penalties  the decode case with presence, frequency and repetition penalties on every
+           sequence: their prompt and output tokens are read each step (--cases penalties;
+           not in the default set)
 
 Prints µs per step, the best of --repeats rounds of --steps calls (the host is shared: the
 best round is the one least disturbed). On CUDA the copies are queued, not waited for:
@@ -37,6 +40,9 @@ from otvllm.tracing.level import TraceLevel  # noqa: E402
 
 MAX_MODEL_LEN = 4096
 PARAMS = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True)
+PENALISED = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True, presence_penalty=0.5,
+                           frequency_penalty=0.5, repetition_penalty=1.2)
+CASES = ("prefill", "decode", "mixed", "penalties")
 
 
 def make_runner(device: str, block_size: int) -> ModelRunner:
@@ -61,10 +67,14 @@ class Blocks:
         return self.ids[self.next - n:self.next]
 
 
-def decoding_seq(context: int, row: int, block_size: int, blocks: Blocks, rng: random.Random) -> Sequence:
-    """A sequence in steady decode: `context` tokens, the last one still to be sampled by row
-    `row` of the step in flight."""
-    seq = Sequence([rng.randrange(151936) for _ in range(context - 1)], PARAMS, block_size)
+def decoding_seq(context: int, row: int, block_size: int, blocks: Blocks, rng: random.Random,
+                 params: SamplingParams = PARAMS) -> Sequence:
+    """A sequence in steady decode: `context` tokens, half of them generated, the last one still
+    to be sampled by row `row` of the step in flight."""
+    tokens = [rng.randrange(151936) for _ in range(context - 1)]
+    seq = Sequence(tokens[:context // 2], params, block_size)
+    for token in tokens[context // 2:]:
+        seq.append_token(token)
     seq.append_pending(row)
     seq.num_computed_tokens = context - 1
     seq.is_prefill = False
@@ -83,9 +93,10 @@ def prompt_chunk(length: int, cached: int, block_size: int, blocks: Blocks, rng:
 def build_case(name: str, block_size: int, rng: random.Random) -> tuple[ScheduledBatch, torch.Tensor | None]:
     blocks = Blocks(1 << 16, rng)
     batch = ScheduledBatch([])
-    num_decodes = {"prefill": 0, "decode": 256, "mixed": 128}[name]
+    num_decodes = {"prefill": 0, "decode": 256, "mixed": 128, "penalties": 256}[name]
+    params = PENALISED if name == "penalties" else PARAMS
     for row in range(num_decodes):
-        batch.add_decode(decoding_seq(rng.randint(896, 1152), row, block_size, blocks, rng))
+        batch.add_decode(decoding_seq(rng.randint(896, 1152), row, block_size, blocks, rng, params))
     if name == "prefill":
         for _ in range(32):
             seq = prompt_chunk(512, 0, block_size, blocks, rng)
@@ -124,16 +135,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in ("prefill", "decode", "mixed")]
+    unknown = [c for c in cases if c not in CASES]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from prefill, decode, mixed")
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device")
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be positive")
 
     results = []
-    print(f"{'case':8} {'block':>5} {'seqs':>5} {'tokens':>7} {'us/step':>9}")
+    print(f"{'case':9} {'block':>5} {'seqs':>5} {'tokens':>7} {'us/step':>9}")
     for block_size in args.block_sizes:
         runner = make_runner(args.device, block_size)
         for name in cases:
@@ -144,7 +155,7 @@ def main() -> None:
             row = {"case": name, "block_size": block_size, "seqs": len(batch.seqs),
                    "tokens": batch.num_batched_tokens, "us_per_step": round(us, 1)}
             results.append(row)
-            print(f"{name:8} {block_size:5} {row['seqs']:5} {row['tokens']:7} {us:9.1f}")
+            print(f"{name:9} {block_size:5} {row['seqs']:5} {row['tokens']:7} {us:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "results": results}, f, indent=1)

@@ -8,7 +8,7 @@ import torch
 
 from otvllm.core.cuda_graphs import DecodeGraphs, PrefillGraphs
 from otvllm.core.gemv_choice import choose_gemv
-from otvllm.core.penalty_inputs import penalty_inputs
+from otvllm.core.penalty_inputs import PenaltyInputs
 from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.core.scheduler import ScheduledBatch
 from otvllm.core.sequence import Sequence
@@ -57,6 +57,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.backend = AttentionBackend(config.attention_backend)
         self.sampler = Sampler(compiled=config.torch_compile)
+        self.penalty_inputs = PenaltyInputs(spec.vocab_size, self.device)
         self.model = None
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -185,7 +186,7 @@ class ModelRunner:
         if sampled:
             inputs.sampling = SamplingBatch.from_params([s.params for s in sampled], [len(s) for s in sampled],
                                                         self.spec.vocab_size, self.device)
-            inputs.sampling.penalties = penalty_inputs(sampled, previous_tokens, self.spec.vocab_size, self.device)
+            inputs.sampling.penalties = self.penalty_inputs(sampled, previous_tokens)
         return inputs
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:

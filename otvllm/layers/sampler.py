@@ -10,29 +10,28 @@ import torch
 @dataclass
 class Penalties:
     """The penalties of the rows that have any, and the tokens they apply to, on the device
-    (core/penalty_inputs.py builds it from the sequences)."""
+    (core/penalty_inputs.py builds it from the sequences). Tokens are (penalised row, token id)
+    pairs, a column each."""
 
-    rows: torch.Tensor              # [P] int64: the batch rows with penalties
-    presence: torch.Tensor          # [P, 1] float32
-    frequency: torch.Tensor         # [P, 1] float32
+    rows: torch.Tensor               # [P] int64: the batch rows with penalties
+    presence: torch.Tensor           # [P, 1] float32
+    frequency: torch.Tensor          # [P, 1] float32
     repetition: torch.Tensor | None  # [P, 1] float32, None when no row has one
-    output_ids: torch.Tensor        # [P, L] int64: each row's output tokens so far, padded with vocab_size
-    prompt_ids: torch.Tensor | None  # [P, L'] int64, padded likewise; for the repetition penalty
-    in_flight: torch.Tensor | None  # [P] int64: a row's last output token, still on the device; vocab_size where none
+    outputs: torch.Tensor            # [2, N] int64: the output tokens known on the host
+    in_flight: torch.Tensor | None   # [2, K] int64: last output tokens still on the device
+    prompts: torch.Tensor | None     # [2, M] int64: the prompts' tokens, for the repetition penalty
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits, in float32, with each penalised row's penalties applied (a new tensor)."""
-        vocab = logits.shape[1]
-        ids = self.output_ids if self.in_flight is None else torch.cat([self.output_ids, self.in_flight[:, None]], 1)
-        counts = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.float32, device=logits.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
-        counts = counts[:, :vocab]
+        counts = torch.zeros(len(self.rows), logits.shape[1], dtype=torch.float32, device=logits.device)
+        for pairs in (self.outputs, self.in_flight):
+            if pairs is not None:
+                counts.index_put_((pairs[0], pairs[1]), torch.ones(pairs.shape[1], device=logits.device),
+                                  accumulate=True)
         present = counts > 0
         scores = logits[self.rows].float()
         if self.repetition is not None:   # first, as vLLM: on the logits as the model gave them
-            seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
-            seen.scatter_(1, self.prompt_ids, True)
-            seen = seen[:, :vocab] | present
+            seen = present.index_put((self.prompts[0], self.prompts[1]), torch.tensor(True, device=logits.device))
             scores = torch.where(seen, torch.where(scores > 0, scores / self.repetition, scores * self.repetition),
                                  scores)
         scores = scores - self.frequency * counts - self.presence * present
