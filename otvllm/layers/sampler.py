@@ -146,11 +146,13 @@ class Sampler:
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the fused sampling kernel now for one row, two rows (any count from there on
-        is one dynamic shape): torch.compile treats a size of 1 apart, and the last steps of a run
-        decode a single sequence, which would otherwise compile in the middle of serving."""
-        for rows in (1, 2):
-            logits = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
-            self.gumbel_max(logits, torch.ones(rows, device=device))
+        is one dynamic shape), on the model's logits and on float32 ones (what top-k, top-p and
+        penalties hand it): torch.compile treats a size of 1 apart and specialises on the dtype,
+        and each would otherwise compile in the middle of serving."""
+        for logits_dtype in dict.fromkeys((dtype, torch.float32)):
+            for rows in (1, 2):
+                logits = torch.zeros(rows, vocab_size, dtype=logits_dtype, device=device)
+                self.gumbel_max(logits, torch.ones(rows, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         scores = logits if batch.penalties is None else batch.penalties.apply(logits)
