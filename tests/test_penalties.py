@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from otvllm import SamplingParams
 from tests.helpers import make_llm, random_prompts
@@ -116,3 +117,17 @@ def test_request_spans_carry_the_penalties_asked_for(qwen3_dir, tmp_path):
                 S.REQUEST_REPETITION_PENALTY} & set(plain)
     samples = [s["attributes"] for s in spans if s["name"] == S.SAMPLE]
     assert samples and all(a[S.SAMPLE_PENALIZED] == 1 for a in samples[:TOKENS - 1])   # one of the two rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_penalties_with_cuda_graphs_match_the_reference(qwen3_dir):
+    """On CUDA (decode steps replayed from graphs, the penalties applied after them), float32."""
+    settings = [dict(presence=1.5), {}, dict(frequency=1.2, repetition=1.3), dict(presence=0.5, repetition=0.8)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(settings))]
+    params = [greedy(**{f"{k}_penalty": v for k, v in s.items()}) for s in settings]
+    llm = make_llm(qwen3_dir, device="cuda", dtype="float32")
+    assert llm.engine.runner.graphs
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, s, out in zip(prompts, settings, outputs):
+        assert out.token_ids == hf_greedy_with_penalties(qwen3_dir, prompt, TOKENS, **s), s
