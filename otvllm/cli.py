@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "library's SamplingParams default is 1.0, as vLLM's")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     gen.add_argument("--top-k", type=int, default=-1, help="keep the k likeliest tokens; -1: all")
+    gen.add_argument("--min-p", type=float, default=0.0,
+                     help="keep the tokens at least this share as likely as the likeliest; 0: all")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="ID[,ID...]",
@@ -233,7 +235,8 @@ def _requests(args) -> list[_Request]:
     from otvllm import SamplingParams
     from otvllm.prompt_file import read_prompt_file
 
-    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                   max_tokens=args.max_tokens,
                    ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
                    logprobs=args.logprobs, presence_penalty=args.presence_penalty,
                    frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)

@@ -21,9 +21,10 @@ class SamplingParams:
     presence_penalty: float = 0.0    # in [-2, 2]
     frequency_penalty: float = 0.0   # in [-2, 2]
     repetition_penalty: float = 1.0  # > 0; 1 is none
+    min_p: float = 0.0   # keep the tokens at least min_p times as likely as the likeliest (after temperature)
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -34,6 +35,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 keeps all), got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):

@@ -73,6 +73,9 @@ def test_token_ids_outside_vocabulary(llm):
     (dict(top_k=-2), "top_k must be -1"),
     (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
     (dict(logprobs=-1), "logprobs must be"),
+    (dict(min_p=-0.1), "min_p must be in \\[0, 1\\]"),
+    (dict(min_p=1.5), "min_p must be in \\[0, 1\\]"),
+    (dict(min_p=float("inf")), "min_p must be a finite number"),
 ])
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

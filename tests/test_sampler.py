@@ -1,4 +1,4 @@
-"""The sampler draws from the distribution it should: softmax(logits / T), after top-k/top-p."""
+"""The sampler draws from the distribution it should: softmax(logits / T), after min-p, top-k and top-p."""
 
 import torch
 
@@ -30,3 +30,14 @@ def test_top_k_and_top_p_renormalise_over_the_kept_tokens():
     probs = torch.softmax(LOGITS, dim=0)                 # [0.563, 0.207, 0.126, 0.076, 0.028]
     observed = draw(SamplingParams(temperature=1.0, top_p=0.75))  # 0.563 + 0.207 reaches 0.75
     assert torch.allclose(observed[:2], probs[:2] / probs[:2].sum(), atol=0.01) and observed[2:].sum() == 0
+
+
+def test_min_p_keeps_the_tokens_as_likely_as_a_share_of_the_likeliest_after_temperature():
+    probs = torch.softmax(LOGITS, dim=0)                 # [0.563, 0.207, 0.126, 0.076, 0.028]
+    observed = draw(SamplingParams(temperature=1.0, min_p=0.3))   # 0.3 x 0.563 = 0.169: two kept
+    assert torch.allclose(observed[:2], probs[:2] / probs[:2].sum(), atol=0.01) and observed[2:].sum() == 0
+    hot = torch.softmax(LOGITS / 2.0, dim=0)             # [0.373, 0.226, 0.176, 0.137, 0.083]
+    observed = draw(SamplingParams(temperature=2.0, min_p=0.3))   # 0.112: four kept at this temperature
+    assert torch.allclose(observed[:4], hot[:4] / hot[:4].sum(), atol=0.01) and observed[4] == 0
+    observed = draw(SamplingParams(temperature=1.0, min_p=0.3, top_k=1))   # min-p, then top-k
+    assert observed[0] == 1.0

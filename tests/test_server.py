@@ -500,6 +500,7 @@ def test_sampling_parameters_reach_the_sampler(server, ref):
     assert seeded != greedy                                           # temperature 1 is not greedy
     assert text(temperature=1.0, seed=7, extra={"top_k": 1}) == greedy    # top_k reaches the sampler
     assert text(temperature=1.0, seed=7, top_p=1e-6) == greedy            # and so does top_p
+    assert text(temperature=1.0, seed=7, extra={"min_p": 1.0}) == greedy  # and min_p
 
 
 def test_parameters_at_their_neutral_values_are_accepted_and_change_nothing(server, ref):
@@ -568,12 +569,13 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(extra_body={"repetition_penalty": 0}), "BadRequestError", 400, ["repetition_penalty"]),
     (dict(logit_bias={"5": 10}), "BadRequestError", 400, ["logit_bias", "not supported"]),
     (dict(best_of=3), "BadRequestError", 400, ["best_of"]),
-    (dict(extra_body={"min_p": 0.1}), "BadRequestError", 400, ["min_p"]),
+    (dict(extra_body={"min_p": 1.5}), "BadRequestError", 400, ["min_p", "[0, 1]"]),
+    (dict(extra_body={"min_tokens": 4}), "BadRequestError", 400, ["min_tokens", "not supported"]),
     (dict(extra_body={"stop_token_ids": [-1]}), "BadRequestError", 400, ["stop_token_ids"]),
 ], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-2", "temperature-negative",
         "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty-range",
-        "frequency-penalty-range", "repetition-penalty-zero", "logit-bias", "best-of", "min-p",
-        "negative-stop-token-id"])
+        "frequency-penalty-range", "repetition-penalty-zero", "logit-bias", "best-of", "min-p-range",
+        "min-tokens", "negative-stop-token-id"])
 def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):
     request = dict(model=SYNTHETIC_NAME, prompt="hello", max_tokens=4)
     request.update(kwargs)

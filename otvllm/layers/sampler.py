@@ -47,6 +47,7 @@ class SamplingBatch:
     temperatures: torch.Tensor       # [B] float32, 0 for greedy rows
     top_ks: torch.Tensor | None      # [B] int64 (vocab size when disabled), None when no row uses top-k
     top_ps: torch.Tensor | None      # [B] float32, None when no row uses top-p
+    min_ps: torch.Tensor | None      # [B] float32, None when no row uses min-p
     all_greedy: bool
     any_greedy: bool
     seeded_rows: list[tuple[int, int]]  # (row, seed for this row at this position)
@@ -65,12 +66,14 @@ class SamplingBatch:
         temps = [p.temperature for p in params]
         use_top_k = any(p.top_k != -1 for p in params)
         use_top_p = any(p.top_p < 1.0 for p in params)
+        use_min_p = any(p.min_p > 0 for p in params)
         logprob_rows = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
         return cls(
             temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
             top_ks=torch.tensor([min(p.top_k, vocab_size) if p.top_k != -1 else vocab_size for p in params]).to(device)
             if use_top_k else None,
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device) if use_top_p else None,
+            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32).to(device) if use_min_p else None,
             all_greedy=all(t == 0 for t in temps),
             any_greedy=any(t == 0 for t in temps),
             seeded_rows=[(i, _position_seed(p.seed, positions[i]))
@@ -166,8 +169,12 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temps = torch.where(batch.temperatures > 0, batch.temperatures, 1.0)
-        if batch.top_ks is not None or batch.top_ps is not None:
-            logits = _filter_top_k_top_p(logits.float() / temps[:, None], batch.top_ks, batch.top_ps)
+        if batch.min_ps is not None or batch.top_ks is not None or batch.top_ps is not None:
+            logits = logits.float() / temps[:, None]
+            if batch.min_ps is not None:   # first, as vLLM: on the tempered distribution, before top-k/top-p
+                logits = _filter_min_p(logits, batch.min_ps)
+            if batch.top_ks is not None or batch.top_ps is not None:
+                logits = _filter_top_k_top_p(logits, batch.top_ks, batch.top_ps)
             temps = torch.ones_like(temps)
         sampled = self.gumbel_max(logits, temps)
         for row, seed in batch.seeded_rows:
@@ -175,6 +182,12 @@ class Sampler:
             uniform = torch.rand(1, logits.shape[1], device=logits.device, generator=gen)
             sampled[row] = gumbel_max(logits[row:row + 1], temps[row:row + 1], uniform)[0]
         return torch.where(batch.temperatures > 0, sampled, logits.argmax(dim=-1)) if batch.any_greedy else sampled
+
+
+def _filter_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """-inf for the tokens less than min_p times as likely as the row's likeliest."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_ps[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None,

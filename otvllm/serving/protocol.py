@@ -25,12 +25,12 @@ class APIError(Exception):
 # sets one to anything else gets a 400 naming it, never an answer that silently ignores it.
 # Fields that change nothing generated (user, metadata, store, ...) are accepted and ignored.
 UNSUPPORTED = {
-    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "min_p": (None, 0), "min_tokens": (None, 0), "use_beam_search": (None, False),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "prediction": (None,),
-    "audio": (None,), "modalities": (None, ["text"]), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "structured_outputs": (None,), "prompt_logprobs": (None,),
+    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "min_tokens": (None, 0),
+    "use_beam_search": (None, False), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,),
+    "prompt_logprobs": (None,),
 }
 
 
@@ -56,6 +56,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -78,7 +79,7 @@ class _Sampling(BaseModel):
                 max_tokens=16 if max_tokens is None else max_tokens, ignore_eos=self.ignore_eos,
                 seed=self.seed, logprobs=logprobs, stop_token_ids=self.stop_token_ids,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty)
+                repetition_penalty=self.repetition_penalty, min_p=self.min_p)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

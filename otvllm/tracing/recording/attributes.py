@@ -137,6 +137,7 @@ def sample_attrs(result, logits, inputs) -> dict:
         S.SAMPLE_GREEDY: sampling.num_greedy,
         S.SAMPLE_TEMPERATURE_MIN: sampling.temperature_min, S.SAMPLE_TEMPERATURE_MAX: sampling.temperature_max,
         S.SAMPLE_TOP_K: sampling.top_ks is not None, S.SAMPLE_TOP_P: sampling.top_ps is not None,
+        S.SAMPLE_MIN_P: sampling.min_ps is not None,
         S.SAMPLE_SEEDED: len(sampling.seeded_rows), S.SAMPLE_LOGPROBS: len(sampling.logprob_rows),
         S.SAMPLE_PENALIZED: 0 if sampling.penalties is None else len(sampling.penalties.rows),
     }
