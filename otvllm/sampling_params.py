@@ -57,7 +57,3 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {bad[0]!r}")
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -24,7 +24,10 @@ class PenaltyInputs:
         """For the step's sampled sequences `seqs` (in row order); None when none has a penalty.
         A sequence's last token may still be on the device (sampled by the step in flight): it
         is read there, from `previous_tokens`, rather than waited for."""
-        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        # Inline rather than a property of SamplingParams: this runs for every row of every step,
+        # and the call cost more than the test (85 against 35 us at 256 rows on this CPU machine).
+        rows = [i for i, s in enumerate(seqs)
+                if (p := s.params).presence_penalty or p.frequency_penalty or p.repetition_penalty != 1]
         if not rows:
             return None
         chosen = [seqs[i] for i in rows]
