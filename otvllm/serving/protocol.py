@@ -34,6 +34,11 @@ UNSUPPORTED = {
 }
 
 
+# _Sampling's fields that take SamplingParams' default when a request leaves them out
+_DEFAULTED = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop_token_ids",
+              "repetition_penalty", "min_p")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -42,21 +47,22 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")   # checked against UNSUPPORTED in sampling_params
 
     model: str
-    temperature: float | None = None
-    top_p: float | None = None
     n: int = 1
-    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # _DEFAULTED: absent or null, SamplingParams' own default applies (OpenAI's, where it has one)
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop_token_ids: list[int] | None = None   # this and the next two: vLLM's extensions
+    repetition_penalty: float | None = None
+    min_p: float | None = None
     # otvllm's (and vLLM's) extensions
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     top_k: int = -1
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -72,14 +78,10 @@ class _Sampling(BaseModel):
             raise APIError(400, f"n={self.n} is not supported: otvllm returns one choice per prompt (n=1)", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        given = {name: getattr(self, name) for name in _DEFAULTED if getattr(self, name) is not None}
         try:
-            return SamplingParams(
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k,
-                max_tokens=16 if max_tokens is None else max_tokens, ignore_eos=self.ignore_eos,
-                seed=self.seed, logprobs=logprobs, stop_token_ids=self.stop_token_ids,
-                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty, min_p=self.min_p)
+            return SamplingParams(top_k=self.top_k, max_tokens=16 if max_tokens is None else max_tokens,
+                                  ignore_eos=self.ignore_eos, logprobs=logprobs, **given)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
