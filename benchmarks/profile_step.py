@@ -269,7 +269,7 @@ def main() -> None:
         decode["mean_context"] = sum(mean_lens) / len(mean_lens)
         if cuda:
             decode["unprofiled_gpu_us_per_step"] = unprofiled_gpu_us(engine.step, args.steps)
-        if not cuda:
+        else:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         while not engine.is_finished():
             engine.step()

@@ -143,8 +143,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--cudagraph-max-prefill-tokens", type=int, default=8192,
-                        help="largest prefill or mixed step replayed from a CUDA graph (0: prefill eagerly)")
+    parser.add_argument("--cudagraph-max-prefill-tokens", type=int, default=None,
+                        help="largest prefill or mixed step replayed from a CUDA graph (0: prefill eagerly; "
+                             "default: the engine's)")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--block-size", type=int, default=256, help="KV-cache block (page) size in tokens")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
@@ -166,10 +167,11 @@ def main() -> None:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     endpoint = f"http://127.0.0.1:{receiver.stdout.readline().strip()}"
     session = configure(endpoint=endpoint, service_name="otvllm-bench", trace_file=args.trace_file)
+    prefill_graphs = ({} if args.cudagraph_max_prefill_tokens is None
+                      else dict(cudagraph_max_prefill_tokens=args.cudagraph_max_prefill_tokens))
     llm = LLM(model_dir, max_model_len=4096, max_num_seqs=512, enforce_eager=args.enforce_eager,
               attention_backend=args.attention_backend, kvcache_block_size=args.block_size, trace_level="off",
-              tensor_parallel_size=args.tensor_parallel_size,
-              cudagraph_max_prefill_tokens=args.cudagraph_max_prefill_tokens)
+              tensor_parallel_size=args.tensor_parallel_size, **prefill_graphs)
     engine = llm.engine
     print(f"otvllm: {engine.runner.backend.name} attention, {engine.block_manager.num_blocks} KV blocks of "
           f"{engine.resolved.kvcache_block_size}, CUDA graphs: {bool(engine.runner.graphs)}, prefill graphs up to "
