@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py --json scaling.json
     python benchmarks/latency.py --contexts 1024,4096,16384 --json latency.json
-    python benchmarks/plot_scaling.py scaling.json latency.json -o docs/scaling.png
+    python benchmarks/plot_scaling.py scaling.json latency.json -o docs/img/scaling-h200.png
 
 Four panels: throughput against the number of requests; time to first token and time per
 output token (p50) against the context, a line per batch size (otvllm's rows of latency.json,
