@@ -44,7 +44,7 @@ def test_gemv_matches_torch(dtype, m, config, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 8])
 def test_gemv_of_silu_and_mul_matches_torch(dtype, m):
     g = torch.Generator().manual_seed(10 + m)
     n, k = 12, 72
@@ -97,7 +97,7 @@ def test_gpu_gemv_at_qwen3_shapes_in_bfloat16(n, k, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_gpu_gemv_of_silu_and_mul_at_qwen3_down_proj_in_bfloat16(m):
     torch.manual_seed(0)
     gate_up = torch.randn(m, 2 * 3072, device="cuda", dtype=torch.bfloat16)
