@@ -53,6 +53,19 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def _logit_bias(text: str) -> dict[int, float]:
+    """ID:BIAS[,ID:BIAS...]; the values' range is SamplingParams' to check."""
+    try:
+        pairs = [part.split(":") for part in text.split(",")]
+        bias = {int(token): float(value) for token, value in pairs}
+    except ValueError:
+        bias = None
+    if not bias or any(token < 0 for token in bias):
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID:BIAS pairs separated by commas (e.g. 198:-100,13:5), "
+                                         f"got {text!r}")
+    return bias
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, naming the problem (argparse prints the whole usage first)."""
 
@@ -122,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop-token-ids", type=_token_ids, default=None, metavar="ID[,ID...]",
                      help="also stop when one of these token ids is generated")
+    gen.add_argument("--min-tokens", type=_int_at_least(0), default=0, metavar="N",
+                     help="EOS and the stop token ids cannot end an output shorter than N tokens")
+    gen.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="ID:BIAS[,ID:BIAS...]",
+                     help="add BIAS (in [-100, 100]) to token ID's logit before sampling, greedy included")
     gen.add_argument("--presence-penalty", type=float, default=0.0,
                      help="subtracted from the logit of each token the output already holds, in [-2, 2]")
     gen.add_argument("--frequency-penalty", type=float, default=0.0,
@@ -238,7 +255,7 @@ def _requests(args) -> list[_Request]:
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    max_tokens=args.max_tokens,
                    ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                   logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                   min_tokens=args.min_tokens, logit_bias=args.logit_bias, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
                    frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
     params = SamplingParams(**options)
     given = []

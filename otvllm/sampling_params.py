@@ -22,6 +22,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0   # in [-2, 2]
     repetition_penalty: float = 1.0  # > 0; 1 is none
     min_p: float = 0.0   # keep the tokens at least min_p times as likely as the likeliest (after temperature)
+    # Until the output holds min_tokens tokens, EOS (unless ignored) and stop_token_ids cannot be
+    # sampled, and the server's stop strings do not end it.
+    min_tokens: int = 0
+    # token id -> a bias in [-100, 100] added to its logit before the penalties and sampling (also
+    # greedy); ids may be given as decimal strings, as JSON objects (OpenAI's API) have them.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
@@ -43,6 +49,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}")
+        self.logit_bias = _logit_bias(self.logit_bias)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
@@ -57,3 +68,22 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         if bad:
             raise ValueError(f"stop_token_ids must hold token ids (integers >= 0), got {bad[0]!r}")
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    """`bias` as {token id: float}, None when empty; ValueError naming a bad entry."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
+    out = {}
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
+        out[token] = float(value)
+    return out or None

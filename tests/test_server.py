@@ -508,7 +508,7 @@ def test_parameters_at_their_neutral_values_are_accepted_and_change_nothing(serv
     out = server.client().completions.create(
         model=SYNTHETIC_NAME, prompt="neutral", max_tokens=12, temperature=0, presence_penalty=0,
         frequency_penalty=0.0, logit_bias={}, best_of=1, user="someone",
-        extra_body={"repetition_penalty": 1.0, "min_p": 0.0, "some_future_field": 7})
+        extra_body={"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "some_future_field": 7})
     assert out.choices[0].text == expected
 
 
@@ -535,6 +535,82 @@ def test_stop_token_ids_end_the_completion_as_offline(server, ref):
     assert out.usage.completion_tokens == len(expected.token_ids)
 
 
+def test_logit_bias_reaches_the_sampler_as_offline(server, ref):
+    plain = ref.generate("bias me", 12, ignore_eos=True)
+    bias = {plain.token_ids[0]: -100.0, plain.token_ids[3]: 5.5}
+    expected = ref.generate("bias me", 12, ignore_eos=True, logit_bias=bias)
+    assert expected.token_ids != plain.token_ids
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt="bias me", max_tokens=12, temperature=0,
+                                             logit_bias={str(t): v for t, v in bias.items()},
+                                             extra_body={"ignore_eos": True})
+    assert out.choices[0].text == expected.text
+    assert out.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_min_tokens_holds_back_stop_strings_and_stop_token_ids(server, ref):
+    """A stop string (or stop token id) met before min_tokens does not end the completion."""
+    full = ref.generate("stop here", 24, ignore_eos=True)
+    stop = _stop_candidates(full.text, start=0)[0]
+    cut_at = next(i for i in range(1, 25) if stop in ref.decode(full.token_ids[:i]))   # tokens until it shows
+    assert cut_at < 24
+    client = server.client()
+    kwargs = dict(model=SYNTHETIC_NAME, prompt="stop here", max_tokens=24, temperature=0, stop=[stop])
+    early = client.completions.create(extra_body={"ignore_eos": True}, **kwargs)
+    assert early.choices[0].finish_reason == "stop" and early.usage.completion_tokens == cut_at
+    assert full.text.count(stop) == 1
+    late = client.completions.create(extra_body={"ignore_eos": True, "min_tokens": cut_at + 1}, **kwargs)
+    assert late.choices[0].text == full.text and late.choices[0].finish_reason == "length"
+    streamed = list(client.completions.create(stream=True, extra_body={"ignore_eos": True, "min_tokens": cut_at + 1},
+                                              **kwargs))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == full.text
+    token = full.token_ids[2]
+    expected = ref.generate("stop here", 24, ignore_eos=True, stop_token_ids=[token], min_tokens=6)
+    assert len(expected.token_ids) > 6   # not cut at its third token
+    out = client.completions.create(model=SYNTHETIC_NAME, prompt="stop here", max_tokens=24, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [token], "min_tokens": 6})
+    assert out.choices[0].text == expected.text and out.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_n_choices_per_prompt_each_sample_with_their_own_seed(server, ref):
+    """Choice j of prompt i has index i * n + j and samples as the offline engine does with
+    seed + j (vLLM's parallel sampling); usage counts each prompt once."""
+    prompts = ["several answers", "and another prompt"]
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompts, n=3, max_tokens=10,
+                                             temperature=1.0, seed=40, extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == list(range(6))
+    expected = [ref.generate(p, 10, temperature=1.0, seed=40 + j, ignore_eos=True) for p in prompts for j in range(3)]
+    assert [c.text for c in out.choices] == [e.text for e in expected]
+    assert len({e.text for e in expected}) == 6   # the seeds made them differ
+    assert out.usage.prompt_tokens == sum(len(ref.tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    assert out.usage.completion_tokens == 60
+    greedy = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompts[0], n=2, max_tokens=10,
+                                                temperature=0)
+    assert [c.text for c in greedy.choices] == [ref.generate(prompts[0], 10).text] * 2
+
+
+def test_n_streamed_chat_choices_concatenate_to_the_non_streamed_ones(chat_server):
+    client = chat_server.client()
+    kwargs = dict(model="tiny-chat", messages=MESSAGES, n=3, max_tokens=12, temperature=0.8, seed=7,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert len({c.message.content for c in whole.choices}) == 3
+    texts, roles = ["", "", ""], set()
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.delta.role:
+                roles.add(c.index)
+    assert texts == [c.message.content for c in whole.choices]
+    assert roles == {0, 1, 2}   # each choice opens with its role
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_retry_later(queue_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        queue_server.client().completions.create(model=SYNTHETIC_NAME, prompt="many", n=3, max_tokens=2)
+    assert "3 sequences" in error_of(info.value)["message"] and "--max-queue 2" in error_of(info.value)["message"]
+
+
 def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     prompts = [f"concurrent request number {i} " + "x" * (3 * i) for i in range(8)]
     expected = [ref.generate(p, 24) for p in prompts]
@@ -558,7 +634,8 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(prompt="p" * 300), "BadRequestError", 400, [str(MAIN_MAX_MODEL_LEN)]),
     (dict(max_tokens=0), "BadRequestError", 400, ["max_tokens"]),
     (dict(max_tokens=-5), "BadRequestError", 400, ["max_tokens"]),
-    (dict(n=2), "BadRequestError", 400, ["n"]),
+    (dict(n=0), "BadRequestError", 400, ["n must be in [1, 128]"]),
+    (dict(n=129), "BadRequestError", 400, ["n must be in [1, 128]", "129"]),
     (dict(temperature=-1), "BadRequestError", 400, ["temperature"]),
     (dict(prompt=[3, 99999]), "BadRequestError", 400, ["99999"]),
     (dict(prompt=""), "BadRequestError", 400, []),
@@ -567,15 +644,18 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(presence_penalty=2.5), "BadRequestError", 400, ["presence_penalty", "[-2, 2]"]),
     (dict(frequency_penalty=-3.0), "BadRequestError", 400, ["frequency_penalty"]),
     (dict(extra_body={"repetition_penalty": 0}), "BadRequestError", 400, ["repetition_penalty"]),
-    (dict(logit_bias={"5": 10}), "BadRequestError", 400, ["logit_bias", "not supported"]),
+    (dict(logit_bias={"99999": 10}), "BadRequestError", 400, ["logit_bias", "99999", "vocabulary"]),
+    (dict(logit_bias={"five": 10}), "BadRequestError", 400, ["logit_bias", "'five'"]),
+    (dict(logit_bias={"5": 101}), "BadRequestError", 400, ["logit_bias", "[-100, 100]"]),
     (dict(best_of=3), "BadRequestError", 400, ["best_of"]),
     (dict(extra_body={"min_p": 1.5}), "BadRequestError", 400, ["min_p", "[0, 1]"]),
-    (dict(extra_body={"min_tokens": 4}), "BadRequestError", 400, ["min_tokens", "not supported"]),
+    (dict(extra_body={"min_tokens": 5}), "BadRequestError", 400, ["min_tokens=5", "max_tokens=4"]),
     (dict(extra_body={"stop_token_ids": [-1]}), "BadRequestError", 400, ["stop_token_ids"]),
-], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-2", "temperature-negative",
+], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-0", "n-129",
+        "temperature-negative",
         "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty-range",
-        "frequency-penalty-range", "repetition-penalty-zero", "logit-bias", "best-of", "min-p-range",
-        "min-tokens", "negative-stop-token-id"])
+        "frequency-penalty-range", "repetition-penalty-zero", "logit-bias-outside-vocab", "logit-bias-key",
+        "logit-bias-range", "best-of", "min-p-range", "min-tokens-over-max-tokens", "negative-stop-token-id"])
 def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):
     request = dict(model=SYNTHETIC_NAME, prompt="hello", max_tokens=4)
     request.update(kwargs)
@@ -701,14 +781,14 @@ def test_chat_logprobs(chat_server, chat_ref):
 
 @pytest.mark.parametrize("kwargs, exc_type, word", [
     (dict(messages=[]), "BadRequestError", "messages"),
-    (dict(n=2), "BadRequestError", "n=2"),
+    (dict(n=0), "BadRequestError", "n must be"),
     (dict(temperature=-1), "BadRequestError", "temperature"),
     (dict(max_tokens=0), "BadRequestError", "max_tokens"),
     (dict(model="synthetic-qwen3-v1"), "NotFoundError", "synthetic-qwen3-v1"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
      "BadRequestError", "tools"),
     (dict(response_format={"type": "json_object"}), "BadRequestError", "response_format"),
-], ids=["empty-messages", "n-2", "temperature-negative", "max-tokens-0", "unknown-model", "tools",
+], ids=["empty-messages", "n-0", "temperature-negative", "max-tokens-0", "unknown-model", "tools",
         "response-format-json"])
 def test_bad_chat_requests(chat_server, kwargs, exc_type, word):
     request = dict(model="tiny-chat", messages=MESSAGES, max_tokens=4)

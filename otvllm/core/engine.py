@@ -61,7 +61,7 @@ class LLMEngine:
                 torch.set_num_threads(self.resolved.cpu_threads)
             self.tokenizer = init.phase(S.TOKENIZER_LOAD, load_tokenizer, config.model, attrs=A.tokenizer_attrs)
             self.eos_token_ids = self._eos_token_ids()
-            self.runner = ModelRunner(self.resolved, self.spec)
+            self.runner = ModelRunner(self.resolved, self.spec, eos_token_ids=self.eos_token_ids)
             if self.resolved.tensor_parallel_size > 1:
                 self.workers = init.phase(S.TP_START, Workers, self.resolved, self.spec, attrs=A.tp_start_attrs)
             init.phase(S.MODEL_LOAD, self.on_all_ranks, "load_model", attrs=lambda *_: A.model_attrs(self.runner))

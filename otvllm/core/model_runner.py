@@ -6,6 +6,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from otvllm.core.bias_inputs import BiasInputs
 from otvllm.core.cuda_graphs import DecodeGraphs, PrefillGraphs
 from otvllm.core.gemv_choice import choose_gemv
 from otvllm.core.penalty_inputs import PenaltyInputs
@@ -46,8 +47,9 @@ def block_table_array(seqs: list[Sequence]) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig, spec: ModelSpec, rank: int = 0):
-        """`rank`: this runner's place among config.tensor_parallel_size ranks (core/parallel.py)."""
+    def __init__(self, config: ResolvedConfig, spec: ModelSpec, rank: int = 0, eos_token_ids: set[int] = frozenset()):
+        """`rank`: this runner's place among config.tensor_parallel_size ranks (core/parallel.py);
+        `eos_token_ids`: the tokens that end an output, which min_tokens bans (rank 0 samples)."""
         self.config = config
         self.spec = spec
         self.tp = TensorParallel(rank, config.tensor_parallel_size)
@@ -57,6 +59,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.backend = AttentionBackend(config.attention_backend)
         self.sampler = Sampler(compiled=config.torch_compile)
+        self.bias_inputs = BiasInputs(eos_token_ids, self.device)
         self.penalty_inputs = PenaltyInputs(spec.vocab_size, self.device)
         self.model = None
         self.graphs: DecodeGraphs | None = None
@@ -186,6 +189,7 @@ class ModelRunner:
         if sampled:
             inputs.sampling = SamplingBatch.from_params([s.params for s in sampled], [len(s) for s in sampled],
                                                         self.spec.vocab_size, self.device)
+            inputs.sampling.bias = self.bias_inputs(sampled)
             inputs.sampling.penalties = self.penalty_inputs(sampled, previous_tokens)
         return inputs
 

@@ -19,6 +19,9 @@ class RequestLimits:
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bias:
+            raise ValueError(f"logit_bias token id {bias[0]} is outside the vocabulary [0, {self.vocab_size})")
         if params.logprobs is not None and params.logprobs > min(self.max_logprobs, self.vocab_size):
             raise ValueError(f"logprobs={params.logprobs} is more than the engine allows (max_logprobs="
                              f"{self.max_logprobs}, vocabulary {self.vocab_size})")

@@ -1,10 +1,27 @@
-"""Token sampling on the logits' device: presence, frequency and repetition penalties, greedy,
-temperature, top-k, top-p, per-request seeds, and the top-N log-probabilities of each chosen
+"""Token sampling on the logits' device: logit biases (with min_tokens' ban on ending tokens),
+presence, frequency and repetition penalties, greedy, temperature, min-p, top-k, top-p,
+per-request seeds, and the top-N log-probabilities of each chosen
 token (of the model's own distribution, before penalties and temperature, as vLLM reports them)."""
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class LogitBias:
+    """Additions to single logits, on the device (core/bias_inputs.py builds it from the
+    sequences): requests' logit_bias, and -inf on the tokens that would end a request still short
+    of its min_tokens. Applied first, as vLLM does, so the penalties and greedy see them."""
+
+    pairs: torch.Tensor    # [2, N] int64: (batch row, token id)
+    values: torch.Tensor   # [N] float32
+    num_rows: int          # the rows with any, for the trace
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits, in float32, with the additions (a new tensor)."""
+        out = logits.to(torch.float32, copy=True)
+        return out.index_put_((self.pairs[0], self.pairs[1]), self.values, accumulate=True)
 
 
 @dataclass
@@ -56,7 +73,8 @@ class SamplingBatch:
     num_greedy: int                  # for the trace: the batch's sampling settings at a glance
     temperature_min: float
     temperature_max: float
-    penalties: Penalties | None = None   # set by the runner, which knows the sequences
+    bias: LogitBias | None = None        # these two set by the runner, which knows the sequences
+    penalties: Penalties | None = None
 
     @classmethod
     def from_params(cls, params: list, positions: list[int], vocab_size: int,
@@ -158,7 +176,9 @@ class Sampler:
                 self.gumbel_max(logits, torch.ones(rows, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-        scores = logits if batch.penalties is None else batch.penalties.apply(logits)
+        scores = logits if batch.bias is None else batch.bias.apply(logits)
+        if batch.penalties is not None:
+            scores = batch.penalties.apply(scores)
         tokens = scores.argmax(dim=-1) if batch.all_greedy else self._sample(scores, batch)
         if not batch.logprob_rows:
             return SampleResult(tokens, None, None, None)

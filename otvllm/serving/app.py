@@ -22,10 +22,10 @@ from otvllm.tracing.recording.records import remote_parent_of
 
 
 class Choice:
-    """One prompt's completion as it grows."""
+    """One completion of a prompt as it grows (a prompt has n of them)."""
 
-    def __init__(self, request: ServerRequest, text: TextStream):
-        self.request, self.text = request, text
+    def __init__(self, request: ServerRequest, text: TextStream, prompt_index: int):
+        self.request, self.text, self.prompt_index = request, text, prompt_index
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []
         self.finish_reason: str | None = None
@@ -91,23 +91,32 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             raise APIError(404, f"The model `{name}` does not exist (this server serves `{model_name}`).",
                            param="model", code="model_not_found")
 
-    def make_choices(prompts: list, params, stream: bool, stops: list[str], response_id: str,
+    def make_choices(prompts: list, choice_params: list, stream: bool, stops: list[str], response_id: str,
                      operation: str = S.OPERATION_TEXT_COMPLETION,
                      traced_prompt=None) -> tuple[list[Choice], asyncio.Queue]:
-        """`traced_prompt`: the prompt as the trace shows it (opt-in), when not `prompts` (chat messages)."""
+        """`choice_params`: the SamplingParams of each choice of a prompt (n of them); choice j of
+        prompt i has index i * n + j, as OpenAI's API numbers them. `traced_prompt`: the prompt as
+        the trace shows it (opt-in), when not `prompts` (chat messages)."""
+        sequences = len(prompts) * len(choice_params)
+        if sequences > engine.max_queue:   # it could never be queued: not a "retry later"
+            raise APIError(400, f"this request asks for {sequences} sequences ({len(prompts)} prompts x n="
+                                f"{len(choice_params)}), more than the server queues (--max-queue {engine.max_queue})",
+                           param="n" if len(choice_params) > 1 else "prompt")
         updates: asyncio.Queue = asyncio.Queue()
         parent = remote_parent_of()   # the HTTP server span, when the server is traced
         choices = []
-        for index, prompt in enumerate(prompts):
+        for i, prompt in enumerate(prompts):
             try:
                 token_ids = tokenize(tokenizer, prompt)
-                engine.limits.check(token_ids, params)
+                engine.limits.check(token_ids, choice_params[0])   # the choices differ in their seeds only
             except ValueError as e:
-                where = f"prompt {index}: " if len(prompts) > 1 else ""
+                where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise APIError(400, f"{where}{e}", param="prompt") from None
-            request = ServerRequest(token_ids, params, prompt if traced_prompt is None else traced_prompt, parent,
-                                    stream or bool(stops), updates, index, operation, response_id)
-            choices.append(Choice(request, TextStream(tokenizer, stops)))
+            for j, params in enumerate(choice_params):
+                request = ServerRequest(token_ids, params, prompt if traced_prompt is None else traced_prompt, parent,
+                                        stream or bool(stops), updates, i * len(choice_params) + j, operation,
+                                        response_id)
+                choices.append(Choice(request, TextStream(tokenizer, stops, params.min_tokens), i))
         try:
             engine.submit([c.request for c in choices])
         except QueueFull as e:
@@ -171,7 +180,8 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
     def prompt_tokens(choices: list[Choice]) -> int:
-        return sum(c.request.num_prompt_tokens for c in choices)
+        """Each prompt's once, however many choices it has (as OpenAI's usage counts them)."""
+        return sum({c.prompt_index: c.request.num_prompt_tokens for c in choices}.values())
 
     def completion_tokens(choices: list[Choice]) -> int:
         return sum(len(c.token_ids) for c in choices)
@@ -233,7 +243,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             raise APIError(400, "prompt is empty", param="prompt")
         if body.echo:
             raise APIError(400, "echo is not supported: the prompt is not returned with the completion", param="echo")
-        params = body.sampling_params(body.max_tokens, body.logprobs)
+        params = body.choice_params(body.max_tokens, body.logprobs)
         stops = body.stop_strings()
         rid = new_id("cmpl")
         choices, updates = make_choices(prompts, params, body.stream, stops, rid)
@@ -290,28 +300,26 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
         n = body.top_logprobs or 0
-        params = body.sampling_params(body.max_completion_tokens or body.max_tokens,
-                                      n if body.logprobs else None)
+        params = body.choice_params(body.max_completion_tokens or body.max_tokens, n if body.logprobs else None)
         rid = new_id("chatcmpl")
         choices, updates = make_choices([ids], params, body.stream, body.stop_strings(), rid, S.OPERATION_CHAT,
                                         messages)
         if body.stream:
             def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
-                return {"index": 0, "delta": {"content": delta} if delta else {},
+                return {"index": choice.request.index, "delta": {"content": delta} if delta else {},
                         "logprobs": chat_logprobs(ids, logprobs, n) if body.logprobs else None,
                         "finish_reason": choice.finish_reason}
 
-            opening = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]
+            opening = [{"index": c.request.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for c in choices]
             return streamed(choices, updates, chunker("chat.completion.chunk", rid), entry,
                             body.stream_options, opening)
 
         await run_to_end(request, choices, updates)
-        choice = choices[0]
         return chunker("chat.completion", rid)(
-            [{"index": 0, "message": {"role": "assistant", "content": choice.text.text},
-              "logprobs": chat_logprobs(choice.token_ids, choice.logprobs, n) if body.logprobs else None,
-              "finish_reason": choice.finish_reason}],
+            [{"index": c.request.index, "message": {"role": "assistant", "content": c.text.text},
+              "logprobs": chat_logprobs(c.token_ids, c.logprobs, n) if body.logprobs else None,
+              "finish_reason": c.finish_reason} for c in choices],
             usage(prompt_tokens(choices), completion_tokens(choices)))
 
     return app

@@ -11,9 +11,12 @@ streaming long completions."""
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
+        """A stop string ends the text only where it appears in the text of the tokens from
+        number `min_tokens` on (or reaches into it), as vLLM has it."""
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.min_tokens = min_tokens
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.text = ""          # the text so far (cut at a stop string once found)
@@ -34,14 +37,14 @@ class TextStream:
             if self.stop:
                 searched = len(self.text)
                 self._decode_new()
-                if self._find_stop(searched):
+                if self.num_tokens >= self.min_tokens and self._find_stop(searched):
                     return self._delta(final=True)
         if not self.stop:
             self._decode_new()
         if final:   # the last bytes, even of an incomplete character
             searched = len(self.text)
             self._decode_new(flush=True)
-            if self.stop:
+            if self.stop and self.num_tokens >= self.min_tokens:
                 self._find_stop(searched)
         return self._delta(final)
 

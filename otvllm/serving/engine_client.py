@@ -33,7 +33,7 @@ class ServerRequest:
     def __init__(self, token_ids: list[int], params, prompt, parent, stream: bool, updates: asyncio.Queue,
                  index: int, operation: str, response_id: str):
         self.rid = next(ServerRequest._rids)
-        self.index = index              # which prompt of its HTTP request (the choice's index)
+        self.index = index              # which choice of its HTTP request (its index in the answer)
         self.num_prompt_tokens = len(token_ids)
         self.arrival_ns = time.time_ns()
         self.first_token_ns = 0

@@ -1,5 +1,6 @@
 """The OpenAI API's request bodies (what otvllm honours of them) and response pieces."""
 
+import dataclasses
 import time
 import uuid
 
@@ -25,7 +26,7 @@ class APIError(Exception):
 # sets one to anything else gets a 400 naming it, never an answer that silently ignores it.
 # Fields that change nothing generated (user, metadata, store, ...) are accepted and ignored.
 UNSUPPORTED = {
-    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "min_tokens": (None, 0),
+    "best_of": (None, 1), "suffix": (None, ""),
     "use_beam_search": (None, False), "response_format": (None, {"type": "text"}), "tools": (None, []),
     "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
     "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "guided_json": (None,),
@@ -34,9 +35,11 @@ UNSUPPORTED = {
 }
 
 
+MAX_N = 128   # choices per prompt, as OpenAI's API allows
+
 # _Sampling's fields that take SamplingParams' default when a request leaves them out
-_DEFAULTED = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop_token_ids",
-              "repetition_penalty", "min_p")
+_DEFAULTED = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+              "stop_token_ids", "repetition_penalty", "min_p", "min_tokens")
 
 
 class StreamOptions(BaseModel):
@@ -57,9 +60,11 @@ class _Sampling(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stop_token_ids: list[int] | None = None   # this and the next two: vLLM's extensions
+    logit_bias: dict[str, float] | None = None   # token ids as JSON has them: strings
+    stop_token_ids: list[int] | None = None   # this and the next three: vLLM's extensions
     repetition_penalty: float | None = None
     min_p: float | None = None
+    min_tokens: int | None = None
     # otvllm's (and vLLM's) extensions
     top_k: int = -1
     ignore_eos: bool = False
@@ -69,21 +74,27 @@ class _Sampling(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def choice_params(self, max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
+        """The SamplingParams of each of the n choices of a prompt. With a seed, choice j samples
+        with seed + j, as vLLM's parallel sampling: the same seed n times would give n equal
+        choices."""
         for name, value in (self.model_extra or {}).items():
             if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
                 raise APIError(400, f"{name}={value!r} is not supported by otvllm (it would change the output, "
                                     f"and otvllm does not implement it); leave it out", param=name)
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: otvllm returns one choice per prompt (n=1)", param="n")
+        if not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n must be in [1, {MAX_N}] (choices per prompt), got {self.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         given = {name: getattr(self, name) for name in _DEFAULTED if getattr(self, name) is not None}
         try:
-            return SamplingParams(top_k=self.top_k, max_tokens=16 if max_tokens is None else max_tokens,
-                                  ignore_eos=self.ignore_eos, logprobs=logprobs, **given)
+            params = SamplingParams(top_k=self.top_k, max_tokens=16 if max_tokens is None else max_tokens,
+                                    ignore_eos=self.ignore_eos, logprobs=logprobs, **given)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        if params.seed is None:
+            return [params] * self.n
+        return [dataclasses.replace(params, seed=params.seed + j) for j in range(self.n)]
 
 
 class CompletionRequest(_Sampling):

@@ -97,6 +97,8 @@ GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
 GEN_AI_REQUEST_PRESENCE_PENALTY = "gen_ai.request.presence_penalty"
 GEN_AI_REQUEST_FREQUENCY_PENALTY = "gen_ai.request.frequency_penalty"
 REQUEST_REPETITION_PENALTY = "otvllm.request.repetition_penalty"   # not in the GenAI conventions
+REQUEST_MIN_TOKENS = "otvllm.request.min_tokens"
+REQUEST_LOGIT_BIAS_TOKENS = "otvllm.request.logit_bias_tokens"   # how many tokens its logit_bias names
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
@@ -218,6 +220,7 @@ SAMPLE_MIN_P = "otvllm.sampling.uses_min_p"
 SAMPLE_SEEDED = "otvllm.sampling.seeded_seqs"
 SAMPLE_LOGPROBS = "otvllm.sampling.logprobs_seqs"
 SAMPLE_PENALIZED = "otvllm.sampling.penalized_seqs"
+SAMPLE_BIASED = "otvllm.sampling.biased_seqs"   # rows with a logit_bias, or short of their min_tokens
 
 # scheduler.postprocess
 TOKENS_APPENDED = "otvllm.postprocess.tokens_appended"

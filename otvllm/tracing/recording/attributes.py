@@ -140,6 +140,7 @@ def sample_attrs(result, logits, inputs) -> dict:
         S.SAMPLE_MIN_P: sampling.min_ps is not None,
         S.SAMPLE_SEEDED: len(sampling.seeded_rows), S.SAMPLE_LOGPROBS: len(sampling.logprob_rows),
         S.SAMPLE_PENALIZED: 0 if sampling.penalties is None else len(sampling.penalties.rows),
+        S.SAMPLE_BIASED: 0 if sampling.bias is None else sampling.bias.num_rows,
     }
 
 
@@ -224,6 +225,10 @@ def request_attrs(seq, model_name: str, ended_as: str | None = None) -> dict:
         attrs[S.GEN_AI_REQUEST_FREQUENCY_PENALTY] = float(p.frequency_penalty)
     if p.repetition_penalty != 1:
         attrs[S.REQUEST_REPETITION_PENALTY] = float(p.repetition_penalty)
+    if p.min_tokens:
+        attrs[S.REQUEST_MIN_TOKENS] = p.min_tokens
+    if p.logit_bias:
+        attrs[S.REQUEST_LOGIT_BIAS_TOKENS] = len(p.logit_bias)
     if seq.first_scheduled_ns:
         attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
     if seq.first_token_ns:
