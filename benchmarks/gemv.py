@@ -4,7 +4,10 @@ a Triton GEMV.
 For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-8 tokens, the time per
 product replayed from a CUDA graph (as decode runs), with the weights rotated through enough
 copies that they come from HBM, not L2 (a decode step reads ~0.9 GB of weights), and the
-weight-read rate against the device's copy rate. ``--sweep`` also times a grid of the Triton
+weight-read rate against the device's copy rate. For the products that follow a norm (q/k/v,
+gate/up), the residual add + RMSNorm before them too, as a decode step runs it: the
+torch.compile'd norm then cuBLAS or the GEMV, against the GEMV that does the norm as it reads
+(``norm+cublas``, ``norm+triton``, ``triton_norm``). ``--sweep`` also times a grid of the Triton
 kernel's configurations (BLOCK_N, BLOCK_K, num_warps, num_stages) at 1 and 8 tokens and reports the best
 per shape.
 
@@ -22,12 +25,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from otvllm.core.gemv_choice import replay_ms  # noqa: E402
+from otvllm.layers.basic import Kernels  # noqa: E402
 from otvllm.ops import triton_gemv  # noqa: E402
 
 # Qwen3-0.6B: hidden 1024, 16 heads / 8 KV heads of 128, intermediate 3072, vocab 151936
 SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024),
           "down_proj": (1024, 3072), "lm_head": (151936, 1024)}
+NORMED = ("qkv_proj", "gate_up_proj")   # their input is rms_norm(x + residual)
 ROTATE_BYTES = 512 << 20
+EPS = 1e-6
 
 
 def graph_time_us(fn, calls: int) -> float:
@@ -53,6 +59,7 @@ def main() -> None:
     dtype = torch.bfloat16
     copy = copy_rate_gbps()
     print(f"copy rate {copy:.0f} GB/s", flush=True)
+    add_rms_norm = Kernels.compiled().add_rms_norm
     results = {"copy_gbps": copy, "points": []}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
@@ -64,8 +71,8 @@ def main() -> None:
             reference = (x.float() @ weights[0].float().T)
             point = {"shape": name, "n": n, "k": k, "tokens": m}
 
-            def timed(label, op):
-                err = ((op(x, weights[0]).float() - reference).abs().max() / reference.abs().max()).item()
+            def timed(label, op, expected=reference):
+                err = ((op(x, weights[0]).float() - expected).abs().max() / expected.abs().max()).item()
                 us = graph_time_us(lambda i: op(x, weights[i % copies]), copies)
                 point[label] = {"us": us, "gbps": weight_bytes / us / 1e3, "rel_err": err}
 
@@ -78,6 +85,20 @@ def main() -> None:
             timed("cublas_wx", lambda x, w: (w @ x.T).T)
             if m <= triton_gemv.MAX_TOKENS:
                 timed("triton", triton_gemv.gemv)
+                if name in NORMED:
+                    residual = torch.randn(m, k, device="cuda", dtype=dtype)
+                    norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+
+                    def normed(product):
+                        return lambda x, w: product(add_rms_norm(x, residual, norm_weight, EPS)[0], w)
+
+                    h = x.float() + residual.float()
+                    expected = (norm_weight.float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+                                @ weights[0].float().T)
+                    timed("norm+cublas", normed(torch.nn.functional.linear), expected)
+                    timed("norm+triton", normed(triton_gemv.gemv), expected)
+                    timed("triton_norm", lambda x, w: triton_gemv.gemv_rms_norm(x, residual, norm_weight, EPS, w)[0],
+                          expected)
                 if args.sweep and m in (1, triton_gemv.MAX_TOKENS):
                     best = None
                     for cfg in itertools.product((4, 8), (256, 512, 1024), (4, 8), (1, 3)):

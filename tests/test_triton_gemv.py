@@ -75,6 +75,84 @@ def test_down_projection_on_the_gemv_takes_the_activation_into_its_kernel(monkey
             assert [kw.get("silu_and_mul") for kw in calls] == ([True] if fused else [])
 
 
+def _rms_norm_reference(x, residual, norm_weight, eps):
+    """transformers' way, in float32: the residual add, then the norm."""
+    h = x.float() + residual.float() if residual is not None else x.float()
+    h = h.to(x.dtype).float()   # the residual stream, as stored
+    return norm_weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)), h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("config", [None, (4, 32, 4, 2), (8, 16, 2, 1)])
+def test_gemv_of_rms_norm_matches_torch(dtype, m, with_residual, config):
+    g = torch.Generator().manual_seed(20 + m)
+    n, k = 20, 72   # masked N and K, as above; K over several strips with the configurations given
+    x = (3 * torch.randn(m, k, generator=g)).to(dtype).to(DEVICE)
+    residual = torch.randn(m, k, generator=g).to(dtype).to(DEVICE) if with_residual else None
+    norm_weight = (1 + 0.3 * torch.randn(k, generator=g)).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    out, stream = triton_gemv.gemv_rms_norm(x, residual, norm_weight, 1e-6, w, b, config=config)
+    normed, h = _rms_norm_reference(x, residual, norm_weight, 1e-6)
+    expected = torch.nn.functional.linear(normed, w.float(), b.float())
+    assert out.dtype == dtype and out.shape == (m, n) and stream.shape == (m, k)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * k ** 0.5)
+    assert torch.equal(stream.float(), h)   # the residual stream exactly as the add rounds it
+    if not with_residual:
+        assert stream is x
+
+
+def test_qkv_and_gate_up_on_the_gemv_take_the_norm_into_their_kernel(monkeypatch):
+    """MergedLinear.forward_rms_norm: on the GEMV's token counts one fused kernel, elsewhere the
+    norm module then the product; both give the layers' own result."""
+    from otvllm.layers.basic import RMSNorm, MergedLinear
+    calls = []
+    real = triton_gemv.gemv_rms_norm
+    monkeypatch.setattr(triton_gemv, "gemv_rms_norm", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    proj = MergedLinear(48, {"gate_proj": 16, "up_proj": 16}, bias=False).to(DEVICE)
+    norm = RMSNorm(48, 1e-6).to(DEVICE)
+    with torch.no_grad():
+        proj.weight.normal_()
+        norm.weight.uniform_(0.5, 1.5)
+    proj.gemv_tokens = frozenset({2})
+    with torch.no_grad():
+        for tokens, fused in ((2, True), (3, False)):
+            x, residual = torch.randn(tokens, 48, device=DEVICE), torch.randn(tokens, 48, device=DEVICE)
+            for r in (residual, None):
+                calls.clear()
+                out, stream = proj.forward_rms_norm(x, r, norm)
+                normed, expected_stream = (norm(x), x) if r is None else norm(x, r)
+                torch.testing.assert_close(out, normed @ proj.weight.T, rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(stream, expected_stream)
+                assert len(calls) == fused
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="runs the kernels under the interpreter, on the CPU")
+def test_every_projection_on_the_gemv_keeps_float32_greedy_equal_to_transformers(qwen3_dir, monkeypatch):
+    """The whole decoder with the GEMV on every projection at 1-2 tokens: the norms fused into
+    q/k/v and gate/up, SiLU into down (as start-up sets it where the GEMV wins on CUDA)."""
+    from otvllm import SamplingParams
+    from otvllm.layers.basic import Linear, MergedLinear
+    from tests.helpers import make_llm, random_prompts
+    from tests.reference import hf_greedy
+
+    llm = make_llm(qwen3_dir)
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, (Linear, MergedLinear)):
+            module.gemv_tokens = frozenset({1, 2})
+    calls = []
+    real = triton_gemv._launch
+    monkeypatch.setattr(triton_gemv, "_launch", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    prompts = random_prompts([5, 9], seed=4)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert any("norm" in kw for kw in calls) and any(kw.get("silu_and_mul") for kw in calls)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(qwen3_dir, prompt, 4)
+
+
 def test_gemv_reads_rows_of_a_strided_input():
     x = torch.randn(4, 96).to(DEVICE)[:, :64]      # a column slice: row stride 96
     w = torch.randn(16, 64).to(DEVICE)
@@ -93,6 +171,22 @@ def test_gpu_gemv_at_qwen3_shapes_in_bfloat16(n, k, m):
     out = triton_gemv.gemv(x, w, b)
     expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [4096, 6144])   # Qwen3-0.6B's q/k/v and gate/up, which follow a norm
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_gpu_gemv_of_rms_norm_at_qwen3_shapes_in_bfloat16(n, m):
+    torch.manual_seed(0)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(n, 1024, device="cuda", dtype=torch.bfloat16) / 1024 ** 0.5
+    out, stream = triton_gemv.gemv_rms_norm(x, residual, norm_weight, 1e-6, w)
+    normed, h = _rms_norm_reference(x, residual, norm_weight, 1e-6)
+    torch.testing.assert_close(out.float(), normed @ w.float().T, rtol=2e-2, atol=2e-2)
+    assert torch.equal(stream.float(), h)
 
 
 @pytest.mark.gpu

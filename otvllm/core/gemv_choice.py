@@ -5,7 +5,11 @@ For a product of 1-8 tokens cuBLAS sometimes picks a kernel far below the copy r
 (Qwen3-0.6B's o_proj on the H200: 12.6 us, against the GEMV's 3.4 us) and is sometimes the
 best there is; which one depends on the device and the shape. So both are timed for each
 projection of the layers (q/k/v, o, gate/up, down), each over every layer's weight in turn as a
-decode step reads them (together they do not fit in L2), replayed from a CUDA graph."""
+decode step reads them (together they do not fit in L2), replayed from a CUDA graph.
+
+The plain products are timed. Where the GEMV wins for q/k/v or gate/up it also does the norm
+before them, and for down the SiLU-and-mul, each a kernel the cuBLAS path runs apart: the
+timing leaves those out, which only favours cuBLAS (benchmarks/gemv.py times them together)."""
 
 import torch
 import torch.nn.functional as F

@@ -137,6 +137,17 @@ class MergedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.gemv_tokens)
 
+    def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(normed), residual stream) where `norm(x, residual)` gives (normed, residual
+        stream), or without `residual` (norm(x), x); on the GEMV, one kernel that adds and
+        normalises as it reads its input."""
+        if x.shape[0] in self.gemv_tokens:
+            from otvllm.ops import triton_gemv
+            return triton_gemv.gemv_rms_norm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        x, residual = (norm(x), x) if residual is None else norm(x, residual)
+        return self(x), residual
+
     def shard(self, param_name: str, shard_name: str) -> torch.Tensor:
         start, rows = self.offsets[shard_name]
         return getattr(self, param_name).data[start:start + rows]

@@ -33,8 +33,8 @@ class DecoderAttention(nn.Module):
         # ops/triton_rope_store.norm_rope_store where the model runs fused (set at load), else None
         self.fused_norm_rope_store: Callable | None = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """From the q/k/v projection's output (the layer computes it, with the norm before it)."""
         if self.fused_norm_rope_store is None:
             q = self._norm_rope_store(positions, qkv, ctx)
         else:
@@ -71,8 +71,9 @@ class DecoderMLP(nn.Module):
         self.down_proj = row_linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x), self.act)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """From the gate/up projection's output (the layer computes it, with the norm before it)."""
+        return self.down_proj.forward_silu_and_mul(gate_up, self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -86,14 +87,12 @@ class DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it is added): each residual
-        add is fused with the norm that follows it."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        add is fused with the norm that follows it, and at few tokens both with the projection
+        after them (MergedLinear.forward_rms_norm)."""
+        qkv, residual = self.self_attn.qkv_proj.forward_rms_norm(x, residual, self.input_layernorm)
+        x = self.self_attn(positions, qkv, ctx)
+        gate_up, residual = self.mlp.gate_up_proj.forward_rms_norm(x, residual, self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 class DecoderModel(nn.Module):
@@ -143,12 +142,18 @@ class DecoderForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fused_norm_rope_store = kernel
 
-    def traced_parts(self) -> list[tuple[str, int | None, nn.Module]]:
-        """(part, layer index or None, module) for every module a forward runs, in order: a
-        tracer at level debug gives each a span, so that a forward's spans add up to it."""
+    def traced_parts(self) -> list[tuple[str, int | None, nn.Module, nn.Module]]:
+        """(part, layer index or None, the module a part starts with, the one it ends with) for
+        every part a forward runs, in order: a tracer at level debug gives each a span, so that a
+        forward's spans add up to it. Attention starts with the q/k/v projection and the MLP with
+        gate/up, which the layer calls before the block (never fused with the norm at debug,
+        which runs eagerly, without the GEMV)."""
         m = self.model
-        parts = [("embedding", None, m.embed_tokens)]
+        parts = [("embedding", None, m.embed_tokens, m.embed_tokens)]
         for i, layer in enumerate(m.layers):
-            parts += [("input_norm", i, layer.input_layernorm), ("attention", i, layer.self_attn),
-                      ("post_attention_norm", i, layer.post_attention_layernorm), ("mlp", i, layer.mlp)]
-        return parts + [("final_norm", None, m.norm), ("lm_head", None, self.lm_head)]
+            attn, mlp = layer.self_attn, layer.mlp
+            parts += [("input_norm", i, layer.input_layernorm, layer.input_layernorm),
+                      ("attention", i, attn.qkv_proj, attn),
+                      ("post_attention_norm", i, layer.post_attention_layernorm, layer.post_attention_layernorm),
+                      ("mlp", i, mlp.gate_up_proj, mlp)]
+        return parts + [("final_norm", None, m.norm, m.norm), ("lm_head", None, self.lm_head, self.lm_head)]

@@ -22,13 +22,16 @@ ACCUMULATOR = 4 * 4 * 1024
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_xm, stride_wn, stride_ym,
+                 stride_rm, stride_hm, eps,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + ks
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + k[None, :],
@@ -39,8 +42,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_
         if SILU_AND_MUL:   # x holds [gate, up]: the product's input is silu(gate) * up, rounded as stored
             up = tl.load(x_ptrs + K, mask=x_ok, other=0.0).to(tl.float32)
             x = (x * tl.sigmoid(x) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        if RMS_NORM:   # the input is rms_norm(x + residual): its weight now, its 1/rms once K is summed
+            if HAS_RESIDUAL:   # the residual stream, rounded as stored; the first program writes it out
+                r = tl.load(r_ptr + ms[:, None] * stride_rm + k[None, :], mask=x_ok, other=0.0).to(tl.float32)
+                x = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
+                tl.store(h_ptr + ms[:, None] * stride_hm + k[None, :], x.to(h_ptr.dtype.element_ty),
+                         mask=x_ok & (tl.program_id(0) == 0))
+            sum_sq += tl.sum(x * x, axis=1)
+            x = x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
         acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
+    if RMS_NORM:
+        y *= tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], y.to(y_ptr.dtype.element_ty),
@@ -61,14 +74,41 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x [M, K] (M <= MAX_TOKENS, last dim contiguous) @ weight[N, K].T + bias -> [M, N] in x's dtype.
     With `silu_and_mul`, x is [M, 2K] = [gate, up] and the product is of silu(gate) * up: the
     activation is applied as the kernel reads its input, not by a kernel of its own."""
-    m, k = x.shape[0], weight.shape[1]
-    n = weight.shape[0]
+    m, n = x.shape[0], weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, y, config, silu_and_mul=silu_and_mul)
+    return y
+
+
+def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) @ weight.T + bias, x + residual), in one kernel: the residual add
+    and the norm happen as the product reads its input (a decode step of few tokens otherwise
+    spends a kernel on them before each of its q/k/v and gate/up products). Without `residual`,
+    (rms_norm(x) @ weight.T + bias, x). The norm's 1/rms scales the sums, so the normalised input
+    is not rounded to x's dtype before the product as the unfused layers round it."""
+    m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
+    assert x.shape == (m, k) and norm_weight.shape == (k,) and (residual is None or residual.shape == x.shape)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if residual is not None else x
+    _launch(x, weight, bias, y, config, norm=(residual, norm_weight, eps, h))
+    return y, h
+
+
+def _launch(x, weight, bias, y, config, silu_and_mul: bool = False, norm: tuple | None = None) -> None:
+    m, k, n = x.shape[0], weight.shape[1], weight.shape[0]
     assert m <= MAX_TOKENS and x.shape[1] == (2 * k if silu_and_mul else k)
     assert x.stride(-1) == 1 and weight.stride(-1) == 1
+    residual, norm_weight, eps, h = norm if norm is not None else (None, None, 0.0, None)
+    assert residual is None or (residual.stride(-1) == 1 and h.stride(-1) == 1)
     block_n, block_k, num_warps, num_stages = config or _config(m, k)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    unused = weight   # a pointer for the arguments a variant does not read
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, m, n, x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, bias if bias is not None else unused, y,
+        residual if residual is not None else unused, norm_weight if norm_weight is not None else unused,
+        h if residual is not None else unused, m, n, x.stride(0), weight.stride(0), y.stride(0),
+        residual.stride(0) if residual is not None else 0, h.stride(0) if residual is not None else 0, eps,
         K=k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-        HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, num_warps=num_warps)
-    return y
+        HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, RMS_NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None, num_warps=num_warps)

@@ -173,11 +173,13 @@ def sequence_allocate_attrs(allocation) -> dict:
             S.BLOCK_IDS: allocation.block_ids}
 
 
-def part_attrs(part: str, index: int | None, module, args, output) -> dict:
-    """A part of the forward at `debug` (see the model's `traced_parts`); `output` is None when it raised."""
+def part_attrs(part: str, index: int | None, input_shape: list[int], module, args, output) -> dict:
+    """A part of the forward at `debug` (see the model's `traced_parts`): `input_shape` is that of
+    what its first module took; `module`, `args` and `output` are its last module's (the output
+    None when it raised)."""
     if part == "attention":
         return attention_attrs(module, args, output)
-    attrs = {S.SHAPE_PREFIX + "input": shape(args[0])}
+    attrs = {S.SHAPE_PREFIX + "input": input_shape}
     if index is not None:
         attrs[S.LAYER_INDEX] = index
     if part.endswith("_norm"):
@@ -189,8 +191,8 @@ def part_attrs(part: str, index: int | None, module, args, output) -> dict:
 
 def attention_attrs(module, args, output) -> dict:
     """A layer's attention block, from the q/k/v projection to the output projection."""
-    x, ctx = args[1], args[2]
-    n, attn = x.shape[0], module.attn
+    qkv, ctx = args[1], args[2]
+    n, attn = qkv.shape[0], module.attn
     return {
         S.LAYER_INDEX: attn.layer_index, S.ATTENTION_PATH: "prefill" if ctx.is_prefill else "decode",
         S.SHAPE_PREFIX + "q": [n, module.num_heads, module.head_dim],

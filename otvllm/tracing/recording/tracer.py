@@ -372,16 +372,18 @@ class EngineTracer:
     def observe(self, scheduler, block_manager, parts, tokenizer=None, uses_graphs: bool = False) -> None:
         """What later spans read: the scheduler's and block manager's counters (for each call's
         totals), the tokenizer (for opt-in content), and at `debug` the model's parts, (part,
-        layer index or None, module) in the order a forward runs them, one span each per forward."""
+        layer index or None, the module it starts with, the one it ends with) in the order a
+        forward runs them, one span each per forward."""
         self.block_manager, self.scheduler = block_manager, scheduler
         self.tokenizer = tokenizer
         self._uses_graphs = uses_graphs
         if self.level is TraceLevel.DEBUG and not self._part_hooks:
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
-            for part, index, module in parts:
-                self._part_hooks.append(module.register_forward_pre_hook(self._part_start(sync)))
-                self._part_hooks.append(module.register_forward_hook(self._part_end(sync, part, index),
-                                                                     always_call=True))
+            for part, index, first, last in parts:
+                started = [0, []]   # the part's start (ns) and input shape: set by `first`'s pre-hook, read by `last`'s hook
+                self._part_hooks.append(first.register_forward_pre_hook(self._part_start(sync, started)))
+                self._part_hooks.append(last.register_forward_hook(self._part_end(sync, part, index, started),
+                                                                   always_call=True))
 
     # ---- serving: the engine loop's own traces ------------------------------------------------
     #
@@ -813,14 +815,14 @@ class EngineTracer:
         forward = step.forward if step is not None else None
         return forward if forward is not None and not forward.end_ns else None
 
-    def _part_start(self, sync):
+    def _part_start(self, sync, started: list):
         def hook(module, args):
             if self._forward_in_progress() is not None:
                 sync()
-                module._otvllm_start_ns = now_ns()
+                started[:] = now_ns(), A.shape(args[0])
         return hook
 
-    def _part_end(self, sync, part: str, index: int | None):
+    def _part_end(self, sync, part: str, index: int | None, started: list):
         name = PART_SPANS[part]
 
         def hook(module, args, output):   # also called when the part raised (output None)
@@ -833,8 +835,8 @@ class EngineTracer:
                     sync()   # where a failed kernel surfaces: this part launched it
                 except Exception as e:
                     failure = e
-            record = SpanRecord(name, forward, module._otvllm_start_ns, now_ns(),
-                                A.part_attrs(part, index, module, args, output))
+            record = SpanRecord(name, forward, started[0], now_ns(),
+                                A.part_attrs(part, index, started[1], module, args, output))
             if failure is not None:
                 record.fail(failure)
             # After the forward's record in the step's list: the builder meets the parent first.
