@@ -13,9 +13,13 @@ class BiasInputs:
 
     def __call__(self, seqs: list[Sequence]) -> LogitBias | None:
         """For the step's sampled sequences `seqs` (in row order); None when no row has a bias."""
+        # First the rows with any, in one pass: it runs for every row of every step, biases or not.
+        candidates = [(row, seq) for row, seq in enumerate(seqs) if (p := seq.params).logit_bias or p.min_tokens]
+        if not candidates:
+            return None
         rows, tokens, values = [], [], []
         num_rows = 0
-        for row, seq in enumerate(seqs):
+        for row, seq in candidates:
             p = seq.params
             before = len(rows)
             if p.logit_bias:
