@@ -253,9 +253,9 @@ def _requests(args) -> list[_Request]:
     from otvllm.prompt_file import read_prompt_file
 
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   max_tokens=args.max_tokens,
+                   max_tokens=args.max_tokens, min_tokens=args.min_tokens,
                    ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                   min_tokens=args.min_tokens, logit_bias=args.logit_bias, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                   logit_bias=args.logit_bias, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
                    frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
     params = SamplingParams(**options)
     given = []

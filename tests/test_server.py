@@ -575,7 +575,7 @@ def test_n_choices_per_prompt_each_sample_with_their_own_seed(server, ref):
     """Choice j of prompt i has index i * n + j and samples as the offline engine does with
     seed + j (vLLM's parallel sampling); usage counts each prompt once."""
     prompts = ["several answers", "and another prompt"]
-    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompts, n=3, max_tokens=10,
+    out = server.client().completions.create(model=SYNTHETIC_NAME, prompt=prompts, n=3, max_tokens=10, best_of=3,
                                              temperature=1.0, seed=40, extra_body={"ignore_eos": True})
     assert [c.index for c in out.choices] == list(range(6))
     expected = [ref.generate(p, 10, temperature=1.0, seed=40 + j, ignore_eos=True) for p in prompts for j in range(3)]

@@ -1,7 +1,7 @@
 """Token sampling on the logits' device: logit biases (with min_tokens' ban on ending tokens),
 presence, frequency and repetition penalties, greedy, temperature, min-p, top-k, top-p,
-per-request seeds, and the top-N log-probabilities of each chosen
-token (of the model's own distribution, before penalties and temperature, as vLLM reports them)."""
+per-request seeds, and the top-N log-probabilities of each chosen token (of the model's own
+distribution, before biases, penalties and temperature, as vLLM reports them)."""
 
 from dataclasses import dataclass
 

@@ -79,7 +79,8 @@ class _Sampling(BaseModel):
         with seed + j, as vLLM's parallel sampling: the same seed n times would give n equal
         choices."""
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+            neutral = UNSUPPORTED.get(name, ()) + ((self.n,) if name == "best_of" else ())   # best of n: all n
+            if name in UNSUPPORTED and value not in neutral:
                 raise APIError(400, f"{name}={value!r} is not supported by otvllm (it would change the output, "
                                     f"and otvllm does not implement it); leave it out", param=name)
         if not 1 <= self.n <= MAX_N:
