@@ -148,9 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "or the output; 1 is none")
     gen.add_argument("--logprobs", type=_int_at_least(0), default=None, metavar="N",
                      help="report each generated token's log-probability and its N likeliest alternatives")
+    gen.add_argument("--prompt-logprobs", type=_int_at_least(0), default=None, metavar="N",
+                     help="the same for each prompt token after the first (the prompt is then computed whole, "
+                          "not taken from the prefix cache)")
     gen.add_argument("--output", choices=("text", "json"), default="text",
                      help="text: readable lines; json: one JSON object per prompt on stdout (JSON Lines: index, "
-                          "prompt, text, token_ids, finish_reason, logprobs when asked), everything else on stderr")
+                          "prompt, text, token_ids, finish_reason, logprobs and prompt_logprobs when asked), "
+                          "everything else on stderr")
     _add_engine_options(gen)
     gen.add_argument("--otlp-endpoint", default=None,
                      help="OTLP endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT); with none, a trace file is written")
@@ -255,7 +259,8 @@ def _requests(args) -> list[_Request]:
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    max_tokens=args.max_tokens, min_tokens=args.min_tokens,
                    ignore_eos=args.ignore_eos, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                   logit_bias=args.logit_bias, logprobs=args.logprobs, presence_penalty=args.presence_penalty,
+                   logit_bias=args.logit_bias, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+                   presence_penalty=args.presence_penalty,
                    frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
     params = SamplingParams(**options)
     given = []
@@ -419,9 +424,9 @@ def _run(args, requests: list[_Request]) -> int:
     readable = sys.stderr if args.output == "json" else sys.stdout   # stdout stays JSON Lines
     for out, prompt, request in zip(outputs, prompts, requests):
         if args.output == "json":
-            print(json.dumps(_output_object(out, prompt, request.params.logprobs)), flush=True)
+            print(json.dumps(_output_object(out, prompt, request.params)), flush=True)
         else:
-            _print_output(out, llm.tokenizer, request.params.logprobs)
+            _print_output(out, llm.tokenizer, request.params)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.token_ids) for o in outputs)
     print(f"{len(outputs)} requests, {prompt_tokens} prompt tokens, {output_tokens} output tokens in "
@@ -435,33 +440,46 @@ def _top(logprobs: dict[int, float], n: int) -> list[tuple[int, float]]:
     return sorted(logprobs.items(), key=lambda item: -item[1])[:n]
 
 
-def _output_object(out, prompt, num_logprobs: int | None) -> dict:
+def _output_object(out, prompt, params) -> dict:
     """One line of `--output json`."""
     entry = {"index": out.request_id, "prompt": prompt, "text": out.text, "token_ids": out.token_ids,
              "finish_reason": out.finish_reason}
+
+    def listed(token: int, lp: dict | None, n: int):
+        if lp is None:   # a prompt's first token
+            return None
+        return {"token_id": token, "logprob": lp[token],
+                "top_logprobs": [{"token_id": i, "logprob": v} for i, v in _top(lp, n)]}
+
+    if out.prompt_logprobs is not None:
+        entry["prompt_logprobs"] = [listed(token, lp, params.prompt_logprobs)
+                                    for token, lp in zip(out.prompt_token_ids, out.prompt_logprobs)]
     if out.logprobs is not None:
-        entry["logprobs"] = [{"token_id": token, "logprob": lp[token],
-                              "top_logprobs": [{"token_id": i, "logprob": v} for i, v in _top(lp, num_logprobs)]}
-                             for token, lp in zip(out.token_ids, out.logprobs)]
+        entry["logprobs"] = [listed(token, lp, params.logprobs) for token, lp in zip(out.token_ids, out.logprobs)]
     return entry
 
 
-def _print_output(out, tokenizer, num_logprobs: int | None) -> None:
+def _print_output(out, tokenizer, params) -> None:
     if out.prompt is not None:
         print(f"--- prompt {out.request_id}: {out.prompt!r}")
         print(f"{out.text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
     else:
         print(f"--- prompt {out.request_id}: {len(out.prompt_token_ids)} token ids -> "
               f"{len(out.token_ids)} tokens [{out.finish_reason}]")
-    if out.logprobs is None:
-        return
 
     def token(i: int) -> str:
         return f"{i} {tokenizer.decode([i])!r}" if tokenizer is not None else str(i)
 
-    for position, (chosen, lp) in enumerate(zip(out.token_ids, out.logprobs)):
-        top = ", ".join(f"{token(i)} {v:.4f}" for i, v in _top(lp, num_logprobs))
-        print(f"  token {position}: {token(chosen)} {lp[chosen]:.4f}" + (f" | top: {top}" if top else ""))
+    def lines(kind: str, token_ids: list[int], logprobs: list, n: int) -> None:
+        for position, (chosen, lp) in enumerate(zip(token_ids, logprobs)):
+            if lp is not None:
+                top = ", ".join(f"{token(i)} {v:.4f}" for i, v in _top(lp, n))
+                print(f"  {kind} {position}: {token(chosen)} {lp[chosen]:.4f}" + (f" | top: {top}" if top else ""))
+
+    if out.prompt_logprobs is not None:
+        lines("prompt token", out.prompt_token_ids, out.prompt_logprobs, params.prompt_logprobs)
+    if out.logprobs is not None:
+        lines("token", out.token_ids, out.logprobs, params.logprobs)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ class LLM:
             text=text,
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs,
             num_cached_tokens=seq.max_cached_tokens,
             num_preemptions=seq.num_preemptions,
             metrics=seq.metrics(),

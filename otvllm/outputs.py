@@ -12,6 +12,7 @@ class RequestOutput:
     text: str | None
     finish_reason: str              # "stop" (EOS or a stop token) or "length" (max_tokens or max_model_len)
     logprobs: list[dict[int, float]] | None = None  # per generated token: top-N ids and the chosen one
+    prompt_logprobs: list[dict[int, float] | None] | None = None   # the same per prompt token (None first)
     num_cached_tokens: int = 0      # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     metrics: dict = field(default_factory=dict)  # queue_time_ms, time_to_first_token_ms, e2e_ms

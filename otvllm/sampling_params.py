@@ -14,6 +14,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None    # makes this request's samples reproducible, whatever the batch
     logprobs: int | None = None  # return the top-N log-probabilities of each generated token
+    # ... and of each prompt token after the first (its own and the N likeliest in its place, as
+    # the model saw the tokens before it); such a prompt is computed whole, not from the prefix cache
+    prompt_logprobs: int | None = None
     # Penalties on tokens already there, applied to the logits before temperature, top-k and
     # top-p (vLLM's and OpenAI's meanings): presence subtracts once per token the output holds,
     # frequency once per occurrence in the output; repetition divides a positive logit (multiplies
@@ -56,9 +59,10 @@ class SamplingParams:
         self.logit_bias = _logit_bias(self.logit_bias)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         stop = self.stop_token_ids

@@ -611,6 +611,36 @@ def test_a_request_larger_than_the_queue_is_a_400_not_a_retry_later(queue_server
     assert "3 sequences" in error_of(info.value)["message"] and "--max-queue 2" in error_of(info.value)["message"]
 
 
+def test_echo_puts_the_prompt_and_its_logprobs_before_the_completion(server, ref):
+    """As lm-evaluation-harness asks for a loglikelihood: echo, logprobs=1, max_tokens=1; the
+    prompt tokens' log-probabilities as the offline engine's prompt_logprobs (the first None)."""
+    from otvllm import SamplingParams
+    prompt = "the quick brown fox"
+    offline = ref.llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=1, prompt_logprobs=1),
+                               use_tqdm=False)[0]
+    client = server.client()
+    plain = client.completions.create(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=1, temperature=0, echo=True)
+    assert plain.choices[0].text == prompt + offline.text and plain.choices[0].logprobs is None
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    out = client.completions.create(**kwargs)
+    choice = out.choices[0]
+    ids = offline.prompt_token_ids + offline.token_ids
+    assert choice.text == prompt + offline.text
+    assert choice.logprobs.tokens == [ref.tokenizer.decode([t]) for t in ids]
+    expected = [None] + [e[t] for t, e in zip(ids[1:], offline.prompt_logprobs[1:] + offline.logprobs)]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-5)
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+    assert out.usage.prompt_tokens == len(offline.prompt_token_ids) and out.usage.completion_tokens == 1
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    parts = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(p.text for p in parts) == choice.text
+    assert [lp for p in parts for lp in p.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+    token_prompt = client.completions.create(model=SYNTHETIC_NAME, prompt=offline.prompt_token_ids, max_tokens=1,
+                                             temperature=0, echo=True)
+    assert token_prompt.choices[0].text == ref.tokenizer.decode(offline.prompt_token_ids) + offline.text
+
+
 def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     prompts = [f"concurrent request number {i} " + "x" * (3 * i) for i in range(8)]
     expected = [ref.generate(p, 24) for p in prompts]
@@ -639,7 +669,6 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(temperature=-1), "BadRequestError", 400, ["temperature"]),
     (dict(prompt=[3, 99999]), "BadRequestError", 400, ["99999"]),
     (dict(prompt=""), "BadRequestError", 400, []),
-    (dict(echo=True), "BadRequestError", 400, ["echo"]),
     (dict(logprobs=21), "BadRequestError", 400, ["logprobs", "20"]),
     (dict(presence_penalty=2.5), "BadRequestError", 400, ["presence_penalty", "[-2, 2]"]),
     (dict(frequency_penalty=-3.0), "BadRequestError", 400, ["frequency_penalty"]),
@@ -653,7 +682,7 @@ def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     (dict(extra_body={"stop_token_ids": [-1]}), "BadRequestError", 400, ["stop_token_ids"]),
 ], ids=["unknown-model", "prompt-too-long", "max-tokens-0", "max-tokens-negative", "n-0", "n-129",
         "temperature-negative",
-        "token-id-outside-vocab", "empty-prompt", "echo", "logprobs-over-limit", "presence-penalty-range",
+        "token-id-outside-vocab", "empty-prompt", "logprobs-over-limit", "presence-penalty-range",
         "frequency-penalty-range", "repetition-penalty-zero", "logit-bias-outside-vocab", "logit-bias-key",
         "logit-bias-range", "best-of", "min-p-range", "min-tokens-over-max-tokens", "negative-stop-token-id"])
 def test_bad_completion_requests_get_openai_errors(server, kwargs, exc_type, status, words):

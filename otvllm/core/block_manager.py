@@ -102,14 +102,15 @@ class BlockManager:
         """Give `seq` its blocks, reusing cached full blocks of its prefix.
 
         At most len(seq) - 1 tokens come from the cache: the last token is always
-        computed, since its logits pick the next token. The new blocks become findable by
-        later prompts only once a step computes them (`register_computed`).
+        computed, since its logits pick the next token; none, while the logits of its prompt
+        are wanted (prompt_logprobs). The new blocks become findable by later prompts only once
+        a step computes them (`register_computed`).
         """
         assert not seq.block_table
         start_ns = time.time_ns()
         h = -1
         cache_miss = False
-        cacheable = (len(seq) - 1) // self.block_size
+        cacheable = 0 if seq.needs_prompt_logits else (len(seq) - 1) // self.block_size
         new_blocks = cached_blocks = queries = 0
         for i in range(seq.num_blocks):
             block_id = None

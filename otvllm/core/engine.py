@@ -33,7 +33,7 @@ class InFlight:
     """A launched step whose sampled tokens have not been postprocessed yet."""
 
     batch: ScheduledBatch
-    result: SampleResult | None   # None: only prompt chunks that sample nothing
+    result: SampleResult | None   # None: only prompt chunks that sample nothing (nor want their logprobs)
 
 
 class LLMEngine:
@@ -172,7 +172,7 @@ class LLMEngine:
                 if self.workers is not None:
                     trace.ranks(self.workers.take_records())
                 result = None
-                if batch.sampled_seqs:
+                if batch.sampled_seqs or inputs.prompt_owners:
                     result = trace.phase(S.SAMPLE, self.sample, logits, inputs, attrs=A.sample_attrs)
                 launched = InFlight(batch, result)
                 self._first_tokens_arrived(launched)
@@ -221,6 +221,8 @@ class LLMEngine:
             token_ids = result.host_token_ids()   # waits for that step's device work, not for later steps
             if result.sampled_logprobs is not None:
                 self._record_logprobs(batch.sampled_seqs, token_ids, result)
+            if result.prompt_owners:
+                self._record_prompt_logprobs(result)
         self._first_tokens_arrived(step)
         now = time.time_ns()
         finished = self.scheduler.postprocess(batch, token_ids)
@@ -251,3 +253,15 @@ class LLMEngine:
             entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
             entry[token_ids[row]] = sampled[row]
             seq.logprobs.append(entry)
+
+    @staticmethod
+    def _record_prompt_logprobs(result: SampleResult) -> None:
+        chosen, top_values, top_ids = result.host_prompt_logprobs()
+        row = 0
+        for seq, first, count in result.prompt_owners:
+            n = seq.params.prompt_logprobs
+            for position in range(first, first + count):
+                entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
+                entry[seq.token_ids[position]] = chosen[row]
+                seq.prompt_logprobs[position] = entry
+                row += 1

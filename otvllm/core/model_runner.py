@@ -1,6 +1,6 @@
 """Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -16,7 +16,7 @@ from otvllm.core.sequence import Sequence
 from otvllm.layers.attention import ForwardContext
 from otvllm.layers.basic import Kernels, use_kernels
 from otvllm.layers.parallel import TensorParallel
-from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch
+from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch, token_logprobs
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
 from otvllm.ops.backend import AttentionBackend
@@ -32,9 +32,14 @@ class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     ctx: ForwardContext
-    logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples
+    logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples, then the prompt rows
     sampling: SamplingBatch | None       # None: no row samples
     phase: str = "decode"                # the step's: prefill, decode or mixed
+    # prompt_logprobs: after the sampled rows, logits rows that predict prompt tokens; each owner
+    # (sequence, position of its first such token, how many) in row order, and the tokens
+    prompt_owners: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    prompt_targets: torch.Tensor | None = None
+    prompt_top_n: int = 0
 
 
 def block_table_array(seqs: list[Sequence]) -> np.ndarray:
@@ -225,14 +230,16 @@ class ModelRunner:
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         samples = ends == np.fromiter((s.num_tokens for s in seqs), np.int64, n)
         last = cu_q[1:][samples] - 1
+        owners, prompt_rows, prompt_targets = _prompt_logit_rows(seqs, starts, ends, cu_q)
         # Sampling rows whose input token is still on the device, sampled by the step in flight.
         pending_rows = np.fromiter((s.pending_row for s in seqs), np.int64, n)[samples]
         pending = pending_rows >= 0
         tiles = (query_tiles(query_lens, starts, self.tokens_per_tile) if self.tokens_per_tile
                  else np.zeros(0, np.int64))
         # positions first: at offset 0 always, which torch.compile's guards on the rotary see
-        positions, input_ids, slots, last, pending_at, pending_rows, tiles = self._upload(
-            [positions, input_ids, slots, last, last[pending], pending_rows[pending], tiles], torch.int64)
+        positions, input_ids, slots, logits_rows, pending_at, pending_rows, tiles, prompt_targets = self._upload(
+            [positions, input_ids, slots, np.concatenate([last, prompt_rows]), last[pending], pending_rows[pending],
+             tiles, prompt_targets], torch.int64)
         cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
         if pending.any():
             input_ids[pending_at] = previous_tokens[pending_rows]
@@ -246,7 +253,11 @@ class ModelRunner:
             max_seqlen_q=max(batch.query_lens),
             query_tiles=tiles if self.tokens_per_tile else None,
         )
-        return ModelInputs(input_ids, positions, ctx, last, sampling=None)
+        inputs = ModelInputs(input_ids, positions, ctx, logits_rows, sampling=None)
+        if owners:
+            inputs.prompt_owners, inputs.prompt_targets = owners, prompt_targets
+            inputs.prompt_top_n = max(seq.params.prompt_logprobs for seq, _, _ in owners)
+        return inputs
 
     def _prepare_decode(self, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
@@ -288,11 +299,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
-        return self.sampler(logits, inputs.sampling).copy_to_host()
+        """The sampled rows' tokens, and the prompt rows' log-probabilities after them."""
+        rows = 0 if inputs.sampling is None else inputs.sampling.num_rows
+        if inputs.sampling is None:
+            result = SampleResult(torch.empty(0, dtype=torch.int64, device=logits.device), None, None, None)
+        else:
+            result = self.sampler(logits[:rows], inputs.sampling)
+        if inputs.prompt_owners:
+            result.prompt = token_logprobs(logits[rows:], inputs.prompt_targets, inputs.prompt_top_n)
+            result.prompt_owners = inputs.prompt_owners
+        return result.copy_to_host()
 
     def run(self, batch: ScheduledBatch) -> SampleResult | None:
         """Prepare, forward and sample on this runner alone (None on a rank that does not sample)."""
         inputs = self.prepare(batch)
         logits = self.forward(inputs)[0]
         return self.sample(logits, inputs) if logits is not None else None
+
+
+def _prompt_logit_rows(seqs: list[Sequence], starts: np.ndarray, ends: np.ndarray,
+                       cu_q: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
+    """For the sequences that want their prompt's log-probabilities: the rows of this step's
+    tokens whose logits predict a prompt token (position p predicts token p + 1; the prompt's
+    last position predicts the first output, which the sampled row covers), as (owners, rows,
+    target tokens)."""
+    owners, rows, targets = [], [], []
+    for i, seq in enumerate(seqs):
+        if not seq.needs_prompt_logits:
+            continue
+        start, stop = int(starts[i]), min(int(ends[i]), seq.num_prompt_tokens - 1)
+        if start < stop:
+            owners.append((seq, start + 1, stop - start))
+            rows.append(np.arange(cu_q[i], cu_q[i] + stop - start))
+            targets.append(seq.token_ids[start + 1:stop + 1])
+    if not owners:
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return owners, np.concatenate(rows), np.fromiter(chain.from_iterable(targets), np.int64)
 

@@ -22,9 +22,11 @@ class RequestLimits:
         bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bias:
             raise ValueError(f"logit_bias token id {bias[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if params.logprobs is not None and params.logprobs > min(self.max_logprobs, self.vocab_size):
-            raise ValueError(f"logprobs={params.logprobs} is more than the engine allows (max_logprobs="
-                             f"{self.max_logprobs}, vocabulary {self.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > min(self.max_logprobs, self.vocab_size):
+                raise ValueError(f"{name}={n} is more than the engine allows (max_logprobs={self.max_logprobs}, "
+                                 f"vocabulary {self.vocab_size})")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens plus max_tokens={params.max_tokens} is "

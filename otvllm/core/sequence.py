@@ -35,6 +35,10 @@ class Sequence:
         self.params = params
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []
+        # With params.prompt_logprobs: per prompt position, its token's entry (None until computed;
+        # always None for the first, which nothing predicts).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None)
         self.num_preemptions = 0
         self.arrival_ns = 0
         self.first_scheduled_ns = 0
@@ -52,6 +56,12 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether its prompt's logits are still to be computed (then none of it comes from the prefix cache)."""
+        entries = self.prompt_logprobs
+        return entries is not None and len(entries) > 1 and entries[-1] is None
 
     @property
     def num_blocks(self) -> int:

@@ -3,7 +3,7 @@ presence, frequency and repetition penalties, greedy, temperature, min-p, top-k,
 per-request seeds, and the top-N log-probabilities of each chosen token (of the model's own
 distribution, before biases, penalties and temperature, as vLLM reports them)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,6 +76,10 @@ class SamplingBatch:
     bias: LogitBias | None = None        # these two set by the runner, which knows the sequences
     penalties: Penalties | None = None
 
+    @property
+    def num_rows(self) -> int:
+        return self.temperatures.shape[0]
+
     @classmethod
     def from_params(cls, params: list, positions: list[int], vocab_size: int,
                     device: torch.device) -> "SamplingBatch":
@@ -115,6 +119,9 @@ class SampleResult:
     sampled_logprobs: torch.Tensor | None    # [B] float32
     top_logprobs: torch.Tensor | None        # [B, N] float32
     top_token_ids: torch.Tensor | None       # [B, N] int64
+    # prompt_logprobs: token_logprobs() of the prompt rows, and their owners (the runner's)
+    prompt: tuple | None = None
+    prompt_owners: list = field(default_factory=list)
     _host: tuple | None = None
     _ready: torch.cuda.Event | None = None
 
@@ -122,7 +129,8 @@ class SampleResult:
         """Queue the copies to pinned host memory right behind the sampling kernels. Reading
         them later waits for this step only: `.tolist()` on the device tensors would wait for
         every step launched since."""
-        tensors = (self.token_ids, self.sampled_logprobs, self.top_logprobs, self.top_token_ids)
+        tensors = (self.token_ids, self.sampled_logprobs, self.top_logprobs, self.top_token_ids,
+                   *(self.prompt or (None, None, None)))
         if self.token_ids.device.type != "cuda":
             self._host = tensors
             return self
@@ -146,9 +154,32 @@ class SampleResult:
 
     def host_logprobs(self) -> tuple[list, list | None, list | None]:
         """Sampled-token logprobs, top-N logprobs and top-N token ids, as lists."""
-        _, sampled, values, ids = self._on_host()
-        return sampled.tolist(), values.tolist() if values is not None else None, \
-            ids.tolist() if ids is not None else None
+        return _lists(self._on_host()[1:4])
+
+    def host_prompt_logprobs(self) -> tuple[list, list | None, list | None]:
+        """The prompt rows' token logprobs, top-N logprobs and top-N token ids, as lists."""
+        return _lists(self._on_host()[4:])
+
+
+def _lists(tensors) -> tuple:
+    return tuple(t.tolist() if t is not None else None for t in tensors)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int,
+                   rows_at_once: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(log-probability of each row's token, the n likeliest log-probabilities, their ids), of the
+    model's own distribution. A few rows at a time: a long prompt's logits in float32 would take
+    gigabytes."""
+    out = torch.empty(len(tokens), dtype=torch.float32, device=logits.device)
+    values = torch.empty(len(tokens), n, dtype=torch.float32, device=logits.device) if n else None
+    ids = torch.empty(len(tokens), n, dtype=torch.int64, device=logits.device) if n else None
+    for a in range(0, len(tokens), rows_at_once):
+        b = min(a + rows_at_once, len(tokens))
+        logprobs = torch.log_softmax(logits[a:b].float(), dim=-1)
+        out[a:b] = logprobs.gather(1, tokens[a:b, None]).squeeze(1)
+        if n:
+            values[a:b], ids[a:b] = logprobs.topk(n, dim=-1)
+    return out, values, ids
 
 
 def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ class Choice:
         self.request, self.text, self.prompt_index = request, text, prompt_index
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list | None = None   # when asked for (echo with logprobs), with the first tokens
         self.finish_reason: str | None = None
 
 
@@ -141,6 +142,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                 ids, logprobs = update.token_ids[:kept], update.logprobs[:kept]
                 choice.token_ids += ids
                 choice.logprobs += logprobs
+                choice.prompt_logprobs = choice.prompt_logprobs or update.prompt_logprobs
                 reason = update.finish_reason
                 if choice.text.stopped:
                     if reason is None:
@@ -220,16 +222,26 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
 
     # ---- /v1/completions ------------------------------------------------------------------------
 
-    def completion_logprobs(choice: Choice, ids: list[int], logprobs: list, n: int, offset: int) -> dict:
+    def completion_logprobs(ids: list[int], logprobs: list, n: int, offset: int) -> dict:
+        """The legacy API's logprobs block; an entry of None (a prompt's first token) has none."""
         tokens = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids]
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [entry.get(t) for t, entry in zip(ids, logprobs)],
+        return {"tokens": tokens,
+                "token_logprobs": [entry.get(t) if entry is not None else None for t, entry in zip(ids, logprobs)],
                 "top_logprobs": [{(tokenizer.decode([k]) if tokenizer is not None else str(k)): v
-                                  for k, v in list(entry.items())[:n]} for entry in logprobs],
+                                  for k, v in list(entry.items())[:n]} if entry is not None else None
+                                 for entry in logprobs],
                 "text_offset": offsets}
+
+    def echoed(choice: Choice, prompt) -> tuple[str, list[int], list]:
+        """With `echo`: the prompt's text, token ids and log-probabilities (those when asked),
+        which come before the completion's."""
+        ids = choice.request.spec.token_ids
+        text = prompt if isinstance(prompt, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
+        return text, ids, choice.prompt_logprobs or [None] * len(ids)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -241,9 +253,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             prompts = list(prompt)
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        if body.echo:
-            raise APIError(400, "echo is not supported: the prompt is not returned with the completion", param="echo")
-        params = body.choice_params(body.max_tokens, body.logprobs)
+        params = body.choice_params(body.max_tokens, body.logprobs, body.logprobs if body.echo else None)
         stops = body.stop_strings()
         rid = new_id("cmpl")
         choices, updates = make_choices(prompts, params, body.stream, stops, rid)
@@ -251,12 +261,17 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         n = body.logprobs or 0
         if body.stream:
             offsets = [0] * len(choices)
+            opened = set()
 
             def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
                 i = choice.request.index
+                if body.echo and i not in opened:   # the prompt, before the first tokens
+                    opened.add(i)
+                    text, prompt_ids, prompt_logprobs = echoed(choice, prompts[choice.prompt_index])
+                    delta, ids, logprobs = text + delta, prompt_ids + ids, prompt_logprobs + logprobs
                 out = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
                 if body.logprobs is not None:
-                    out["logprobs"] = completion_logprobs(choice, ids, logprobs, n, offsets[i])
+                    out["logprobs"] = completion_logprobs(ids, logprobs, n, offsets[i])
                 offsets[i] += len(delta)
                 return out
 
@@ -265,10 +280,14 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         await run_to_end(request, choices, updates)
         payload = []
         for choice in choices:
-            entry = {"index": choice.request.index, "text": choice.text.text, "logprobs": None,
+            text, ids, logprobs = choice.text.text, choice.token_ids, choice.logprobs
+            if body.echo:
+                prompt_text, prompt_ids, prompt_logprobs = echoed(choice, prompts[choice.prompt_index])
+                text, ids, logprobs = prompt_text + text, prompt_ids + ids, prompt_logprobs + logprobs
+            entry = {"index": choice.request.index, "text": text, "logprobs": None,
                      "finish_reason": choice.finish_reason}
             if body.logprobs is not None:
-                entry["logprobs"] = completion_logprobs(choice, choice.token_ids, choice.logprobs, n, 0)
+                entry["logprobs"] = completion_logprobs(ids, logprobs, n, 0)
             payload.append(entry)
         return chunk(payload, usage(prompt_tokens(choices), completion_tokens(choices)))
 

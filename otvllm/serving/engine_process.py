@@ -48,6 +48,7 @@ class Update:
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" once finished
     logprobs: list[dict[int, float]] = field(default_factory=list)
     first_token_ns: int = 0
+    prompt_logprobs: list | None = None   # with the first tokens, when the request asked for them
 
 
 class PipeSink:
@@ -224,8 +225,9 @@ class _Loop:
         ids = seq.token_ids[start:end]
         logprobs = seq.logprobs[active.sent:active.sent + len(ids)] if seq.params.logprobs is not None else []
         first_token_ns = seq.first_token_ns if active.sent == 0 else 0
+        prompt_logprobs = seq.prompt_logprobs if active.sent == 0 and ids else None   # complete once it sampled
         active.sent += len(ids)
-        return Update(rid, ids, reason, logprobs, first_token_ns)
+        return Update(rid, ids, reason, logprobs, first_token_ns, prompt_logprobs)
 
     def _send(self) -> None:
         """The news, the gauges and the trace records so far, in one message (the gauges alone

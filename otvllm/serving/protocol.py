@@ -74,7 +74,8 @@ class _Sampling(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def choice_params(self, max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
+    def choice_params(self, max_tokens: int | None, logprobs: int | None,
+                      prompt_logprobs: int | None = None) -> list[SamplingParams]:
         """The SamplingParams of each of the n choices of a prompt. With a seed, choice j samples
         with seed + j, as vLLM's parallel sampling: the same seed n times would give n equal
         choices."""
@@ -90,7 +91,8 @@ class _Sampling(BaseModel):
         given = {name: getattr(self, name) for name in _DEFAULTED if getattr(self, name) is not None}
         try:
             params = SamplingParams(top_k=self.top_k, max_tokens=16 if max_tokens is None else max_tokens,
-                                    ignore_eos=self.ignore_eos, logprobs=logprobs, **given)
+                                    ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                    **given)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         if params.seed is None:

@@ -99,6 +99,7 @@ GEN_AI_REQUEST_FREQUENCY_PENALTY = "gen_ai.request.frequency_penalty"
 REQUEST_REPETITION_PENALTY = "otvllm.request.repetition_penalty"   # not in the GenAI conventions
 REQUEST_MIN_TOKENS = "otvllm.request.min_tokens"
 REQUEST_LOGIT_BIAS_TOKENS = "otvllm.request.logit_bias_tokens"   # how many tokens its logit_bias names
+REQUEST_PROMPT_LOGPROBS = "otvllm.request.prompt_logprobs"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
@@ -221,6 +222,7 @@ SAMPLE_SEEDED = "otvllm.sampling.seeded_seqs"
 SAMPLE_LOGPROBS = "otvllm.sampling.logprobs_seqs"
 SAMPLE_PENALIZED = "otvllm.sampling.penalized_seqs"
 SAMPLE_BIASED = "otvllm.sampling.biased_seqs"   # rows with a logit_bias, or short of their min_tokens
+SAMPLE_PROMPT_LOGPROBS = "otvllm.sampling.prompt_logprob_tokens"   # prompt tokens whose logprobs were computed
 
 # scheduler.postprocess
 TOKENS_APPENDED = "otvllm.postprocess.tokens_appended"

@@ -131,9 +131,12 @@ def forward_attrs(result, inputs) -> dict:
 
 
 def sample_attrs(result, logits, inputs) -> dict:
+    attrs = {S.SHAPE_PREFIX + "logits": shape(logits),
+             S.SAMPLE_PROMPT_LOGPROBS: sum(count for _, _, count in inputs.prompt_owners)}
     sampling = inputs.sampling
-    return {
-        S.SHAPE_PREFIX + "logits": shape(logits),
+    if sampling is None:   # only prompt rows, for their log-probabilities
+        return attrs
+    return attrs | {
         S.SAMPLE_GREEDY: sampling.num_greedy,
         S.SAMPLE_TEMPERATURE_MIN: sampling.temperature_min, S.SAMPLE_TEMPERATURE_MAX: sampling.temperature_max,
         S.SAMPLE_TOP_K: sampling.top_ks is not None, S.SAMPLE_TOP_P: sampling.top_ps is not None,
@@ -231,6 +234,8 @@ def request_attrs(seq, model_name: str, ended_as: str | None = None) -> dict:
         attrs[S.REQUEST_MIN_TOKENS] = p.min_tokens
     if p.logit_bias:
         attrs[S.REQUEST_LOGIT_BIAS_TOKENS] = len(p.logit_bias)
+    if p.prompt_logprobs is not None:
+        attrs[S.REQUEST_PROMPT_LOGPROBS] = p.prompt_logprobs
     if seq.first_scheduled_ns:
         attrs[S.REQUEST_QUEUE_TIME_MS] = metrics["queue_time_ms"]
     if seq.first_token_ns:
