@@ -30,7 +30,9 @@ def assert_prompt_logprobs(model_dir, prompt, entries, n):
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_prompt_logprobs_match_transformers_whole_or_in_chunks(qwen3_dir, chunk):
+def test_prompt_logprobs_match_transformers_whole_or_in_chunks(qwen3_dir, chunk, monkeypatch):
+    from otvllm.core import model_runner
+    monkeypatch.setattr(model_runner, "PROMPT_LOGITS_ROWS", 8)   # a step's prompt rows in several slices
     settings = {} if chunk is None else dict(max_num_batched_tokens=chunk, max_num_seqs=4)
     llm = make_llm(qwen3_dir, **settings)
     params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=n) for n in (2, 0, 5)]
@@ -73,12 +75,15 @@ def test_under_preemption_each_request_keeps_its_own(qwen3_dir):
 
 
 def test_two_tensor_parallel_ranks_give_them_too(qwen3_dir):
-    """The prompt rows go through the vocabulary-parallel output head on every rank (gloo)."""
+    """The prompt rows go through the vocabulary-parallel output head on every rank (gloo), in
+    slices of PROMPT_LOGITS_ROWS that the ranks take in step."""
+    from otvllm.core.model_runner import PROMPT_LOGITS_ROWS
     from tests.test_tensor_parallel import two_ranks
-    with two_ranks(qwen3_dir, max_num_batched_tokens=16, max_num_seqs=4) as llm:
-        out = llm.generate(PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
+    prompt = random_prompts([PROMPT_LOGITS_ROWS + 100], seed=10)[0]
+    with two_ranks(qwen3_dir, max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=4) as llm:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
                            use_tqdm=False)[0]
-    assert_prompt_logprobs(qwen3_dir, PROMPTS[1], out.prompt_logprobs, 2)
+    assert_prompt_logprobs(qwen3_dir, prompt, out.prompt_logprobs, 2)
 
 
 def test_a_one_token_prompt_has_only_the_none_entry(qwen3_dir):

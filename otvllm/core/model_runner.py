@@ -24,6 +24,9 @@ from otvllm.ops.query_tiles import query_tiles
 from otvllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_BUDGET = 512 << 20  # bytes: the default CPU cache never grows past this
+# prompt_logprobs: logits rows computed at once (at Qwen3's vocabulary, 0.3 GB in bf16; a whole
+# chunk of 16,384 prompt tokens would take 5 GB beside the memory start-up planned)
+PROMPT_LOGITS_ROWS = 1024
 _WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
@@ -32,14 +35,17 @@ class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     ctx: ForwardContext
-    logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples, then the prompt rows
+    logits_indices: torch.Tensor | None  # prefill path: the last token of each row that samples
     sampling: SamplingBatch | None       # None: no row samples
     phase: str = "decode"                # the step's: prefill, decode or mixed
-    # prompt_logprobs: after the sampled rows, logits rows that predict prompt tokens; each owner
-    # (sequence, position of its first such token, how many) in row order, and the tokens
-    prompt_owners: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    # prompt_logprobs: the tokens whose logits predict a prompt token (every rank computes their
+    # logits), the tokens they predict, each owner (sequence, position of its first such token,
+    # how many) in row order, and what `forward` makes of them (token_logprobs', on rank 0)
+    prompt_rows: torch.Tensor | None = None
     prompt_targets: torch.Tensor | None = None
+    prompt_owners: list[tuple[Sequence, int, int]] = field(default_factory=list)
     prompt_top_n: int = 0
+    prompt_logprobs: tuple | None = None
 
 
 def block_table_array(seqs: list[Sequence]) -> np.ndarray:
@@ -237,9 +243,9 @@ class ModelRunner:
         tiles = (query_tiles(query_lens, starts, self.tokens_per_tile) if self.tokens_per_tile
                  else np.zeros(0, np.int64))
         # positions first: at offset 0 always, which torch.compile's guards on the rotary see
-        positions, input_ids, slots, logits_rows, pending_at, pending_rows, tiles, prompt_targets = self._upload(
-            [positions, input_ids, slots, np.concatenate([last, prompt_rows]), last[pending], pending_rows[pending],
-             tiles, prompt_targets], torch.int64)
+        positions, input_ids, slots, last, pending_at, pending_rows, tiles, prompt_rows, prompt_targets = self._upload(
+            [positions, input_ids, slots, last, last[pending], pending_rows[pending], tiles, prompt_rows,
+             prompt_targets], torch.int64)
         cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
         if pending.any():
             input_ids[pending_at] = previous_tokens[pending_rows]
@@ -253,9 +259,9 @@ class ModelRunner:
             max_seqlen_q=max(batch.query_lens),
             query_tiles=tiles if self.tokens_per_tile else None,
         )
-        inputs = ModelInputs(input_ids, positions, ctx, logits_rows, sampling=None)
+        inputs = ModelInputs(input_ids, positions, ctx, last, sampling=None)
         if owners:
-            inputs.prompt_owners, inputs.prompt_targets = owners, prompt_targets
+            inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_owners = prompt_rows, prompt_targets, owners
             inputs.prompt_top_n = max(seq.params.prompt_logprobs for seq, _, _ in owners)
         return inputs
 
@@ -285,7 +291,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs) -> tuple[torch.Tensor, bool]:
         """Logits of the token each sequence samples next ([num_seqs, vocab_size]), and whether
-        a CUDA graph was replayed."""
+        a CUDA graph was replayed; with prompt rows, also their inputs.prompt_logprobs."""
         ctx = inputs.ctx
         graphs = self.prefill_graphs if ctx.is_prefill else self.graphs
         use_graph = graphs is not None and graphs.fits(len(inputs.input_ids), ctx)
@@ -293,21 +299,35 @@ class ModelRunner:
             hidden = graphs.run(inputs.input_ids, inputs.positions, ctx)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        if inputs.prompt_rows is not None:
+            inputs.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.logits_indices is not None:
             hidden = hidden[inputs.logits_indices]
         return self.model.compute_logits(hidden), use_graph
 
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs) -> tuple | None:
+        """token_logprobs() of the prompt rows, PROMPT_LOGITS_ROWS at a time (on rank 0; every
+        rank computes each slice's logits, the output head being split by vocabulary)."""
+        parts = []
+        rows = inputs.prompt_rows
+        for a in range(0, len(rows), PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(hidden[rows[a:a + PROMPT_LOGITS_ROWS]])
+            if logits is not None:
+                parts.append(token_logprobs(logits, inputs.prompt_targets[a:a + PROMPT_LOGITS_ROWS],
+                                            inputs.prompt_top_n))
+        if not parts:
+            return None
+        return tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, inputs: ModelInputs) -> SampleResult:
-        """The sampled rows' tokens, and the prompt rows' log-probabilities after them."""
-        rows = 0 if inputs.sampling is None else inputs.sampling.num_rows
+        """The sampled rows' tokens, with the prompt rows' log-probabilities `forward` computed."""
         if inputs.sampling is None:
             result = SampleResult(torch.empty(0, dtype=torch.int64, device=logits.device), None, None, None)
         else:
-            result = self.sampler(logits[:rows], inputs.sampling)
+            result = self.sampler(logits, inputs.sampling)
         if inputs.prompt_owners:
-            result.prompt = token_logprobs(logits[rows:], inputs.prompt_targets, inputs.prompt_top_n)
-            result.prompt_owners = inputs.prompt_owners
+            result.prompt, result.prompt_owners = inputs.prompt_logprobs, inputs.prompt_owners
         return result.copy_to_host()
 
     def run(self, batch: ScheduledBatch) -> SampleResult | None:

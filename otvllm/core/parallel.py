@@ -95,7 +95,8 @@ def _slot(numel: int) -> int:
 def _pack(inputs: ModelInputs) -> tuple[tuple, torch.Tensor]:
     """(a picklable header, the index tensors flattened into one int64 tensor on the device)."""
     ctx = inputs.ctx
-    tensors = [inputs.input_ids, inputs.positions, inputs.logits_indices, *(getattr(ctx, n) for n in _CTX_TENSORS)]
+    tensors = [inputs.input_ids, inputs.positions, inputs.logits_indices, inputs.prompt_rows,
+               *(getattr(ctx, n) for n in _CTX_TENSORS)]
     layout = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
     flat = torch.cat([F.pad(t.reshape(-1).to(torch.int64), (0, _slot(t.numel()) - t.numel()))
                       for t in tensors if t is not None])
@@ -113,10 +114,10 @@ def _unpack(header: tuple, flat: torch.Tensor) -> ModelInputs:
         size = torch.Size(shape).numel()
         tensors.append(flat[offset:offset + size].view(shape).to(dtype))
         offset += _slot(size)
-    input_ids, positions, logits_indices, *ctx_tensors = tensors
+    input_ids, positions, logits_indices, prompt_rows, *ctx_tensors = tensors
     ctx = ForwardContext(is_prefill, **dict(zip(_CTX_TENSORS, ctx_tensors)), max_seqlen_q=max_seqlen_q,
                          max_context_len=max_context_len)
-    return ModelInputs(input_ids, positions, ctx, logits_indices, sampling=None, phase=phase)
+    return ModelInputs(input_ids, positions, ctx, logits_indices, sampling=None, phase=phase, prompt_rows=prompt_rows)
 
 
 def _flat_size(header: tuple) -> int:

@@ -165,21 +165,14 @@ def _lists(tensors) -> tuple:
     return tuple(t.tolist() if t is not None else None for t in tensors)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int,
-                   rows_at_once: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(log-probability of each row's token, the n likeliest log-probabilities, their ids), of the
-    model's own distribution. A few rows at a time: a long prompt's logits in float32 would take
-    gigabytes."""
-    out = torch.empty(len(tokens), dtype=torch.float32, device=logits.device)
-    values = torch.empty(len(tokens), n, dtype=torch.float32, device=logits.device) if n else None
-    ids = torch.empty(len(tokens), n, dtype=torch.int64, device=logits.device) if n else None
-    for a in range(0, len(tokens), rows_at_once):
-        b = min(a + rows_at_once, len(tokens))
-        logprobs = torch.log_softmax(logits[a:b].float(), dim=-1)
-        out[a:b] = logprobs.gather(1, tokens[a:b, None]).squeeze(1)
-        if n:
-            values[a:b], ids[a:b] = logprobs.topk(n, dim=-1)
-    return out, values, ids
+    model's own distribution."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(n, dim=-1) if n else None
+    return (logprobs.gather(1, tokens[:, None]).squeeze(1), top.values if top is not None else None,
+            top.indices if top is not None else None)
 
 
 def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
