@@ -24,9 +24,10 @@ from otvllm.ops.query_tiles import query_tiles
 from otvllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_BUDGET = 512 << 20  # bytes: the default CPU cache never grows past this
-# prompt_logprobs: logits rows computed at once (at Qwen3's vocabulary, 0.3 GB in bf16; a whole
-# chunk of 16,384 prompt tokens would take 5 GB beside the memory start-up planned)
-PROMPT_LOGITS_ROWS = 1024
+# prompt_logprobs: logits rows computed at once. At Qwen3's vocabulary 256 rows take 78 MB in
+# bf16 and 0.3 GB as the float32 log-softmax and its input; a whole chunk of 16,384 prompt tokens
+# would take 5 GB of logits alone, beside the memory start-up planned.
+PROMPT_LOGITS_ROWS = 256
 _WARMUP_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
