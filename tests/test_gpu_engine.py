@@ -256,3 +256,24 @@ def test_at_debug_a_device_side_error_is_pinned_to_its_layer(qwen3_dir, tmp_path
     # The one part of the forward in ERROR is layer 1's MLP, where the device was synchronised.
     parts = [f for f in failed if f[0] in (S.EMBEDDING, S.NORM, S.ATTENTION, S.MLP, S.LM_HEAD)]
     assert parts == [(S.MLP, 1)], failed
+
+
+def test_kv_sizing_leaves_room_for_the_heaviest_sampling(tmp_path):
+    """Start-up counts the sampler at its largest beside the warm-up prefill: a full batch of
+    requests with every sampling option and prompt logprobs, over Qwen3's vocabulary (where a
+    [rows, vocab] float32 tensor is 155 MB at 256 rows), stays within gpu_memory_utilization of
+    the device (it used to go past it by the sampler's ~1 GB)."""
+    from otvllm.synthetic import write_model
+    model_dir = write_model(str(tmp_path / "big-vocab"), vocab_size=151936, tokenizer=False)
+    utilization = 0.3
+    llm = make_llm(model_dir, device="cuda", dtype="bfloat16", gpu_memory_utilization=utilization, max_num_seqs=256,
+                   max_model_len=512, max_num_batched_tokens=4096)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, presence_penalty=0.5,
+                            frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={7: 2.0}, min_tokens=2,
+                            logprobs=20, prompt_logprobs=20, max_tokens=8, ignore_eos=True)
+    torch.cuda.reset_peak_memory_stats()
+    outputs = llm.generate(random_prompts([300] * 256, vocab=151936, seed=3), params, use_tqdm=False)
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    total = torch.cuda.mem_get_info()[1]
+    assert torch.cuda.max_memory_allocated() <= utilization * total, (
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, share {utilization * total / 2**30:.2f} GiB")

@@ -41,3 +41,28 @@ def test_min_p_keeps_the_tokens_as_likely_as_a_share_of_the_likeliest_after_temp
     assert torch.allclose(observed[:4], hot[:4] / hot[:4].sum(), atol=0.01) and observed[4] == 0
     observed = draw(SamplingParams(temperature=1.0, min_p=0.3, top_k=1))   # min-p, then top-k
     assert observed[0] == 1.0
+
+
+def test_start_up_measures_the_sampler_with_every_option_at_the_most_rows(qwen3_dir, monkeypatch):
+    """KV sizing subtracts the peak of what the warm-up runs; its sampling must be the heaviest a
+    step can ask for (on CUDA the peak is measured: tests/test_gpu_engine.py), so every option
+    that allocates is on, for max_num_seqs rows, and a slice of prompt rows gets its logprobs."""
+    from otvllm.core import model_runner
+    from tests.helpers import make_llm
+    llm = make_llm(qwen3_dir, max_num_seqs=12)
+    runner = llm.engine.runner
+    seen = {}
+    real_sampler, real_token_logprobs = runner.sampler, model_runner.token_logprobs
+    monkeypatch.setattr(runner, "sampler", lambda logits, batch: seen.update(batch=batch, logits=logits)
+                        or real_sampler(logits, batch))
+    monkeypatch.setattr(model_runner, "token_logprobs", lambda logits, *a: seen.update(prompt_rows=len(logits))
+                        or real_token_logprobs(logits, *a))
+    runner._sample_at_most()
+    batch = seen["batch"]
+    assert seen["logits"].shape == (12, llm.engine.spec.vocab_size)
+    assert batch.top_ks is not None and batch.top_ps is not None and batch.min_ps is not None
+    assert len(batch.penalties.rows) == 12 and batch.penalties.repetition is not None
+    assert batch.bias.num_rows == 12
+    assert [n for _, n in batch.logprob_rows] == [llm.engine.resolved.max_logprobs] * 12
+    assert seen["prompt_rows"] == model_runner.PROMPT_LOGITS_ROWS
+    assert not runner.penalty_inputs._known   # its sequences are not kept

@@ -142,7 +142,7 @@ class ModelRunner:
     def _blocks_that_fit_gpu(self) -> int:
         """Blocks that fit in this engine's share of the device (gpu_memory_utilization of its
         total) next to the weights and the activations' peak, measured by a warm-up forward at
-        the largest prefill; never more than the device has free."""
+        the largest prefill and the sampler at its largest; never more than the device has free."""
         device = self.device
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -156,7 +156,8 @@ class ModelRunner:
         return max(0, int(available // self.block_bytes))
 
     def warmup(self) -> None:
-        """One prefill of max_num_batched_tokens tokens without a cache, to measure peak activations."""
+        """One prefill of max_num_batched_tokens tokens without a cache, then (where this rank
+        samples) the sampling of the most rows with every option: to measure peak activations."""
         cfg = self.config
         num_seqs = min(cfg.max_num_seqs, max(1, cfg.max_num_batched_tokens // cfg.max_model_len))
         seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens // num_seqs)
@@ -168,7 +169,28 @@ class ModelRunner:
         self._allocate_dummy_cache()
         self.run(batch)
         self.kv_cache = None
+        if self.tp.rank == 0:
+            self._sample_at_most()
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _sample_at_most(self) -> None:
+        """The sampler over max_num_seqs rows, each with every option that allocates (penalties,
+        a logit bias, min_tokens, top-k, top-p, min-p, the most logprobs), and one slice of prompt
+        rows' log-probabilities: a decode step of many such requests allocates this much (a
+        [rows, vocab] float32 tensor per stage, about 1 GB at 256 rows of Qwen3's vocabulary),
+        which the warm-up prefill alone does not."""
+        cfg, vocab = self.config, self.spec.vocab_size
+        params = SamplingParams(temperature=1.0, top_k=2, top_p=0.5, min_p=0.1, presence_penalty=0.5,
+                                frequency_penalty=0.5, repetition_penalty=1.5, min_tokens=1, logit_bias={0: 1.0},
+                                logprobs=min(cfg.max_logprobs, vocab), max_tokens=2)
+        seqs = [Sequence([0, 1], params, self.block_size) for _ in range(cfg.max_num_seqs)]
+        batch = SamplingBatch.from_params([params] * len(seqs), [2] * len(seqs), vocab, self.device)
+        batch.bias, batch.penalties = self.bias_inputs(seqs), self.penalty_inputs(seqs, None)
+        self.sampler(torch.zeros(len(seqs), vocab, dtype=self.dtype, device=self.device), batch)
+        rows = torch.zeros(PROMPT_LOGITS_ROWS, dtype=torch.int64, device=self.device)
+        token_logprobs(torch.zeros(PROMPT_LOGITS_ROWS, vocab, dtype=self.dtype, device=self.device), rows,
+                       min(cfg.max_logprobs, vocab))
 
     def _allocate_dummy_cache(self) -> None:
         # One block per layer so that the attention reads have a tensor to index.
