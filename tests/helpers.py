@@ -40,6 +40,16 @@ def make_llm(model_dir: str, **settings) -> LLM:
     return LLM(model_dir, **{**_SMALL[device], **settings})
 
 
+@contextmanager
+def two_ranks(model_dir, **settings):
+    """An engine over two tensor-parallel ranks (gloo on the CPU), closed afterwards."""
+    llm = make_llm(model_dir, tensor_parallel_size=2, **settings)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
 def random_prompts(lengths, vocab=256, seed=0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]

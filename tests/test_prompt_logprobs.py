@@ -78,7 +78,7 @@ def test_two_tensor_parallel_ranks_give_them_too(qwen3_dir):
     """The prompt rows go through the vocabulary-parallel output head on every rank (gloo), in
     slices of PROMPT_LOGITS_ROWS that the ranks take in step."""
     from otvllm.core.model_runner import PROMPT_LOGITS_ROWS
-    from tests.test_tensor_parallel import two_ranks
+    from tests.helpers import two_ranks
     prompt = random_prompts([PROMPT_LOGITS_ROWS + 100], seed=10)[0]
     with two_ranks(qwen3_dir, max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=4) as llm:
         out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),

@@ -641,6 +641,30 @@ def test_echo_puts_the_prompt_and_its_logprobs_before_the_completion(server, ref
     assert token_prompt.choices[0].text == ref.tokenizer.decode(offline.prompt_token_ids) + offline.text
 
 
+def test_tokenize_and_detokenize_as_the_tokenizer_does(server, ref, chat_server, chat_ref):
+    def post(srv, path, body):
+        status, _, raw = post_raw(srv.port, path, json.dumps(body).encode())
+        return status, json.loads(raw)
+
+    text = "tokens, please: é"
+    status, out = post(server, "/tokenize", {"model": SYNTHETIC_NAME, "prompt": text})
+    expected = ref.tokenizer.encode(text)
+    assert status == 200 and out == {"count": len(expected), "max_model_len": MAIN_MAX_MODEL_LEN, "tokens": expected}
+    status, out = post(server, "/detokenize", {"model": SYNTHETIC_NAME, "tokens": expected})
+    assert status == 200 and out == {"prompt": ref.tokenizer.decode(expected)}
+    # chat messages: the ids the chat endpoint sends the engine
+    status, out = post(chat_server, "/tokenize", {"model": "tiny-chat", "messages": MESSAGES})
+    assert status == 200 and out["tokens"] == chat_prompt_ids(chat_ref, MESSAGES)
+    for srv, path, body, words in [
+        (server, "/detokenize", {"model": SYNTHETIC_NAME, "tokens": [3, 99999]}, "99999"),
+        (server, "/tokenize", {"model": SYNTHETIC_NAME}, "either a prompt or messages"),
+        (server, "/tokenize", {"model": "nope", "prompt": "x"}, "nope"),
+        (server, "/tokenize", {"model": SYNTHETIC_NAME, "messages": MESSAGES}, "chat template"),
+    ]:
+        status, out = post(srv, path, body)
+        assert status in (400, 404) and words in out["error"]["message"], (path, body, out)
+
+
 def test_concurrent_requests_each_match_the_request_sent_alone(server, ref):
     prompts = [f"concurrent request number {i} " + "x" * (3 * i) for i in range(8)]
     expected = [ref.generate(p, 24) for p in prompts]

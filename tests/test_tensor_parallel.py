@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -19,7 +18,7 @@ from otvllm import SamplingParams
 from otvllm.synthetic import write_model
 from otvllm.tracing import schema as S
 from tests.helpers import PROMPTS as TRACED_PROMPTS
-from tests.helpers import by_name, make_llm, random_prompts, traced_run
+from tests.helpers import by_name, make_llm, random_prompts, traced_run, two_ranks
 from tests.reference import hf_greedy
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -35,14 +34,6 @@ EXTRA = {
                                    vocab_size=321, tie_word_embeddings=False),
 }
 
-
-@contextmanager
-def two_ranks(model_dir, **settings):
-    llm = make_llm(model_dir, tensor_parallel_size=2, **settings)
-    try:
-        yield llm
-    finally:
-        llm.close()
 
 
 def token_ids(outputs):

@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI): OpenAI's /v1/completions and /v1/chat/completions, /v1/models,
-/health. Requests are checked here, before they reach the engine process; a bad one gets a 400
+/health, and vLLM's /tokenize and /detokenize. Requests are checked here, before they reach the engine process; a bad one gets a 400
 with the library's message and nothing else is disturbed."""
 
 import asyncio
@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otvllm.serving.detokenize import TextStream
 from otvllm.serving.engine_client import EngineClient, EngineFailed, QueueFull, ServerRequest, next_updates
-from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, message_text, new_id,
-                                     now, usage)
+from otvllm.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest, message_text, new_id, now, usage)
 from otvllm.tokenizer import tokenize
 from otvllm.tracing import schema as S
 from otvllm.tracing.recording.records import remote_parent_of
@@ -304,20 +304,24 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             content.append(item)
         return {"content": content}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        if not body.messages:
+    def chat_prompt(chat_messages: list, add_generation_prompt: bool = True) -> tuple[list[dict], list[int]]:
+        """The messages as the chat template takes them, and the prompt's token ids they render to."""
+        if not chat_messages:
             raise APIError(400, "messages is empty: a chat completion needs at least one message", param="messages")
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "the model's tokenizer has no chat template, so chat messages cannot be turned "
                                 "into a prompt: use /v1/completions with a prompt", param="messages")
-        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+        messages = [{"role": m.role, "content": message_text(m)} for m in chat_messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:   # the template's own error (e.g. an unsupported role)
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        return messages, tokenizer.encode(text, add_special_tokens=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        messages, ids = chat_prompt(body.messages)
         n = body.top_logprobs or 0
         params = body.choice_params(body.max_completion_tokens or body.max_tokens, n if body.logprobs else None)
         rid = new_id("chatcmpl")
@@ -340,5 +344,31 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
               "logprobs": chat_logprobs(c.token_ids, c.logprobs, n) if body.logprobs else None,
               "finish_reason": c.finish_reason} for c in choices],
             usage(prompt_tokens(choices), completion_tokens(choices)))
+
+    # ---- /tokenize and /detokenize (vLLM's): what the engine would see of a prompt, and back ------
+
+    @app.post("/tokenize")
+    async def tokenize_prompt(body: TokenizeRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either a prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = chat_prompt(body.messages, body.add_generation_prompt)[1]
+        elif tokenizer is None:
+            raise APIError(400, "the model directory has no tokenizer", param="prompt")
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": engine.limits.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.limits.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.limits.vocab_size})",
+                           param="tokens")
+        if tokenizer is None:
+            raise APIError(400, "the model directory has no tokenizer", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     return app
