@@ -1,6 +1,6 @@
 """The HTTP API (FastAPI): OpenAI's /v1/completions and /v1/chat/completions, /v1/models,
-/health, and vLLM's /tokenize and /detokenize. Requests are checked here, before they reach the engine process; a bad one gets a 400
-with the library's message and nothing else is disturbed."""
+/health, and vLLM's /tokenize and /detokenize. Requests are checked here, before they reach the
+engine process; a bad one gets a 400 with the library's message and nothing else is disturbed."""
 
 import asyncio
 import json
