@@ -49,6 +49,14 @@ class ModelInputs:
     prompt_logprobs: tuple | None = None
 
 
+def aligned_numel(numel: int, itemsize: int) -> int:
+    """The elements a tensor of `numel` takes where tensors are packed one after another, each
+    starting on a 16-byte boundary: Triton specialises a kernel on its pointers' alignment, and an
+    offset that varied with the batch would compile a new variant mid-run (about a second each)."""
+    align = max(1, 16 // itemsize)
+    return -(-numel // align) * align
+
+
 def block_table_array(seqs: list[Sequence]) -> np.ndarray:
     """The sequences' block tables as one [num_seqs, longest table] int32 array, padded with -1."""
     lengths = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
@@ -229,11 +237,8 @@ class ModelRunner:
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """The arrays, flattened, as tensors of `dtype` on the device: one host buffer (pinned,
-        for an asynchronous copy) and one copy for all of them. Each starts on a 16-byte
-        boundary: Triton specialises a kernel on its pointers' alignment, and an offset that
-        varied with the batch would compile a new variant mid-run (about a second each)."""
-        align = max(1, 16 // dtype.itemsize)
-        starts = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
+        for an asynchronous copy) and one copy for all of them, each aligned (`aligned_numel`)."""
+        starts = np.cumsum([0] + [aligned_numel(a.size, dtype.itemsize) for a in arrays])
         host = torch.empty(int(starts[-1]), dtype=dtype, pin_memory=self.device.type == "cuda")
         flat = host.numpy()
         for a, start in zip(arrays, starts):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from otvllm.core.model_runner import ModelInputs, ModelRunner
+from otvllm.core.model_runner import ModelInputs, ModelRunner, aligned_numel
 from otvllm.core.resolved_config import ResolvedConfig
 from otvllm.environment import read as read_environment
 from otvllm.layers.attention import ForwardContext
@@ -87,9 +87,8 @@ _CTX_TENSORS = ("slot_mapping", "block_tables", "cu_seqlens_q", "cu_seqlens_k", 
 
 
 def _slot(numel: int) -> int:
-    """int64 elements a tensor of `numel` takes in the flat tensor: each starts on a 16-byte
-    boundary, aligned as on rank 0 (Triton compiles a kernel per pointer alignment)."""
-    return numel + numel % 2
+    """int64 elements a tensor of `numel` takes in the flat tensor: aligned as on rank 0."""
+    return aligned_numel(numel, torch.int64.itemsize)
 
 
 def _pack(inputs: ModelInputs) -> tuple[tuple, torch.Tensor]:
