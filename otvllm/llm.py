@@ -130,6 +130,7 @@ class LLM:
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs,
+            prompt_token_ranks=seq.prompt_ranks,
             num_cached_tokens=seq.max_cached_tokens,
             num_preemptions=seq.num_preemptions,
             metrics=seq.metrics(),

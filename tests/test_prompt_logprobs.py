@@ -14,11 +14,16 @@ from tests.reference import hf_logprobs
 PROMPTS = random_prompts([7, 40, 19], seed=8)
 
 
-def assert_prompt_logprobs(model_dir, prompt, entries, n):
+def assert_prompt_logprobs(model_dir, prompt, entries, n, ranks=None):
     """entries[0] is None; entries[p] holds token p's log-probability given the tokens before it,
-    and the n likeliest there, as transformers' forward gives them."""
+    and the n likeliest there, as transformers' forward gives them; ranks[p], token p's place
+    among them all (1: the likeliest)."""
     reference = hf_logprobs(model_dir, prompt)
     assert len(entries) == len(prompt) and entries[0] is None
+    if ranks is not None:
+        assert ranks[0] is None
+        assert ranks[1:] == [int((reference[p - 1] > reference[p - 1, prompt[p]]).sum()) + 1
+                             for p in range(1, len(prompt))]
     for p in range(1, len(prompt)):
         expected = reference[p - 1]
         entry = entries[p]
@@ -38,7 +43,8 @@ def test_prompt_logprobs_match_transformers_whole_or_in_chunks(qwen3_dir, chunk,
     params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=n) for n in (2, 0, 5)]
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, p, out in zip(PROMPTS, params, outputs):
-        assert_prompt_logprobs(qwen3_dir, prompt, out.prompt_logprobs, p.prompt_logprobs)
+        assert_prompt_logprobs(qwen3_dir, prompt, out.prompt_logprobs, p.prompt_logprobs, out.prompt_token_ranks)
+    assert any(r > 1 for out in outputs for r in out.prompt_token_ranks[1:])   # not all the likeliest
 
 
 def test_a_warm_prefix_cache_is_not_used_for_them(qwen3_dir):

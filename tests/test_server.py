@@ -641,6 +641,39 @@ def test_echo_puts_the_prompt_and_its_logprobs_before_the_completion(server, ref
     assert token_prompt.choices[0].text == ref.tokenizer.decode(offline.prompt_token_ids) + offline.text
 
 
+def expected_prompt_logprobs(reference: Reference, out, n: int) -> list:
+    """vLLM's prompt_logprobs, from the offline engine's: the n likeliest (ranks 1..n) and the token."""
+    expected = [None]
+    for token, logprobs, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], out.prompt_token_ranks[1:]):
+        entry = {str(t): {"logprob": v, "rank": i + 1, "decoded_token": reference.tokenizer.decode([t])}
+                 for i, (t, v) in enumerate(list(logprobs.items())[:n])}
+        entry[str(token)] = {"logprob": logprobs[token], "rank": rank,
+                             "decoded_token": reference.tokenizer.decode([token])}
+        expected.append(entry)
+    return expected
+
+
+def test_prompt_logprobs_in_vllm_format(server, ref, chat_server, chat_ref):
+    from otvllm import SamplingParams
+    prompt = "rank my prompt"
+    offline = ref.llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2),
+                               use_tqdm=False)[0]
+    expected = expected_prompt_logprobs(ref, offline, 2)
+    kwargs = dict(model=SYNTHETIC_NAME, prompt=prompt, max_tokens=3, temperature=0, extra_body={"prompt_logprobs": 2})
+    out = server.client().completions.create(**kwargs)
+    assert out.choices[0].model_extra["prompt_logprobs"] == expected
+    assert out.choices[0].text == offline.text and out.choices[0].logprobs is None
+    chunks = [c.choices[0] for c in server.client().completions.create(stream=True, **kwargs) if c.choices]
+    sent = [c.model_extra["prompt_logprobs"] for c in chunks if c.model_extra.get("prompt_logprobs") is not None]
+    assert sent == [expected]   # once, in the choice's first chunk
+    ids = chat_prompt_ids(chat_ref, MESSAGES)
+    chat_offline = chat_ref.llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1),
+                                         use_tqdm=False)[0]
+    chat = chat_server.client().chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=3,
+                                                        temperature=0, extra_body={"prompt_logprobs": 1})
+    assert chat.model_extra["prompt_logprobs"] == expected_prompt_logprobs(chat_ref, chat_offline, 1)
+
+
 def test_tokenize_and_detokenize_as_the_tokenizer_does(server, ref, chat_server, chat_ref):
     def post(srv, path, body):
         status, _, raw = post_raw(srv.port, path, json.dumps(body).encode())

@@ -256,12 +256,12 @@ class LLMEngine:
 
     @staticmethod
     def _record_prompt_logprobs(result: SampleResult) -> None:
-        chosen, top_values, top_ids = result.host_prompt_logprobs()
+        chosen, ranks, top_values, top_ids = result.host_prompt_logprobs()
         row = 0
         for seq, first, count in result.prompt_owners:
             n = seq.params.prompt_logprobs
             for position in range(first, first + count):
                 entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
                 entry[seq.token_ids[position]] = chosen[row]
-                seq.prompt_logprobs[position] = entry
+                seq.prompt_logprobs[position], seq.prompt_ranks[position] = entry, ranks[row]
                 row += 1

@@ -35,10 +35,11 @@ class Sequence:
         self.params = params
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] = []
-        # With params.prompt_logprobs: per prompt position, its token's entry (None until computed;
-        # always None for the first, which nothing predicts).
-        self.prompt_logprobs: list[dict[int, float] | None] | None = (
-            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None)
+        # With params.prompt_logprobs: per prompt position, its token's entry and rank (None until
+        # computed; always None for the first, which nothing predicts).
+        wanted = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = [None] * self.num_prompt_tokens if wanted else None
+        self.prompt_ranks: list[int | None] | None = [None] * self.num_prompt_tokens if wanted else None
         self.num_preemptions = 0
         self.arrival_ns = 0
         self.first_scheduled_ns = 0

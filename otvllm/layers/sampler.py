@@ -130,7 +130,7 @@ class SampleResult:
         them later waits for this step only: `.tolist()` on the device tensors would wait for
         every step launched since."""
         tensors = (self.token_ids, self.sampled_logprobs, self.top_logprobs, self.top_token_ids,
-                   *(self.prompt or (None, None, None)))
+                   *(self.prompt or (None,) * 4))
         if self.token_ids.device.type != "cuda":
             self._host = tensors
             return self
@@ -156,8 +156,8 @@ class SampleResult:
         """Sampled-token logprobs, top-N logprobs and top-N token ids, as lists."""
         return _lists(self._on_host()[1:4])
 
-    def host_prompt_logprobs(self) -> tuple[list, list | None, list | None]:
-        """The prompt rows' token logprobs, top-N logprobs and top-N token ids, as lists."""
+    def host_prompt_logprobs(self) -> tuple[list, list, list | None, list | None]:
+        """The prompt rows' token logprobs, token ranks, top-N logprobs and top-N token ids, as lists."""
         return _lists(self._on_host()[4:])
 
 
@@ -165,13 +165,13 @@ def _lists(tensors) -> tuple:
     return tuple(t.tolist() if t is not None else None for t in tensors)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                   n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(log-probability of each row's token, the n likeliest log-probabilities, their ids), of the
-    model's own distribution."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple:
+    """(log-probability of each row's token, its rank (1: the likeliest), the n likeliest
+    log-probabilities, their ids), of the model's own distribution."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
     top = logprobs.topk(n, dim=-1) if n else None
-    return (logprobs.gather(1, tokens[:, None]).squeeze(1), top.values if top is not None else None,
+    return (chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1, top.values if top is not None else None,
             top.indices if top is not None else None)
 
 

@@ -28,7 +28,9 @@ class Choice:
         self.request, self.text, self.prompt_index = request, text, prompt_index
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []
-        self.prompt_logprobs: list | None = None   # when asked for (echo with logprobs), with the first tokens
+        # when asked for (prompt_logprobs, or echo with logprobs): with the first tokens
+        self.prompt_logprobs: list | None = None
+        self.prompt_ranks: list | None = None
         self.finish_reason: str | None = None
 
 
@@ -143,6 +145,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                 choice.token_ids += ids
                 choice.logprobs += logprobs
                 choice.prompt_logprobs = choice.prompt_logprobs or update.prompt_logprobs
+                choice.prompt_ranks = choice.prompt_ranks or update.prompt_ranks
                 reason = update.finish_reason
                 if choice.text.stopped:
                     if reason is None:
@@ -236,6 +239,23 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                                  for entry in logprobs],
                 "text_offset": offsets}
 
+    def vllm_prompt_logprobs(choice: Choice, n: int) -> list:
+        """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
+        rank, decoded_token}} for its n likeliest (ranks 1..n) and the token itself (its rank)."""
+        def entry(token: int, logprob: float, rank: int) -> dict:
+            decoded = tokenizer.decode([token]) if tokenizer is not None else None
+            return {"logprob": logprob, "rank": rank, "decoded_token": decoded}
+
+        out = []
+        for token, logprobs, rank in zip(choice.request.spec.token_ids, choice.prompt_logprobs or [],
+                                         choice.prompt_ranks or []):
+            if logprobs is None:
+                out.append(None)
+                continue
+            top = {str(t): entry(t, v, i + 1) for i, (t, v) in enumerate(list(logprobs.items())[:n])}
+            out.append(top | {str(token): entry(token, logprobs[token], rank)})
+        return out
+
     def echoed(choice: Choice, prompt) -> tuple[str, list[int], list]:
         """With `echo`: the prompt's text, token ids and log-probabilities (those when asked),
         which come before the completion's."""
@@ -261,17 +281,20 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         n = body.logprobs or 0
         if body.stream:
             offsets = [0] * len(choices)
-            opened = set()
+            opened = set()   # the choices that had a chunk
 
             def entry(choice: Choice, delta: str, ids: list[int], logprobs: list) -> dict:
                 i = choice.request.index
-                if body.echo and i not in opened:   # the prompt, before the first tokens
-                    opened.add(i)
+                first = i not in opened
+                opened.add(i)
+                if body.echo and first:   # the prompt, before the first tokens
                     text, prompt_ids, prompt_logprobs = echoed(choice, prompts[choice.prompt_index])
                     delta, ids, logprobs = text + delta, prompt_ids + ids, prompt_logprobs + logprobs
                 out = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
                 if body.logprobs is not None:
                     out["logprobs"] = completion_logprobs(ids, logprobs, n, offsets[i])
+                if body.prompt_logprobs is not None and first:
+                    out["prompt_logprobs"] = vllm_prompt_logprobs(choice, body.prompt_logprobs)
                 offsets[i] += len(delta)
                 return out
 
@@ -288,6 +311,8 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                      "finish_reason": choice.finish_reason}
             if body.logprobs is not None:
                 entry["logprobs"] = completion_logprobs(ids, logprobs, n, 0)
+            if body.prompt_logprobs is not None:
+                entry["prompt_logprobs"] = vllm_prompt_logprobs(choice, body.prompt_logprobs)
             payload.append(entry)
         return chunk(payload, usage(prompt_tokens(choices), completion_tokens(choices)))
 
@@ -339,11 +364,14 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                             body.stream_options, opening)
 
         await run_to_end(request, choices, updates)
-        return chunker("chat.completion", rid)(
+        response = chunker("chat.completion", rid)(
             [{"index": c.request.index, "message": {"role": "assistant", "content": c.text.text},
               "logprobs": chat_logprobs(c.token_ids, c.logprobs, n) if body.logprobs else None,
               "finish_reason": c.finish_reason} for c in choices],
             usage(prompt_tokens(choices), completion_tokens(choices)))
+        if body.prompt_logprobs is not None:   # one prompt: at the response's level, as vLLM has it
+            response["prompt_logprobs"] = vllm_prompt_logprobs(choices[0], body.prompt_logprobs)
+        return response
 
     # ---- /tokenize and /detokenize (vLLM's): what the engine would see of a prompt, and back ------
 

@@ -56,7 +56,8 @@ async def next_updates(updates: asyncio.Queue) -> list[tuple[int, Update]]:
         elif before.finish_reason is None:   # nothing follows a choice's end
             merged[index] = Update(update.rid, before.token_ids + update.token_ids, update.finish_reason,
                                    before.logprobs + update.logprobs, before.first_token_ns or update.first_token_ns,
-                                   before.prompt_logprobs or update.prompt_logprobs)
+                                   before.prompt_logprobs or update.prompt_logprobs,
+                                   before.prompt_ranks or update.prompt_ranks)
         if updates.empty():
             return list(merged.items())
         item = updates.get_nowait()

@@ -49,6 +49,7 @@ class Update:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     first_token_ns: int = 0
     prompt_logprobs: list | None = None   # with the first tokens, when the request asked for them
+    prompt_ranks: list | None = None
 
 
 class PipeSink:
@@ -225,9 +226,10 @@ class _Loop:
         ids = seq.token_ids[start:end]
         logprobs = seq.logprobs[active.sent:active.sent + len(ids)] if seq.params.logprobs is not None else []
         first_token_ns = seq.first_token_ns if active.sent == 0 else 0
-        prompt_logprobs = seq.prompt_logprobs if active.sent == 0 and ids else None   # complete once it sampled
+        first = active.sent == 0 and ids   # the prompt's logprobs are complete once it sampled
         active.sent += len(ids)
-        return Update(rid, ids, reason, logprobs, first_token_ns, prompt_logprobs)
+        return Update(rid, ids, reason, logprobs, first_token_ns, seq.prompt_logprobs if first else None,
+                      seq.prompt_ranks if first else None)
 
     def _send(self) -> None:
         """The news, the gauges and the trace records so far, in one message (the gauges alone

@@ -31,7 +31,6 @@ UNSUPPORTED = {
     "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
     "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "guided_json": (None,),
     "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,),
-    "prompt_logprobs": (None,),
 }
 
 
@@ -65,6 +64,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     min_p: float | None = None
     min_tokens: int | None = None
+    prompt_logprobs: int | None = None   # the prompt tokens' logprobs, in vLLM's format
     # otvllm's (and vLLM's) extensions
     top_k: int = -1
     ignore_eos: bool = False
@@ -75,10 +75,10 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def choice_params(self, max_tokens: int | None, logprobs: int | None,
-                      prompt_logprobs: int | None = None) -> list[SamplingParams]:
-        """The SamplingParams of each of the n choices of a prompt. With a seed, choice j samples
-        with seed + j, as vLLM's parallel sampling: the same seed n times would give n equal
-        choices."""
+                      echo_logprobs: int | None = None) -> list[SamplingParams]:
+        """The SamplingParams of each of the n choices of a prompt (`echo_logprobs`: the prompt
+        logprobs that echo shows). With a seed, choice j samples with seed + j, as vLLM's parallel
+        sampling: the same seed n times would give n equal choices."""
         for name, value in (self.model_extra or {}).items():
             neutral = UNSUPPORTED.get(name, ()) + ((self.n,) if name == "best_of" else ())   # best of n: all n
             if name in UNSUPPORTED and value not in neutral:
@@ -89,6 +89,7 @@ class _Sampling(BaseModel):
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         given = {name: getattr(self, name) for name in _DEFAULTED if getattr(self, name) is not None}
+        prompt_logprobs = max((n for n in (self.prompt_logprobs, echo_logprobs) if n is not None), default=None)
         try:
             params = SamplingParams(top_k=self.top_k, max_tokens=16 if max_tokens is None else max_tokens,
                                     ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
