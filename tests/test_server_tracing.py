@@ -32,7 +32,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Spans of a traced server that answered traced and untraced requests, then got SIGTERM."""
+    """Spans of a traced server that answered traced and untraced requests (the last with n=2
+    choices), then got SIGTERM."""
     tmp = tmp_path_factory.mktemp("serve-trace")
     port = free_port()
     env = dict(os.environ, OTVLLM_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1", OTVLLM_TRACE_LEVEL="step",
@@ -54,7 +55,8 @@ def served(tmp_path_factory):
 
             def ask(i):
                 return client.completions.create(model=SYNTHETIC_NAME, prompt=f"request {i}", max_tokens=24,
-                                                 temperature=0, extra_body={"ignore_eos": True},
+                                                 temperature=0.8, seed=i, n=2 if i == 5 else 1,
+                                                 extra_body={"ignore_eos": True},
                                                  extra_headers=traced if i < 3 else None)
 
             with ThreadPoolExecutor(6) as pool:
@@ -86,23 +88,31 @@ def the_one(spans, name):
     return found[0]
 
 
+def choices(answers) -> list:
+    """(response id, choice) of every choice the server answered."""
+    return [(a.id, c) for a in answers for c in a.choices]
+
+
 def test_the_clients_trace_continues_into_the_engine(served):
     spans, answers, *_ = served
-    assert all(a.usage.completion_tokens == 24 for a in answers)
+    assert all(a.usage.completion_tokens == 24 * len(a.choices) for a in answers)
     http = [s for s in spans if s["name"] == "POST /v1/completions"]
     assert len(http) == 6
     traced_http = [s for s in http if s["trace_id"] == CLIENT_TRACE]
     assert len(traced_http) == 3 and all(s["parent_span_id"] == CLIENT_SPAN for s in traced_http)
     requests = [s for s in spans if S.is_request(s["name"], s["attributes"])]
-    assert len(requests) == 6
+    assert len(requests) == 7   # one a choice: the last answer has two
     http_ids = {s["span_id"]: s for s in http}
     for request in requests:   # each request span is the child of its own HTTP span, in its trace
         parent = http_ids[request["parent_span_id"]]
         assert request["trace_id"] == parent["trace_id"]
         assert request["attributes"][S.GEN_AI_USAGE_OUTPUT_TOKENS] == 24
     assert sum(r["trace_id"] == CLIENT_TRACE for r in requests) == 3
-    # gen_ai.response.id is the id of the HTTP response the client got.
-    assert sorted(r["attributes"][S.GEN_AI_RESPONSE_ID] for r in requests) == sorted(a.id for a in answers)
+    # gen_ai.response.id is the id of the HTTP response the client got; each choice of it is a
+    # request span with its index (and with n choices, gen_ai.request.choice.count).
+    spanned = sorted((r["attributes"][S.GEN_AI_RESPONSE_ID], r["attributes"][S.REQUEST_CHOICE_INDEX],
+                      r["attributes"].get(S.GEN_AI_REQUEST_CHOICE_COUNT, 1)) for r in requests)
+    assert spanned == sorted((rid, c.index, len(a.choices)) for a in answers for rid, c in choices([a]))
     assert all(r["name"] == f"text_completion {SYNTHETIC_NAME}" for r in requests)
 
 
@@ -148,7 +158,7 @@ def test_metrics_reach_an_otlp_receiver_with_exemplars_of_the_request_traces(ser
     for name in ("gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token",
                  "gen_ai.server.request.duration"):
         latest = metrics[name][-1]   # cumulative: the last export holds every request
-        assert latest["kind"] == "histogram" and latest["count"] == len(answers), name
+        assert latest["kind"] == "histogram" and latest["count"] == len(choices(answers)), name
         assert sum(latest["buckets"]) == latest["count"]
         # The SDK's reservoir empties at each collection: an export holds the exemplars of the
         # requests measured since the one before it.
@@ -157,7 +167,8 @@ def test_metrics_reach_an_otlp_receiver_with_exemplars_of_the_request_traces(ser
         assert latest["attributes"]["gen_ai.request.model"] == SYNTHETIC_NAME
     tokens = {p["attributes"]["gen_ai.token.type"]: p["value"] for p in metrics["otvllm.tokens"][-2:]}
     assert tokens["output"] == sum(a.usage.completion_tokens for a in answers)
-    assert tokens["input"] == sum(a.usage.prompt_tokens for a in answers)
+    # the engine computes a prompt once per choice; usage counts it once per prompt
+    assert tokens["input"] == sum(a.usage.prompt_tokens * len(a.choices) for a in answers)
     assert metrics["otvllm.steps"][-1]["value"] > 0
     assert metrics["otvllm.kv_cache.usage"][-1]["value"] == 0   # every request ended, its blocks freed
 
@@ -169,6 +180,6 @@ def test_metrics_endpoint_is_prometheus_text(served):
     families = {f.name: f for f in text_string_to_metric_families(prometheus)}
     ttft = families["gen_ai_server_time_to_first_token_seconds"]
     count = [s.value for s in ttft.samples if s.name.endswith("_count")]
-    assert count == [len(answers)]
+    assert count == [len(choices(answers))]
     for gauge in ("otvllm_requests_running", "otvllm_requests_waiting", "otvllm_kv_cache_usage"):
         assert gauge in families, sorted(families)

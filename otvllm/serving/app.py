@@ -118,7 +118,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             for j, params in enumerate(choice_params):
                 request = ServerRequest(token_ids, params, prompt if traced_prompt is None else traced_prompt, parent,
                                         stream or bool(stops), updates, i * len(choice_params) + j, operation,
-                                        response_id)
+                                        response_id, len(choice_params))
                 choices.append(Choice(request, TextStream(tokenizer, stops, params.min_tokens), i))
         try:
             engine.submit([c.request for c in choices])

@@ -31,7 +31,7 @@ class ServerRequest:
     _rids = itertools.count()
 
     def __init__(self, token_ids: list[int], params, prompt, parent, stream: bool, updates: asyncio.Queue,
-                 index: int, operation: str, response_id: str):
+                 index: int, operation: str, response_id: str, n: int = 1):
         self.rid = next(ServerRequest._rids)
         self.index = index              # which choice of its HTTP request (its index in the answer)
         self.num_prompt_tokens = len(token_ids)
@@ -39,7 +39,7 @@ class ServerRequest:
         self.first_token_ns = 0
         self.updates = updates          # (index, Update), on the event loop
         self.spec = RequestSpec(self.rid, token_ids, params, stream, parent, prompt, operation, response_id,
-                                self.arrival_ns)
+                                self.arrival_ns, (index, n))
 
 
 async def next_updates(updates: asyncio.Queue) -> list[tuple[int, Update]]:

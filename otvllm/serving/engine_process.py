@@ -37,6 +37,7 @@ class RequestSpec:
     operation: str                   # text_completion | chat
     response_id: str                 # the HTTP response's id
     arrival_ns: int
+    choice: tuple[int, int] = (0, 1)   # (its index among the response's choices, choices per prompt: n)
 
 
 @dataclass
@@ -183,7 +184,7 @@ class _Loop:
             seq = engine.make_sequence(spec.token_ids, spec.params)   # checked by the front end already
             seq.arrival_ns = spec.arrival_ns
             self.active[spec.rid] = _Active(seq, spec.stream)
-            engine.tracer.request_arrived(seq, spec.prompt, spec.parent, spec.operation, spec.response_id)
+            engine.tracer.request_arrived(seq, spec.prompt, spec.parent, spec.operation, spec.response_id, spec.choice)
             engine.add(seq)
         self.admitted += len(specs)
 

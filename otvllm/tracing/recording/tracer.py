@@ -139,7 +139,7 @@ class NullTracer:
     def serve(self):
         return _NULL
 
-    def request_arrived(self, seq, prompt, parent, operation=None, response_id=None) -> None:
+    def request_arrived(self, seq, prompt, parent, operation=None, response_id=None, choice=(0, 1)) -> None:
         pass
 
     def request_ended(self, seq, reason: str) -> None:
@@ -414,14 +414,17 @@ class EngineTracer:
             sink.drain()
 
     def request_arrived(self, seq, prompt, parent, operation: str = S.OPERATION_TEXT_COMPLETION,
-                        response_id: str | None = None) -> None:
+                        response_id: str | None = None, choice: tuple[int, int] = (0, 1)) -> None:
         """A request joined the engine loop; `parent`: the HTTP server span it continues,
-        `response_id`: the id of the HTTP response."""
+        `response_id`: the id of the HTTP response, `choice`: (its index among the response's
+        choices, the choices asked per prompt)."""
         serving = self._serving
         if serving is None:
             return
+        index, count = choice
+        attrs = {S.REQUEST_CHOICE_INDEX: index} | ({S.GEN_AI_REQUEST_CHOICE_COUNT: count} if count != 1 else {})
         record = self._open_request(serving.requests, serving.origins, seq, prompt, None, seq.arrival_ns or now_ns(),
-                                    remote_parent=parent, operation=operation, response_id=response_id)
+                                    remote_parent=parent, operation=operation, response_id=response_id, attrs=attrs)
         serving.request_rids[seq.seq_id] = record.rid
         if len(serving.request_rids) > RECENT_REQUESTS:
             serving.request_rids.popitem(last=False)
@@ -510,11 +513,11 @@ class EngineTracer:
 
     def _open_request(self, requests: dict, origins: dict, seq, prompt, parent: SpanRecord | None, start_ns: int,
                       remote_parent=None, operation: str = S.OPERATION_TEXT_COMPLETION,
-                      response_id: str | None = None) -> SpanRecord:
+                      response_id: str | None = None, attrs: dict | None = None) -> SpanRecord:
         """Announce a request's span with what identifies it (the rest comes when it ends)."""
         record = SpanRecord(S.request_name(operation, self.model_name), parent, start_ns, attrs={
             S.GEN_AI_OPERATION: operation, S.GEN_AI_SYSTEM: "otvllm", S.GEN_AI_REQUEST_MODEL: self.model_name,
-            S.GEN_AI_RESPONSE_ID: response_id or f"otvllm-{uuid.uuid4().hex}", S.SEQ_ID: seq.seq_id})
+            S.GEN_AI_RESPONSE_ID: response_id or f"otvllm-{uuid.uuid4().hex}", S.SEQ_ID: seq.seq_id, **(attrs or {})})
         record.remote_parent = remote_parent
         requests[seq.seq_id] = record
         origins[seq.seq_id] = (seq, prompt)
