@@ -9,6 +9,8 @@ Cases, each at each block size:
   penalties  the decode case with presence, frequency and repetition penalties on every
            sequence: their prompt and output tokens are read each step (--cases penalties;
            not in the default set)
+  biases   the decode case with a logit_bias of 1,000 tokens on every sequence, each still short
+           of its min_tokens (--cases biases; not in the default set)
 
 Prints µs per step, the best of --repeats rounds of --steps calls (the host is shared: the
 best round is the one least disturbed). On CUDA the copies are queued, not waited for:
@@ -42,7 +44,9 @@ MAX_MODEL_LEN = 4096
 PARAMS = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True)
 PENALISED = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True, presence_penalty=0.5,
                            frequency_penalty=0.5, repetition_penalty=1.2)
-CASES = ("prefill", "decode", "mixed", "penalties")
+BIASED = SamplingParams(temperature=0.0, max_tokens=1024, min_tokens=1024, stop_token_ids=[13],
+                        logit_bias={token: -100.0 for token in range(1000)})
+CASES = ("prefill", "decode", "mixed", "penalties", "biases")
 
 
 def make_runner(device: str, block_size: int) -> ModelRunner:
@@ -93,8 +97,8 @@ def prompt_chunk(length: int, cached: int, block_size: int, blocks: Blocks, rng:
 def build_case(name: str, block_size: int, rng: random.Random) -> tuple[ScheduledBatch, torch.Tensor | None]:
     blocks = Blocks(1 << 16, rng)
     batch = ScheduledBatch([])
-    num_decodes = {"prefill": 0, "decode": 256, "mixed": 128, "penalties": 256}[name]
-    params = PENALISED if name == "penalties" else PARAMS
+    num_decodes = {"prefill": 0, "decode": 256, "mixed": 128, "penalties": 256, "biases": 256}[name]
+    params = {"penalties": PENALISED, "biases": BIASED}.get(name, PARAMS)
     for row in range(num_decodes):
         batch.add_decode(decoding_seq(rng.randint(896, 1152), row, block_size, blocks, rng, params))
     if name == "prefill":

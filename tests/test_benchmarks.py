@@ -224,20 +224,21 @@ def test_prepare_cost_times_each_case_at_each_block_size(tmp_path):
     assert [(t[0], int(t[1])) for t in table] == [(r["case"], r["block_size"]) for r in rows]
 
 
-def test_prepare_cost_times_the_penalties_inputs_on_request(tmp_path):
+def test_prepare_cost_times_the_penalties_and_biases_inputs_on_request(tmp_path):
     out = tmp_path / "prepare.json"
-    result = run_script("prepare_cost.py", "--cases", "decode,penalties", "--block-sizes", "256", "--steps", "1",
-                        "--repeats", "1", "--json", str(out), tmp_path=tmp_path)
+    result = run_script("prepare_cost.py", "--cases", "decode,penalties,biases", "--block-sizes", "256", "--steps",
+                        "1", "--repeats", "1", "--json", str(out), tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert [(r["case"], r["seqs"], r["tokens"]) for r in rows] == [("decode", 256, 256), ("penalties", 256, 256)]
+    assert [(r["case"], r["seqs"], r["tokens"]) for r in rows] == [("decode", 256, 256), ("penalties", 256, 256),
+                                                                  ("biases", 256, 256)]
     assert all(r["us_per_step"] > 0 for r in rows)
 
 
 def test_prepare_cost_refuses_bad_input_before_any_work(tmp_path):
     line = usage_error(run_script("prepare_cost.py", "--cases", "decode,prefil", "--json", "x.json",
                                   tmp_path=tmp_path))
-    assert "prefil" in line and "prefill, decode, mixed, penalties" in line
+    assert "prefil" in line and "prefill, decode, mixed, penalties, biases" in line
     line = usage_error(run_script("prepare_cost.py", "--block-sizes", "16,0", tmp_path=tmp_path))
     assert "--block-sizes" in line and "16,0" in line
     assert not list(tmp_path.glob("*.json"))
