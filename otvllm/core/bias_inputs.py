@@ -7,7 +7,6 @@ import torch
 from otvllm.core.sequence import Sequence
 from otvllm.layers.sampler import LogitBias
 
-
 CACHED_PARAMS = 4096   # the SamplingParams whose arrays are kept (each request has one; a batch often shares one)
 
 
@@ -18,7 +17,8 @@ class BiasInputs:
 
     def __init__(self, eos_token_ids: set[int], device: torch.device):
         self.eos_token_ids, self.device = sorted(eos_token_ids), device
-        self._arrays: dict[int, tuple] = {}   # id(params) -> (params, its logit_bias, min_tokens' ban)
+        # id(params) -> (params, its logit_bias, min_tokens' ban); holding the params keeps its id its own
+        self._arrays: dict[int, tuple] = {}
 
     def __call__(self, seqs: list[Sequence]) -> LogitBias | None:
         """For the step's sampled sequences `seqs` (in row order); None when no row has a bias."""
@@ -29,10 +29,7 @@ class BiasInputs:
         rows, tokens, values = [], [], []
         for row, seq in candidates:
             p = seq.params
-            entry = self._arrays.get(id(p))
-            if entry is None or entry[0] is not p:   # new, or another object at a freed one's address
-                entry = self._cache(p)
-            _, bias, ban = entry
+            _, bias, ban = self._arrays.get(id(p)) or self._cache(p)
             if bias is not None:
                 rows.append(row)
                 tokens.append(bias[0])
