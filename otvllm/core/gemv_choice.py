@@ -1,7 +1,7 @@
 """Where the decoder's weight products run the Triton GEMV instead of cuBLAS, at the few-token
 batch sizes of decode: measured at start-up, on this device, for this model.
 
-For a product of 1-8 tokens cuBLAS sometimes picks a kernel far below the copy rate
+For a product of 1-4 tokens cuBLAS sometimes picks a kernel far below the copy rate
 (Qwen3-0.6B's o_proj on the H200: 12.6 us, against the GEMV's 3.4 us) and is sometimes the
 best there is; which one depends on the device and the shape. So both are timed for each
 projection of the layers (q/k/v, o, gate/up, down), each over every layer's weight in turn as a
@@ -18,19 +18,21 @@ from torch import nn
 from otvllm.layers.basic import Linear, MergedLinear
 from otvllm.ops.backend import triton_available
 
+# Products of up to this many tokens are timed. At 8, o_proj and down_proj alone were faster on the
+# GEMV (H200: 5.2 against 5.8 us, 6.1 against 7.4), yet a batch-8 decode step on them was slower:
+# time per output token 1.63 against 1.54 ms (benchmarks/latency.py, old and new code alternating).
+MAX_TOKENS = 4
 MARGIN = 0.95      # the GEMV must be 5% faster (gate_up_proj on the H200: ~7%): a tie is not worth a second code path
 
 
 def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, list[int]]:
-    """Sets each projection's `gemv_tokens` to the counts (of `token_counts`, up to the GEMV's
-    MAX_TOKENS) where the GEMV won; returns {projection (e.g. 'self_attn.o_proj'): those counts} for the
+    """Sets each projection's `gemv_tokens` to the counts (of `token_counts`, up to MAX_TOKENS)
+    where the GEMV won; returns {projection (e.g. 'self_attn.o_proj'): those counts} for the
     projections that use it."""
     if not triton_available():
         return {}
     from otvllm.ops import triton_gemv
-    # All the GEMV takes: before its rework cuBLAS won every Qwen3-0.6B weight at 8 tokens on the
-    # H200, but that is this timing's to say, per device and shape.
-    counts = [n for n in token_counts if n <= triton_gemv.MAX_TOKENS]
+    counts = [n for n in token_counts if n <= MAX_TOKENS]
     chosen = {}
     for role, first in layers[0].named_modules():
         if not isinstance(first, (Linear, MergedLinear)):
