@@ -250,9 +250,7 @@ class LLMEngine:
             n = seq.params.logprobs
             if n is None or seq.is_finished:
                 continue
-            entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
-            entry[token_ids[row]] = sampled[row]
-            seq.logprobs.append(entry)
+            seq.logprobs.append(_logprob_entry(top_ids, top_values, row, n, token_ids[row], sampled[row]))
 
     @staticmethod
     def _record_prompt_logprobs(result: SampleResult) -> None:
@@ -261,7 +259,15 @@ class LLMEngine:
         for seq, first, count in result.prompt_owners:
             n = seq.params.prompt_logprobs
             for position in range(first, first + count):
-                entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
-                entry[seq.token_ids[position]] = chosen[row]
-                seq.prompt_logprobs[position], seq.prompt_ranks[position] = entry, ranks[row]
+                seq.prompt_logprobs[position] = _logprob_entry(top_ids, top_values, row, n, seq.token_ids[position],
+                                                               chosen[row])
+                seq.prompt_ranks[position] = ranks[row]
                 row += 1
+
+
+def _logprob_entry(top_ids: list | None, top_values: list | None, row: int, n: int, token: int,
+                   logprob: float) -> dict[int, float]:
+    """One token's entry: the n likeliest of row `row` (top ids and values as lists), then the token."""
+    entry = dict(zip(top_ids[row][:n], top_values[row][:n])) if n else {}
+    entry[token] = logprob
+    return entry

@@ -67,7 +67,8 @@ def block_table_array(seqs: list[Sequence]) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(self, config: ResolvedConfig, spec: ModelSpec, rank: int = 0, eos_token_ids: set[int] = frozenset()):
+    def __init__(self, config: ResolvedConfig, spec: ModelSpec, rank: int = 0,
+                 eos_token_ids: set[int] = frozenset()):
         """`rank`: this runner's place among config.tensor_parallel_size ranks (core/parallel.py);
         `eos_token_ids`: the tokens that end an output, which min_tokens bans (rank 0 samples)."""
         self.config = config
@@ -189,16 +190,17 @@ class ModelRunner:
         [rows, vocab] float32 tensor per stage, about 1 GB at 256 rows of Qwen3's vocabulary),
         which the warm-up prefill alone does not."""
         cfg, vocab = self.config, self.spec.vocab_size
+        most_logprobs = min(cfg.max_logprobs, vocab)
         params = SamplingParams(temperature=1.0, top_k=2, top_p=0.5, min_p=0.1, presence_penalty=0.5,
                                 frequency_penalty=0.5, repetition_penalty=1.5, min_tokens=1, logit_bias={0: 1.0},
-                                logprobs=min(cfg.max_logprobs, vocab), max_tokens=2)
+                                logprobs=most_logprobs, max_tokens=2)
         seqs = [Sequence([0, 1], params, self.block_size) for _ in range(cfg.max_num_seqs)]
         batch = SamplingBatch.from_params([params] * len(seqs), [2] * len(seqs), vocab, self.device)
         batch.bias, batch.penalties = self.bias_inputs(seqs), self.penalty_inputs(seqs, None)
         self.sampler(torch.zeros(len(seqs), vocab, dtype=self.dtype, device=self.device), batch)
         rows = torch.zeros(PROMPT_LOGITS_ROWS, dtype=torch.int64, device=self.device)
         token_logprobs(torch.zeros(PROMPT_LOGITS_ROWS, vocab, dtype=self.dtype, device=self.device), rows,
-                       min(cfg.max_logprobs, vocab))
+                       most_logprobs)
 
     def _allocate_dummy_cache(self) -> None:
         # One block per layer so that the attention reads have a tensor to index.

@@ -16,12 +16,8 @@ class RequestLimits:
         """ValueError naming what is wrong with this request, if anything."""
         if not prompt_token_ids:
             raise ValueError("empty prompt: a prompt needs at least one token")
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
-        bias = [t for t in params.logit_bias or () if t >= self.vocab_size]
-        if bias:
-            raise ValueError(f"logit_bias token id {bias[0]} is outside the vocabulary [0, {self.vocab_size})")
+        self.check_token_ids(prompt_token_ids, "prompt")
+        self.check_token_ids(params.logit_bias or (), "logit_bias")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > min(self.max_logprobs, self.vocab_size):
@@ -31,3 +27,9 @@ class RequestLimits:
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens plus max_tokens={params.max_tokens} is "
                              f"{total} tokens, more than max_model_len={self.max_model_len}")
+
+    def check_token_ids(self, token_ids, what: str) -> None:
+        """ValueError naming the first of `token_ids` not in the vocabulary, as "{what} token id ..."."""
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"{what} token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")

@@ -165,14 +165,14 @@ def _lists(tensors) -> tuple:
     return tuple(t.tolist() if t is not None else None for t in tensors)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple:
-    """(log-probability of each row's token, its rank (1: the likeliest), the n likeliest
-    log-probabilities, their ids), of the model's own distribution."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int, ranks: bool = True) -> tuple:
+    """(log-probability of each row's token, its rank (1: the likeliest; None without `ranks`),
+    the n likeliest log-probabilities, their ids), of the model's own distribution."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])
     top = logprobs.topk(n, dim=-1) if n else None
-    return (chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1, top.values if top is not None else None,
-            top.indices if top is not None else None)
+    return (chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1 if ranks else None,
+            top.values if top is not None else None, top.indices if top is not None else None)
 
 
 def gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,10 +206,8 @@ class Sampler:
         tokens = scores.argmax(dim=-1) if batch.all_greedy else self._sample(scores, batch)
         if not batch.logprob_rows:
             return SampleResult(tokens, None, None, None)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = logprobs.topk(batch.num_logprobs, dim=-1) if batch.num_logprobs else None
-        return SampleResult(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1),
-                            top.values if top is not None else None, top.indices if top is not None else None)
+        chosen, _, values, ids = token_logprobs(logits, tokens, batch.num_logprobs, ranks=False)
+        return SampleResult(tokens, chosen, values, ids)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temps = torch.where(batch.temperatures > 0, batch.temperatures, 1.0)

@@ -256,12 +256,13 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
             out.append(top | {str(token): entry(token, logprobs[token], rank)})
         return out
 
-    def echoed(choice: Choice, prompt) -> tuple[str, list[int], list]:
-        """With `echo`: the prompt's text, token ids and log-probabilities (those when asked),
-        which come before the completion's."""
-        ids = choice.request.spec.token_ids
-        text = prompt if isinstance(prompt, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
-        return text, ids, choice.prompt_logprobs or [None] * len(ids)
+    def echoed(choice: Choice, prompt, text: str, ids: list[int], logprobs: list) -> tuple[str, list[int], list]:
+        """With `echo`: (text, token ids, log-probabilities) of the completion, or of a part of it,
+        after the prompt's own (its log-probabilities when asked)."""
+        prompt_ids = choice.request.spec.token_ids
+        prompt_text = prompt if isinstance(prompt, str) else (tokenizer.decode(prompt_ids) if tokenizer else "")
+        return (prompt_text + text, prompt_ids + ids,
+                (choice.prompt_logprobs or [None] * len(prompt_ids)) + logprobs)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -288,8 +289,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
                 first = i not in opened
                 opened.add(i)
                 if body.echo and first:   # the prompt, before the first tokens
-                    text, prompt_ids, prompt_logprobs = echoed(choice, prompts[choice.prompt_index])
-                    delta, ids, logprobs = text + delta, prompt_ids + ids, prompt_logprobs + logprobs
+                    delta, ids, logprobs = echoed(choice, prompts[choice.prompt_index], delta, ids, logprobs)
                 out = {"index": i, "text": delta, "logprobs": None, "finish_reason": choice.finish_reason}
                 if body.logprobs is not None:
                     out["logprobs"] = completion_logprobs(ids, logprobs, n, offsets[i])
@@ -305,8 +305,7 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
         for choice in choices:
             text, ids, logprobs = choice.text.text, choice.token_ids, choice.logprobs
             if body.echo:
-                prompt_text, prompt_ids, prompt_logprobs = echoed(choice, prompts[choice.prompt_index])
-                text, ids, logprobs = prompt_text + text, prompt_ids + ids, prompt_logprobs + logprobs
+                text, ids, logprobs = echoed(choice, prompts[choice.prompt_index], text, ids, logprobs)
             entry = {"index": choice.request.index, "text": text, "logprobs": None,
                      "finish_reason": choice.finish_reason}
             if body.logprobs is not None:
@@ -391,10 +390,10 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < engine.limits.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.limits.vocab_size})",
-                           param="tokens")
+        try:
+            engine.limits.check_token_ids(body.tokens, "a")   # "a token id ... is outside the vocabulary"
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from None
         if tokenizer is None:
             raise APIError(400, "the model directory has no tokenizer", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}

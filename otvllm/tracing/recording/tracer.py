@@ -380,7 +380,8 @@ class EngineTracer:
         if self.level is TraceLevel.DEBUG and not self._part_hooks:
             sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *a: None)
             for part, index, first, last in parts:
-                started = [0, []]   # the part's start (ns) and input shape: set by `first`'s pre-hook, read by `last`'s hook
+                # the part's start (ns) and input shape: set by `first`'s pre-hook, read by `last`'s hook
+                started = [0, []]
                 self._part_hooks.append(first.register_forward_pre_hook(self._part_start(sync, started)))
                 self._part_hooks.append(last.register_forward_hook(self._part_end(sync, part, index, started),
                                                                    always_call=True))
