@@ -177,7 +177,9 @@ def child(args) -> dict:
         system = OtvllmSystem(args.model_dir, args.device, backend, max_model_len, max(args.batches),
                               eager_prefill=name == EAGER_PREFILL)
     results = [measure(system, b, args.child_context, args.output_len, args.repeats) for b in args.batches]
-    return {"attention_backend": system.backend, "results": results}
+    # which projections start-up put on the Triton GEMV, at which token counts: it times them each run
+    gemv = getattr(getattr(getattr(system, "engine", None), "runner", None), "gemv_choice", None)
+    return {"attention_backend": system.backend, "results": results, **({"gemv_choice": gemv} if gemv else {})}
 
 
 def main() -> None:
@@ -258,9 +260,12 @@ def main() -> None:
                 print(f"{label:28s} skipped: {report['skipped']}", flush=True)
                 continue
             for r in report["results"]:
-                rows.append({"system": name, "attention_backend": report["attention_backend"], **r})
+                rows.append({"system": name, "attention_backend": report["attention_backend"], **r,
+                             **({"gemv_choice": report["gemv_choice"]} if "gemv_choice" in report else {})})
                 print(f"{label:28s} {context:7d} {r['batch']:5d} {r['ttft_ms']:9.2f} {r['tpot_p50_ms']:11.3f} "
                       f"{r['tpot_mean_ms']:12.3f}", flush=True)
+            if "gemv_choice" in report:
+                print(f"  Triton GEMV (projection: token counts): {report['gemv_choice']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "model_dir": model_dir, "results": rows}, f, indent=2)

@@ -3,16 +3,14 @@ batch sizes of decode: measured at start-up, on this device, for this model.
 
 For a product of 1-4 tokens cuBLAS sometimes picks a kernel far below the copy rate
 (Qwen3-0.6B's o_proj on the H200: 12.6 us, against the GEMV's 3.4 us) and is sometimes the
-best there is; which one depends on the device and the shape. So both are timed for each
-projection of the layers (q/k/v, o, gate/up, down), each over every layer's weight in turn as a
-decode step reads them (together they do not fit in L2), replayed from a CUDA graph.
-
-The plain products are timed. Where the GEMV wins for q/k/v or gate/up it also does the norm
-before them, and for down the SiLU-and-mul, each a kernel the cuBLAS path runs apart: the
-timing leaves those out, which only favours cuBLAS (benchmarks/gemv.py times them together)."""
+best there is; which one depends on the device and the shape. So each projection of the layers
+(q/k/v, o, gate/up, down) is timed both ways as a decode step calls it: q/k/v and gate/up with
+the residual add + RMSNorm before them, which the GEMV does as it reads its input, and down with
+the SiLU-and-mul inside it (DecoderLayer.projection_calls). Each timing runs every layer's
+product in turn, as a step reads their weights (together they do not fit in L2), replayed from a
+CUDA graph."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from otvllm.layers.basic import Linear, MergedLinear
@@ -22,7 +20,7 @@ from otvllm.ops.backend import triton_available
 # GEMV (H200: 5.2 against 5.8 us, 6.1 against 7.4), yet a batch-8 decode step on them was slower:
 # time per output token 1.63 against 1.54 ms (benchmarks/latency.py, old and new code alternating).
 MAX_TOKENS = 4
-MARGIN = 0.95      # the GEMV must be 5% faster (gate_up_proj on the H200: ~7%): a tie is not worth a second code path
+MARGIN = 0.95      # the GEMV must be 5% faster: a tie is not worth a second code path
 
 
 def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, list[int]]:
@@ -31,25 +29,28 @@ def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, lis
     projections that use it."""
     if not triton_available():
         return {}
-    from otvllm.ops import triton_gemv
     counts = [n for n in token_counts if n <= MAX_TOKENS]
-    chosen = {}
+    wins = {}
+    for n in counts:
+        first = layers[0].self_attn.qkv_proj.weight
+        x = torch.randn(n, first.shape[1], dtype=first.dtype, device=first.device)
+        calls = [layer.projection_calls(x) for layer in layers]
+        for role in calls[0]:
+            modules = [layer.get_submodule(role) for layer in layers]
+            if not isinstance(modules[0], (Linear, MergedLinear)):   # a tensor-parallel row product
+                continue
+            timed = {}
+            for tokens in (frozenset(), frozenset({n})):
+                for m in modules:
+                    m.gemv_tokens = tokens
+                timed[bool(tokens)] = replay_ms(lambda: [c[role]() for c in calls])
+            if timed[True] < MARGIN * timed[False]:
+                wins.setdefault(role, []).append(n)
     for role, first in layers[0].named_modules():
-        if not isinstance(first, (Linear, MergedLinear)):
-            continue
-        modules = [layer.get_submodule(role) for layer in layers]
-        wins = []
-        for n in counts:
-            x = torch.randn(n, first.weight.shape[1], dtype=first.weight.dtype, device=first.weight.device)
-            cublas = replay_ms(lambda: [F.linear(x, m.weight, m.bias) for m in modules])
-            gemv = replay_ms(lambda: [triton_gemv.gemv(x, m.weight, m.bias) for m in modules])
-            if gemv < MARGIN * cublas:
-                wins.append(n)
-        for m in modules:
-            m.gemv_tokens = frozenset(wins)
-        if wins:
-            chosen[role] = wins
-    return chosen
+        if isinstance(first, (Linear, MergedLinear)):
+            for layer in layers:
+                layer.get_submodule(role).gemv_tokens = frozenset(wins.get(role, ()))
+    return wins
 
 
 @torch.inference_mode()

@@ -94,6 +94,18 @@ class DecoderLayer(nn.Module):
         gate_up, residual = self.mlp.gate_up_proj.forward_rms_norm(x, residual, self.post_attention_layernorm)
         return self.mlp(gate_up), residual
 
+    def projection_calls(self, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+        """Each weight product of this layer called as forward calls it (with the norm before it or
+        the activation inside it), on random inputs of x's tokens: start-up times them on cuBLAS and
+        on the GEMV (core/gemv_choice.py)."""
+        attn, mlp = self.self_attn, self.mlp
+        heads = torch.randn(x.shape[0], attn.o_proj.weight.shape[1], dtype=x.dtype, device=x.device)
+        gate_up = torch.randn(x.shape[0], 2 * mlp.down_proj.weight.shape[1], dtype=x.dtype, device=x.device)
+        return {"self_attn.qkv_proj": lambda: attn.qkv_proj.forward_rms_norm(x, x, self.input_layernorm),
+                "self_attn.o_proj": lambda: attn.o_proj(heads),
+                "mlp.gate_up_proj": lambda: mlp.gate_up_proj.forward_rms_norm(x, x, self.post_attention_layernorm),
+                "mlp.down_proj": lambda: mlp.down_proj.forward_silu_and_mul(gate_up, mlp.act)}
+
 
 class DecoderModel(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int, tp: TensorParallel):

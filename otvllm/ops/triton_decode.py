@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from otvllm.ops import pdl
+
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 128
@@ -43,8 +45,9 @@ def _decode_stage1(
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -111,8 +114,9 @@ def _decode_stage1(
 def _decode_stage2(
     MID_O, MID_LSE, O, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -222,6 +226,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_lse = workspace[n_o:need]
     else:
         mid_o = mid_lse = out  # unused
+    use_pdl = pdl.enabled(q.device)
     _decode_stage1[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse, out, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -230,13 +235,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PREC=dot_prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _decode_stage2[(num_seqs, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=use_pdl, launch_pdl=use_pdl,
             num_warps=4 if head_dim >= 128 else 2,
         )
     return out

@@ -10,11 +10,15 @@ Each program owns BLOCK_N weight rows and reads them across K in wide, coalesced
 pipelined over NUM_STAGES loads. Products accumulate elementwise in float32 and are summed
 across K once at the end (no tensor cores: at M <= 8 they would idle); reducing every strip
 instead was ~10% slower on the H200 for the K=2048 and 3072 weights, with the same strips.
+Launched with PDL (ops/pdl.py), each program first asks for its rows of the weight to be brought
+into L2, while the kernel before it finishes.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from otvllm.ops import pdl
 
 MAX_TOKENS = 8   # rows of x this kernel is meant for; past it, tensor-core GEMMs win
 # float32 elements a program accumulates (BLOCK_M x BLOCK_N x BLOCK_K): 128 registers a thread at 4 warps
@@ -26,8 +30,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_
                  stride_rm, stride_hm, eps,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
-                 RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                 RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
+                 PREFETCH_LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PREFETCH_LINES > 0:   # the weights are not the kernel before's: into L2 while it finishes
+        cols = tl.minimum(tl.arange(0, PREFETCH_LINES) * PREFETCH_LINE, K - 1)
+        pdl.prefetch_l2(w_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_wn + cols[None, :])
+    pdl.wait_for_previous(USE_PDL)
     ms = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -104,6 +113,9 @@ def _launch(x, weight, bias, y, config, silu_and_mul: bool = False, norm: tuple 
     assert residual is None or (residual.stride(-1) == 1 and h.stride(-1) == 1)
     block_n, block_k, num_warps, num_stages = config or _config(m, k)
     unused = weight   # a pointer for the arguments a variant does not read
+    use_pdl = pdl.enabled(x.device)
+    line = 128 // weight.element_size()
+    prefetch_lines = triton.next_power_of_2(triton.cdiv(k, line)) if use_pdl else 0
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else unused, y,
         residual if residual is not None else unused, norm_weight if norm_weight is not None else unused,
@@ -111,4 +123,5 @@ def _launch(x, weight, bias, y, config, silu_and_mul: bool = False, norm: tuple 
         residual.stride(0) if residual is not None else 0, h.stride(0) if residual is not None else 0, eps,
         K=k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, RMS_NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, USE_PDL=use_pdl, PREFETCH_LINE=line, PREFETCH_LINES=prefetch_lines,
+        num_warps=num_warps, launch_pdl=use_pdl)

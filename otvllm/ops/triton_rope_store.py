@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from otvllm.ops import pdl
+
 PREFILL_TOKENS = 1024   # from here on, programs of eight heads (see heads_per_program)
 
 
@@ -40,8 +42,9 @@ def _rope_store_kernel(
     q_weight_ptr, k_weight_ptr, eps, slot_ptr, q_out_ptr, stride_qt, stride_qh,
     k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
-    HALF_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr,
+    HALF_BLOCK: tl.constexpr, BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     # The heads of the row, query heads first then key heads, in groups that divide both.
     first = tl.program_id(1) * HEADS_PER_PROGRAM
@@ -140,13 +143,14 @@ def norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
     group = group or heads_per_program(num_tokens, num_heads, num_kv_heads)
     assert num_heads % group == 0 and num_kv_heads % group == 0 and group & (group - 1) == 0, group
     half_block = triton.next_power_of_2(head_dim // 2)
+    use_pdl = pdl.enabled(qkv.device)
     _rope_store_kernel[(num_tokens, (num_heads + num_kv_heads) // group)](
         qkv, qkv.stride(0), positions, cos, sin, cos.stride(0),
         q_norm_weight, k_norm_weight, eps, slot_mapping, q, q.stride(0), q.stride(1),
         k_cache, v_cache, *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PER_PROGRAM=group,
-        HALF_BLOCK=half_block, BLOCK_SIZE=k_cache.shape[1], QK_NORM=qk_norm,
-        num_warps=min(4, max(1, group * half_block // 64)),
+        HALF_BLOCK=half_block, BLOCK_SIZE=k_cache.shape[1], QK_NORM=qk_norm, USE_PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=min(4, max(1, group * half_block // 64)),
         enable_fp_fusion=False,   # an fma would skip the rounding of x * cos that the reference does
     )
     return q
