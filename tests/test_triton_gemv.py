@@ -200,3 +200,46 @@ def test_gpu_gemv_of_silu_and_mul_at_qwen3_down_proj_in_bfloat16(m):
     gate, up = gate_up.float().chunk(2, dim=-1)
     expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs compute capability 9.0")
+def test_gpu_gemv_chain_launched_with_pdl_in_a_cuda_graph_equals_plain_launches(monkeypatch):
+    """28 layers of a batch-1 decode step's GEMVs at Qwen3-0.6B's shapes, each reading what the one
+    before wrote, launched with PDL (ops/pdl.py), captured in a CUDA graph and replayed with new
+    inputs: a kernel that read its input before its wait would see the previous replay's values.
+    The reference is the same kernels launched plainly."""
+    from otvllm.ops import pdl
+    assert pdl.enabled(torch.device("cuda"))
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    layers = [(torch.randn(4096, 1024, **bf16) / 32, torch.randn(1024, 2048, **bf16) / 45,
+               torch.randn(6144, 1024, **bf16) / 32, torch.randn(1024, 3072, **bf16) / 55,
+               torch.rand(1024, **bf16) + 0.5, torch.rand(1024, **bf16) + 0.5) for _ in range(28)]
+    x = torch.randn(1, 1024, **bf16)
+
+    def step():
+        h, residual = x, None
+        for qkv_w, o_w, gate_up_w, down_w, input_norm, post_norm in layers:
+            qkv, residual = triton_gemv.gemv_rms_norm(h, residual, input_norm, 1e-6, qkv_w)
+            h = triton_gemv.gemv(qkv[:, :2048], o_w)   # stands for attention, reading q
+            gate_up, residual = triton_gemv.gemv_rms_norm(h, residual, post_norm, 1e-6, gate_up_w)
+            h = triton_gemv.gemv(gate_up, down_w, silu_and_mul=True)
+        return h + residual
+
+    step()   # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    inputs = [torch.randn(1, 1024, **bf16) for _ in range(4)]
+    replayed = []
+    for i in inputs:
+        x.copy_(i)
+        graph.replay()
+        replayed.append(out.clone())
+    assert not torch.equal(replayed[0], replayed[1])
+    monkeypatch.setattr(pdl, "enabled", lambda device: False)
+    for i, got in zip(inputs, replayed):
+        x.copy_(i)
+        assert torch.equal(step(), got)
