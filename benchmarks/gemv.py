@@ -1,17 +1,17 @@
 """The few-token matrix products of a decode step on CUDA: cuBLAS (x @ W.T, and W @ x.T), cuBLASLt and
-a Triton GEMV.
+a Triton GEMV (on the FMA units up to 4 tokens, on tensor cores past them).
 
-For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-8 tokens, the time per
+For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-16 tokens, the time per
 product replayed from a CUDA graph (as decode runs), with the weights rotated through enough
 copies that they come from HBM, not L2 (a decode step reads ~0.9 GB of weights), and the
 weight-read rate against the device's copy rate. For the products that follow a norm (q/k/v,
 gate/up), the residual add + RMSNorm before them too, as a decode step runs it: the
 torch.compile'd norm then cuBLAS or the GEMV, against the GEMV that does the norm as it reads
 (``norm+cublas``, ``norm+triton``, ``triton_norm``). ``--sweep`` also times a grid of the Triton
-kernel's configurations (BLOCK_N, BLOCK_K, num_warps, num_stages) at 1 and 8 tokens and reports the best
-per shape.
+kernel's configurations (BLOCK_N, BLOCK_K, num_warps, num_stages) at 1, 8 and 16 tokens and reports the
+best per shape.
 
-    python benchmarks/gemv.py [--tokens 1,2,4,8] [--sweep] [--json OUT]
+    python benchmarks/gemv.py [--tokens 1,2,4,8,16] [--sweep] [--json OUT]
 """
 
 import argparse
@@ -50,7 +50,7 @@ def copy_rate_gbps() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,2,4,8")
+    parser.add_argument("--tokens", default="1,2,4,8,16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="also time a grid of Triton tile configurations")
     parser.add_argument("--json")
@@ -99,9 +99,10 @@ def main() -> None:
                     timed("norm+triton", normed(triton_gemv.gemv), expected)
                     timed("triton_norm", lambda x, w: triton_gemv.gemv_rms_norm(x, residual, norm_weight, EPS, w)[0],
                           expected)
-                if args.sweep and m in (1, triton_gemv.MAX_TOKENS):
+                if args.sweep and m in (1, 8, 16):
                     best = None
-                    for cfg in itertools.product((4, 8), (256, 512, 1024), (4, 8), (1, 3)):
+                    block_ns = (4, 8) if m <= triton_gemv.FMA_TOKENS else (16, 32, 64)
+                    for cfg in itertools.product(block_ns, (256, 512, 1024), (4, 8), (1, 3)):
                         us = graph_time_us(lambda i: triton_gemv.gemv(x, weights[i % copies], config=cfg), copies)
                         if best is None or us < best[0]:
                             best = (us, cfg)
