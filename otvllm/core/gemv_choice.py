@@ -33,8 +33,8 @@ def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, lis
         return {}
     counts = [n for n in token_counts if n <= MAX_TOKENS]
     wins = {}
+    first = layers[0].self_attn.qkv_proj.weight
     for n in counts:
-        first = layers[0].self_attn.qkv_proj.weight
         x = torch.randn(n, first.shape[1], dtype=first.dtype, device=first.device)
         calls = [layer.projection_calls(x) for layer in layers]
         for role in calls[0]:
@@ -48,8 +48,8 @@ def choose_gemv(layers: nn.ModuleList, token_counts: list[int]) -> dict[str, lis
                 timed[bool(tokens)] = replay_ms(lambda: [c[role]() for c in calls])
             if timed[True] < MARGIN * timed[False]:
                 wins.setdefault(role, []).append(n)
-    for role, first in layers[0].named_modules():
-        if isinstance(first, (Linear, MergedLinear)):
+    for role, module in layers[0].named_modules():
+        if isinstance(module, (Linear, MergedLinear)):
             for layer in layers:
                 layer.get_submodule(role).gemv_tokens = frozenset(wins.get(role, ()))
     return wins

@@ -13,7 +13,7 @@ let it launch only after its own wait. A kernel launched without PDL (cuBLAS, to
 the whole kernel before it, as always. In a CUDA graph the launches become programmatic edges.
 
 On the H200 this took the batch-1 time per output token of Qwen3-0.6B at a 1,024-token context
-from 0.975 to 0.88-0.90 ms in most runs, and batch 8 from 1.51 to 1.47 ms (benchmarks/latency.py;
+from 0.975 to 0.88-0.90 ms in six runs of nine, and batch 8 from 1.51 to 1.47 ms (benchmarks/latency.py;
 the README has the runs).
 """
 

@@ -14,6 +14,7 @@ products would outrun the FMA units (each weight element is used once per row), 
 tensor cores (`tl.dot`, x padded to 16 rows), the input rounded to the weights' dtype first. The
 engine's choice stops at 4 tokens (core/gemv_choice.py); the tensor-core path awaits measurement
 in a decode step (benchmarks/gemv.py times it alone).
+
 Launched with PDL (ops/pdl.py), each program first asks for its rows of the weight to be brought
 into L2, while the kernel before it finishes.
 """
