@@ -11,7 +11,10 @@ host after a step. Traces play no part (tracing is off).
   - TTFT: from adding the requests to a request's first token (mean over the batch; the median
     of the runs);
   - TPOT: the intervals between a request's consecutive tokens (the decode steps), over all
-    requests and runs: their median (p50) and mean.
+    requests and runs: their median (p50) and mean;
+  - forward GPU (otvllm on CUDA): the median GPU time of a decode step's forward (the model and
+    lm_head, not sampling), from CUDA events around it. Where TPOT is well above it, the GPU
+    waits for the host between steps.
 
 Systems: otvllm with each of `--attention-backends` (`flash_attn` only where FlashAttention-4
 can serve the model; it is skipped with the reason elsewhere) and, with `--nano-vllm DIR`,
@@ -66,6 +69,31 @@ class OtvllmSystem:
         self.backend = self.engine.resolved.attention_backend
         self.params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         self.pending = PENDING_TOKEN
+        self.forward_events = []   # CUDA events around each decode step's forward (the model and lm_head)
+        if self.engine.runner.device.type == "cuda":
+            self._time_decode_forwards()
+
+    def _time_decode_forwards(self) -> None:
+        import torch
+        runner = self.engine.runner
+        forward = runner.forward
+
+        def timed(inputs):
+            if inputs.ctx.is_prefill:
+                return forward(inputs)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward(inputs)
+            end.record()
+            self.forward_events.append((start, end))
+            return out
+        runner.forward = timed
+
+    def decode_forward_ms(self) -> list[float]:
+        """The GPU time of each decode forward since the last call (their device work is done)."""
+        times = [start.elapsed_time(end) for start, end in self.forward_events]
+        self.forward_events.clear()
+        return times
 
     def host_tokens(self, seq) -> int:
         """Completion tokens of `seq` on the host (not those still on their way from the device)."""
@@ -136,13 +164,18 @@ def timed_run(system, prompts, output_len: int) -> tuple[list[float], list[float
 
 def measure(system, batch: int, context: int, output_len: int, repeats: int) -> dict:
     sync = _device_sync()
+    forward_ms = getattr(system, "decode_forward_ms", lambda: [])
     timed_run(system, prompts_for(batch, context, system.vocab, WARMUP_SEED + batch), output_len)
-    ttft_runs, intervals = [], []
+    sync()
+    forward_ms()
+    ttft_runs, intervals, forwards = [], [], []
     for run in range(repeats):
         sync()
         ttfts, gaps = timed_run(system, prompts_for(batch, context, system.vocab, 1000 * batch + run), output_len)
         ttft_runs.append(ttfts)
         intervals += gaps
+        sync()
+        forwards += forward_ms()
     ms = 1e3
     return {"context": context, "batch": batch, "output_len": output_len, "repeats": repeats,
             "output_tokens": batch * output_len * repeats,
@@ -150,7 +183,9 @@ def measure(system, batch: int, context: int, output_len: int, repeats: int) -> 
             "ttft_max_ms": max(max(r) for r in ttft_runs) * ms,
             "tpot_p50_ms": statistics.median(intervals) * ms,
             "tpot_mean_ms": statistics.mean(intervals) * ms,
-            "decode_intervals": len(intervals)}
+            "decode_intervals": len(intervals),
+            # where TPOT is well above it, the GPU waits for the host between steps
+            "decode_forward_gpu_p50_ms": statistics.median(forwards) if forwards else None}
 
 
 def _device_sync():
@@ -245,7 +280,7 @@ def main() -> None:
 
     rows = []
     print(f"{'system':28s} {'context':>7s} {'batch':>5s} {'TTFT ms':>9s} {'TPOT p50 ms':>11s} "
-          f"{'TPOT mean ms':>12s}", flush=True)
+          f"{'TPOT mean ms':>12s} {'forward GPU p50 ms':>18s}", flush=True)
     for context in args.contexts:
         for name, backend in systems:
             command = [sys.executable, os.path.abspath(__file__), "--model-dir", model_dir, "--device", args.device,
@@ -262,8 +297,9 @@ def main() -> None:
             for r in report["results"]:
                 rows.append({"system": name, "attention_backend": report["attention_backend"], **r,
                              **({"gemv_choice": report["gemv_choice"]} if "gemv_choice" in report else {})})
+                gpu = r["decode_forward_gpu_p50_ms"]
                 print(f"{label:28s} {context:7d} {r['batch']:5d} {r['ttft_ms']:9.2f} {r['tpot_p50_ms']:11.3f} "
-                      f"{r['tpot_mean_ms']:12.3f}", flush=True)
+                      f"{r['tpot_mean_ms']:12.3f} {'-' if gpu is None else f'{gpu:.3f}':>18s}", flush=True)
             if "gemv_choice" in report:
                 print(f"  Triton GEMV (projection: token counts): {report['gemv_choice']}", flush=True)
     if args.json:

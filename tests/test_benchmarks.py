@@ -80,8 +80,10 @@ def test_latency_reports_ttft_and_tpot_for_every_context_and_batch(latency_run):
         assert 0 < r["ttft_ms"] <= r["ttft_max_ms"]
         assert r["tpot_p50_ms"] > 0 and r["tpot_mean_ms"] > 0
         assert all(math.isfinite(r[k]) for k in ("ttft_ms", "tpot_p50_ms", "tpot_mean_ms"))
+        assert r["decode_forward_gpu_p50_ms"] is None   # on CUDA only
     table = [line.split() for line in result.stdout.splitlines() if line.startswith("otvllm torch")]
     assert [(int(t[2]), int(t[3])) for t in table] == [(16, 1), (16, 2), (24, 1), (24, 2)]
+    assert all(t[-1] == "-" for t in table)
 
 
 def test_latency_refuses_bad_input_before_any_work(qwen3_dir, tmp_path):
@@ -196,6 +198,7 @@ def test_gpu_latency_and_scaling_run_on_cuda(qwen3_dir, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {(r["attention_backend"], r["batch"]) for r in rows} >= {("triton", 1), ("triton", 2)}
     assert all(r["decode_intervals"] == r["batch"] * 7 and r["tpot_p50_ms"] > 0 for r in rows)
+    assert all(r["decode_forward_gpu_p50_ms"] > 0 for r in rows if r["system"] == "otvllm")
     assert "flash_attn" in {r["attention_backend"] for r in rows} or "skipped" in result.stdout
     out = tmp_path / "scaling.json"
     result = run_script("scaling.py", "--model-dir", qwen3_dir, "--max-model-lens", "1024", "--num-requests", "4",
