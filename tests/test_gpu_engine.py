@@ -126,6 +126,8 @@ def test_start_up_reports_where_it_chose_the_triton_gemv(qwen3_dir):
                 expected = reported.get(role)
                 assert sorted(module.gemv_tokens) == ([int(n) for n in expected.split(",")] if expected else [])
     assert set(reported) <= {r for r, m in layers[0].named_modules() if isinstance(m, (Linear, MergedLinear))}
+    # programmatic dependent launch is Hopper's and later's
+    assert capture.attributes[S.CUDA_GRAPH_PROGRAMMATIC_LAUNCH] == (torch.cuda.get_device_capability() >= (9, 0))
 
 
 def _triton_variants() -> int:

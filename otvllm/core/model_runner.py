@@ -19,7 +19,7 @@ from otvllm.layers.parallel import TensorParallel
 from otvllm.layers.sampler import Sampler, SampleResult, SamplingBatch, token_logprobs
 from otvllm.models.loader import build_model
 from otvllm.models.spec import ModelSpec
-from otvllm.ops.backend import AttentionBackend
+from otvllm.ops.backend import AttentionBackend, triton_available
 from otvllm.ops.query_tiles import query_tiles
 from otvllm.sampling_params import SamplingParams
 
@@ -91,6 +91,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_kvcache_blocks = 0
         self.gemv_choice: dict[str, list[int]] = {}   # projection -> token counts on the Triton GEMV
+        self.programmatic_launch = False   # whether the decode step's Triton kernels launch with PDL
 
     # ---- start-up -------------------------------------------------------------------------
 
@@ -111,6 +112,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, min(cfg.max_num_seqs, cfg.cudagraph_max_batch_size),
                                    max_blocks_per_seq, cfg.max_model_len, self.spec.hidden_size, self.dtype, self.device)
         self.gemv_choice = choose_gemv(self.model.model.layers, self.graphs.sizes)   # before capture: graphs keep it
+        if triton_available():
+            from otvllm.ops import pdl
+            self.programmatic_launch = pdl.enabled(self.device)
         pool = None
         if cfg.cudagraph_max_prefill_tokens:   # first: the largest activations, which the decodes' pool reuses
             self.prefill_graphs = PrefillGraphs(self.model, cfg.cudagraph_max_prefill_tokens, cfg.max_num_seqs,

@@ -304,6 +304,8 @@ CUDA_GRAPH_PREFILL_TOKENS = "otvllm.cuda_graph.prefill_tokens"   # prefill (and 
 # the projections whose few-token products run the Triton GEMV, chosen by timing at start-up:
 # ["self_attn.o_proj: 1,2,4", ...]
 CUDA_GRAPH_TRITON_GEMV = "otvllm.cuda_graph.triton_gemv"
+# whether the decode step's Triton kernels launch with programmatic dependent launch (ops/pdl.py)
+CUDA_GRAPH_PROGRAMMATIC_LAUNCH = "otvllm.cuda_graph.programmatic_launch"
 TOKENIZER_CLASS = "otvllm.tokenizer.class"       # "none" for a directory without a tokenizer
 TOKENIZER_VOCAB_SIZE = "otvllm.tokenizer.vocab_size"
 

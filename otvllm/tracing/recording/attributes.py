@@ -73,7 +73,8 @@ def cuda_graph_attrs(runner) -> dict:
     return {S.CUDA_GRAPH_BATCH_SIZES: list(runner.graphs.sizes),
             S.CUDA_GRAPH_PREFILL_TOKENS: list(prefill.sizes) if prefill is not None else [],
             S.CUDA_GRAPH_TRITON_GEMV: [f"{role}: {','.join(map(str, counts))}"
-                                       for role, counts in runner.gemv_choice.items()]}
+                                       for role, counts in runner.gemv_choice.items()],
+            S.CUDA_GRAPH_PROGRAMMATIC_LAUNCH: runner.programmatic_launch}
 
 
 def batch_attrs(batch) -> dict:
