@@ -11,10 +11,12 @@ of the two it prints:
     (every weight once plus their inputs and outputs; every sequence's K and V once plus q and
     the output) over their time: the achieved GB/s, against
     the device copy rate measured in the same run with a large device-to-device copy (and
-    TFLOP/s, which is what bounds a prefill); and, for decode, `--steps` more steps timed
-    without the profiler by CUDA events around each: what that adds to the kernels' time is
-    the GPU idling between kernels and waiting for the host (the profiler itself widens those
-    gaps, so they are not read from the profile);
+    TFLOP/s, which is what bounds a prefill); and, for decode, `--steps` more steps whose
+    forwards (the model and lm_head, from a CUDA graph where one is captured) are timed without
+    the profiler by CUDA events around each: what that adds to the kernels' time is the GPU
+    idling between kernels (the profiler itself widens those gaps, so they are not read from
+    the profile; the events leave out the host's work between forwards, and the sampling
+    kernels, a few of the step's);
   - on CPU (so that the script can be checked without a GPU): torch.profiler's aten-operator
     table, and the same families over the operators' self time.
 
@@ -151,15 +153,27 @@ def summarise(times: dict, steps: int, work: dict, copy_bytes_s: float | None, n
                          "time_us_per_step": ns * per_step / 1e3} for name, (calls, ns, family) in top]}
 
 
-def unprofiled_gpu_us(step, steps: int) -> float:
-    """Median GPU time of `steps` calls of `step`, from CUDA events recorded around each."""
-    events = []
-    for _ in range(steps):
+def unprofiled_forward_gpu_us(engine, steps: int) -> float:
+    """Median GPU time of the model's forward in `steps` engine steps, from CUDA events recorded
+    around each forward (not around the step: the step's host work, during which the GPU may wait,
+    stays out)."""
+    runner, events = engine.runner, []
+    forward = runner.forward
+
+    def timed(inputs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        out = forward(inputs)
         end.record()
         events.append((start, end))
+        return out
+
+    runner.forward = timed
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        runner.forward = forward
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
 
@@ -183,8 +197,8 @@ def print_phase(title: str, summary: dict, cuda: bool, top: int) -> None:
               f"{100 * f['share']:6.1f}%{extra}")
     if "unprofiled_gpu_us_per_step" in summary:
         idle = summary["unprofiled_gpu_us_per_step"] - summary["time_us_per_step"]
-        print(f"  without the profiler: {summary['unprofiled_gpu_us_per_step']:.1f} us of GPU time per step "
-              f"(CUDA events, median), {idle:.1f} us more than its kernels "
+        print(f"  without the profiler: {summary['unprofiled_gpu_us_per_step']:.1f} us of GPU time per forward "
+              f"(CUDA events, median), {idle:.1f} us more than the step's kernels "
               f"({idle / summary['kernels_per_step']:.2f} us per kernel): the GPU idle between them")
     print(f"  top {top} by time:")
     for k in summary["kernels"][:top]:
@@ -268,7 +282,7 @@ def main() -> None:
         decode["wall_us_per_step"] = seconds * 1e6 / args.steps
         decode["mean_context"] = sum(mean_lens) / len(mean_lens)
         if cuda:
-            decode["unprofiled_gpu_us_per_step"] = unprofiled_gpu_us(engine.step, args.steps)
+            decode["unprofiled_gpu_us_per_step"] = unprofiled_forward_gpu_us(engine, args.steps)
         else:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         while not engine.is_finished():
