@@ -139,9 +139,12 @@ def test_qkv_and_gate_up_on_the_gemv_take_the_norm_into_their_kernel(monkeypatch
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="runs the kernels under the interpreter, on the CPU")
-def test_every_projection_on_the_gemv_keeps_float32_greedy_equal_to_transformers(qwen3_dir, monkeypatch):
-    """The whole decoder with the GEMV on every projection at 1-2 tokens: the norms fused into
-    q/k/v and gate/up, SiLU into down (as start-up sets it where the GEMV wins on CUDA)."""
+@pytest.mark.parametrize("tokens,prompt_lens", [({1, 2}, [5, 9]), ({6}, [5, 9, 4, 7, 6, 8])])
+def test_every_projection_on_the_gemv_keeps_float32_greedy_equal_to_transformers(qwen3_dir, monkeypatch,
+                                                                                   tokens, prompt_lens):
+    """The whole decoder with the GEMV on every projection at 1-2 tokens (FMA units), or at 6
+    (tensor cores): the norms fused into q/k/v and gate/up, SiLU into down (as start-up sets it
+    where the GEMV wins on CUDA)."""
     from otvllm import SamplingParams
     from otvllm.layers.basic import Linear, MergedLinear
     from tests.helpers import make_llm, random_prompts
@@ -150,13 +153,15 @@ def test_every_projection_on_the_gemv_keeps_float32_greedy_equal_to_transformers
     llm = make_llm(qwen3_dir)
     for module in llm.engine.runner.model.modules():
         if isinstance(module, (Linear, MergedLinear)):
-            module.gemv_tokens = frozenset({1, 2})
-    calls = []
+            module.gemv_tokens = frozenset(tokens)
+    calls = []   # (rows of x, keyword arguments) of each launch
     real = triton_gemv._launch
-    monkeypatch.setattr(triton_gemv, "_launch", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    prompts = random_prompts([5, 9], seed=4)
+    monkeypatch.setattr(triton_gemv, "_launch", lambda *a, **kw: calls.append((a[0].shape[0], kw)) or real(*a, **kw))
+    prompts = random_prompts(prompt_lens, seed=4)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert any("norm" in kw for kw in calls) and any(kw.get("silu_and_mul") for kw in calls)
+    assert any("norm" in kw for _, kw in calls) and any(kw.get("silu_and_mul") for _, kw in calls)
+    launched = {rows for rows, _ in calls}
+    assert launched <= tokens and max(tokens) in launched   # the batch decoding together
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == hf_greedy(qwen3_dir, prompt, 4)
 
