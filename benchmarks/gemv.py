@@ -9,9 +9,13 @@ gate/up), the residual add + RMSNorm before them too, as a decode step runs it: 
 torch.compile'd norm then cuBLAS or the GEMV, against the GEMV that does the norm as it reads
 (``norm+cublas``, ``norm+triton``, ``triton_norm``). ``--sweep`` also times a grid of the Triton
 kernel's configurations (BLOCK_N, BLOCK_K, num_warps, num_stages) at 1, 8 and 16 tokens and reports the
-best per shape.
+best per shape. ``--chain`` also times the four products of all 28 layers one after the other,
+each reading the one before's output, as a decode step runs them (on the H200 the Triton kernels
+launch with PDL, each fetching its weights while the one before ends): cuBLAS with the norms and
+the SiLU-and-mul as kernels of their own, against the GEMV with them inside. A product can win
+alone and lose in the chain, or the other way round.
 
-    python benchmarks/gemv.py [--tokens 1,2,4,8,16] [--sweep] [--json OUT]
+    python benchmarks/gemv.py [--tokens 1,2,4,8,16] [--sweep] [--chain] [--json OUT]
 """
 
 import argparse
@@ -33,6 +37,7 @@ SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (614
           "down_proj": (1024, 3072), "lm_head": (151936, 1024)}
 NORMED = ("qkv_proj", "gate_up_proj")   # their input is rms_norm(x + residual)
 ROTATE_BYTES = 512 << 20
+CHAIN_LAYERS = 28   # Qwen3-0.6B's
 EPS = 1e-6
 
 
@@ -48,18 +53,46 @@ def copy_rate_gbps() -> float:
     return 2 * src.numel() / us / 1e3
 
 
+def chain_us(m: int, layers: list, kernels, triton: bool) -> float:
+    """us per layer of a decode step's products at m tokens over `layers`, replayed from a CUDA graph."""
+    x = torch.randn(m, layers[0]["qkv_proj"].shape[1], device="cuda", dtype=layers[0]["qkv_proj"].dtype)
+    residual = torch.zeros_like(x)
+    heads = layers[0]["o_proj"].shape[1]
+
+    def step(_):
+        h, r = x, residual
+        for w in layers:
+            if triton:
+                qkv, r = triton_gemv.gemv_rms_norm(h, r, w["input_norm"], EPS, w["qkv_proj"])
+                h = triton_gemv.gemv(qkv[:, :heads], w["o_proj"])   # stands for attention, reading q
+                gate_up, r = triton_gemv.gemv_rms_norm(h, r, w["post_norm"], EPS, w["gate_up_proj"])
+                h = triton_gemv.gemv(gate_up, w["down_proj"], silu_and_mul=True)
+            else:
+                normed, r = kernels.add_rms_norm(h, r, w["input_norm"], EPS)
+                qkv = torch.nn.functional.linear(normed, w["qkv_proj"])
+                h = torch.nn.functional.linear(qkv[:, :heads], w["o_proj"])
+                normed, r = kernels.add_rms_norm(h, r, w["post_norm"], EPS)
+                gate_up = torch.nn.functional.linear(normed, w["gate_up_proj"])
+                h = torch.nn.functional.linear(kernels.silu_and_mul(gate_up), w["down_proj"])
+        return h
+
+    return graph_time_us(step, 1) / len(layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,2,4,8,16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="also time a grid of Triton tile configurations")
+    parser.add_argument("--chain", action="store_true", help="also time 28 layers' products as a decode step runs them")
     parser.add_argument("--json")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = torch.bfloat16
     copy = copy_rate_gbps()
     print(f"copy rate {copy:.0f} GB/s", flush=True)
-    add_rms_norm = Kernels.compiled().add_rms_norm
+    kernels = Kernels.compiled()
+    add_rms_norm = kernels.add_rms_norm
     results = {"copy_gbps": copy, "points": []}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
@@ -117,6 +150,17 @@ def main() -> None:
             results["points"].append(point)
         weights = x = None
         torch.cuda.empty_cache()
+    if args.chain:
+        layers = [{name: torch.randn(*SHAPES[name], device="cuda", dtype=dtype) / SHAPES[name][1] ** 0.5
+                   for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} |
+                  {norm: torch.rand(SHAPES["qkv_proj"][1], device="cuda", dtype=dtype) + 0.5
+                   for norm in ("input_norm", "post_norm")} for _ in range(CHAIN_LAYERS)]
+        results["chain"] = []
+        for m in [m for m in tokens if m <= triton_gemv.MAX_TOKENS]:
+            cublas, triton = chain_us(m, layers, kernels, False), chain_us(m, layers, kernels, True)
+            results["chain"].append({"tokens": m, "cublas_us_per_layer": cublas, "triton_us_per_layer": triton})
+            print(f"chain of {CHAIN_LAYERS} layers, M={m}: cuBLAS + norm/SiLU kernels {cublas:6.1f} us a layer, "
+                  f"GEMV with them inside {triton:6.1f} us a layer", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
