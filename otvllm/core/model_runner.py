@@ -49,6 +49,9 @@ class ModelInputs:
     prompt_logprobs: tuple | None = None
 
 
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+
+
 def aligned_numel(numel: int, itemsize: int) -> int:
     """The elements a tensor of `numel` takes where tensors are packed one after another, each
     starting on a 16-byte boundary: Triton specialises a kernel on its pointers' alignment, and an
@@ -241,16 +244,18 @@ class ModelRunner:
             inputs.sampling.penalties = self.penalty_inputs(sampled, previous_tokens)
         return inputs
 
-    def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        """The arrays, flattened, as tensors of `dtype` on the device: one host buffer (pinned,
-        for an asynchronous copy) and one copy for all of them, each aligned (`aligned_numel`)."""
-        starts = np.cumsum([0] + [aligned_numel(a.size, dtype.itemsize) for a in arrays])
-        host = torch.empty(int(starts[-1]), dtype=dtype, pin_memory=self.device.type == "cuda")
+    def _upload(self, arrays: list[tuple[np.ndarray, torch.dtype]]) -> list[torch.Tensor]:
+        """Each (array, dtype), flattened, as a tensor of that dtype on the device: one host buffer
+        (pinned, for an asynchronous copy) and one copy for all of them, each aligned
+        (`aligned_numel`)."""
+        sizes = [aligned_numel(a.size, dtype.itemsize) * dtype.itemsize for a, dtype in arrays]
+        starts = np.cumsum([0] + sizes).tolist()
+        host = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         flat = host.numpy()
-        for a, start in zip(arrays, starts):
-            flat[start:start + a.size] = a.ravel()
+        for (a, dtype), start in zip(arrays, starts):
+            flat[start:start + a.size * dtype.itemsize].view(_NUMPY_DTYPES[dtype])[:] = a.ravel()
         device = host.to(self.device, non_blocking=True)
-        return [device[start:start + a.size] for a, start in zip(arrays, starts)]
+        return [device[start:start + a.size * dtype.itemsize].view(dtype) for (a, dtype), start in zip(arrays, starts)]
 
     def _prepare_prefill(self, batch: ScheduledBatch, previous_tokens: torch.Tensor | None) -> ModelInputs:
         bs = self.block_size
@@ -277,10 +282,11 @@ class ModelRunner:
         tiles = (query_tiles(query_lens, starts, self.tokens_per_tile) if self.tokens_per_tile
                  else np.zeros(0, np.int64))
         # positions first: at offset 0 always, which torch.compile's guards on the rotary see
-        positions, input_ids, slots, last, pending_at, pending_rows, tiles, prompt_rows, prompt_targets = self._upload(
-            [positions, input_ids, slots, last, last[pending], pending_rows[pending], tiles, prompt_rows,
-             prompt_targets], torch.int64)
-        cu_q, cu_k, context_lens, tables = self._upload([cu_q, cu_k, ends, tables], torch.int32)
+        (positions, input_ids, slots, last, pending_at, pending_rows, tiles, prompt_rows, prompt_targets,
+         cu_q, cu_k, context_lens, tables) = self._upload(
+            [(a, torch.int64) for a in (positions, input_ids, slots, last, last[pending], pending_rows[pending], tiles,
+                                        prompt_rows, prompt_targets)] +
+            [(a, torch.int32) for a in (cu_q, cu_k, ends, tables)])
         if pending.any():
             input_ids[pending_at] = previous_tokens[pending_rows]
         ctx = ForwardContext(
@@ -309,8 +315,9 @@ class ModelRunner:
         tables = block_table_array(seqs)
         slots = tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
         max_context_len, any_pending = int(context_lens.max()), pending_rows.max() >= 0
-        positions, input_ids, slots, rows = self._upload([positions, last_tokens, slots, pending_rows], torch.int64)
-        context_lens, tables = self._upload([context_lens, tables], torch.int32)
+        positions, input_ids, slots, rows, context_lens, tables = self._upload(
+            [(a, torch.int64) for a in (positions, last_tokens, slots, pending_rows)] +
+            [(a, torch.int32) for a in (context_lens, tables)])
         if any_pending:   # last tokens still on the device: gather them from the step in flight
             input_ids = torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], input_ids)
         ctx = ForwardContext(
