@@ -18,11 +18,12 @@ the README has the runs).
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from otvllm.ops.triton_interpreter import interpreting
 
 
 @functools.cache
@@ -33,7 +34,7 @@ def _capable(index: int) -> bool:
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: CUDA devices of compute capability 9.0 and up,
     not under the Triton interpreter."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting(device):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -21,13 +21,12 @@ to reuse one preallocated buffer. Run the function once before capturing (Triton
 compiles on first use).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from otvllm.ops import pdl
+from otvllm.ops.triton_interpreter import interpreting
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -133,12 +132,8 @@ def _decode_stage2(
     tl.store(O + seq * stride_ob + head * stride_oh + d, out.to(O.dtype.element_ty))
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _num_sms(device: torch.device) -> int:
-    if _interpreting(device):
+    if interpreting(device):
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
@@ -173,7 +168,7 @@ def decode_workspace(num_seqs: int, num_heads: int, head_dim: int, num_splits: i
 
 def decode_config(head_dim: int, page: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Key tile and launch settings (override through ``decode_attention(config=...)``)."""
-    if _interpreting(device):
+    if interpreting(device):
         return dict(BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)

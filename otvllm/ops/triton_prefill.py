@@ -14,8 +14,6 @@ with ``exp2``; the key loop is split into the fully visible part (no mask) and t
 diagonal (masked).
 """
 
-import os
-
 import numpy as np
 import torch
 import triton
@@ -26,6 +24,7 @@ try:
 except ImportError:  # older triton: pointer loads only
     TensorDescriptor = None
 
+from otvllm.ops.triton_interpreter import interpreting
 from otvllm.ops.query_tiles import query_tiles
 
 _LOG2E = 1.4426950408889634
@@ -149,13 +148,9 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes and launch settings (override through ``prefill_attention(config=...)``)."""
-    if _interpreting(device):
+    if interpreting(device):
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, tma=False)
     # tensor-descriptor (TMA) loads measured no faster than pointer loads on the H100
     # (387 vs 392 TFLOP/s): off by default, available through config=dict(tma=True)
