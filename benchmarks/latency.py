@@ -58,6 +58,7 @@ def prompts_for(batch: int, context: int, vocab: int, seed: int) -> list[list[in
 class OtvllmSystem:
     def __init__(self, model_dir: str, device: str, backend: str, max_model_len: int, max_batch: int,
                  eager_prefill: bool = False):
+        from benchmarks.forward_timer import DecodeForwardTimer
         from otvllm import LLM, SamplingParams
         from otvllm.core.sequence import PENDING_TOKEN
         more = dict(cudagraph_max_prefill_tokens=0) if eager_prefill else {}
@@ -69,31 +70,13 @@ class OtvllmSystem:
         self.backend = self.engine.resolved.attention_backend
         self.params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         self.pending = PENDING_TOKEN
-        self.forward_events = []   # CUDA events around each decode step's forward (the model and lm_head)
-        if self.engine.runner.device.type == "cuda":
-            self._time_decode_forwards()
-
-    def _time_decode_forwards(self) -> None:
-        import torch
-        runner = self.engine.runner
-        forward = runner.forward
-
-        def timed(inputs):
-            if inputs.ctx.is_prefill:
-                return forward(inputs)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = forward(inputs)
-            end.record()
-            self.forward_events.append((start, end))
-            return out
-        runner.forward = timed
+        # the GPU time of each decode step's forward (the model and lm_head)
+        cuda = self.engine.runner.device.type == "cuda"
+        self.forward_timer = DecodeForwardTimer(self.engine.runner) if cuda else None
 
     def decode_forward_ms(self) -> list[float]:
-        """The GPU time of each decode forward since the last call (their device work is done)."""
-        times = [start.elapsed_time(end) for start, end in self.forward_events]
-        self.forward_events.clear()
-        return times
+        """The GPU time of each decode forward since the last call."""
+        return self.forward_timer.take_ms() if self.forward_timer is not None else []
 
     def host_tokens(self, seq) -> int:
         """Completion tokens of `seq` on the host (not those still on their way from the device)."""
@@ -166,7 +149,6 @@ def measure(system, batch: int, context: int, output_len: int, repeats: int) -> 
     sync = _device_sync()
     forward_ms = getattr(system, "decode_forward_ms", lambda: [])
     timed_run(system, prompts_for(batch, context, system.vocab, WARMUP_SEED + batch), output_len)
-    sync()
     forward_ms()
     ttft_runs, intervals, forwards = [], [], []
     for run in range(repeats):
@@ -174,7 +156,6 @@ def measure(system, batch: int, context: int, output_len: int, repeats: int) -> 
         ttfts, gaps = timed_run(system, prompts_for(batch, context, system.vocab, 1000 * batch + run), output_len)
         ttft_runs.append(ttfts)
         intervals += gaps
-        sync()
         forwards += forward_ms()
     ms = 1e3
     return {"context": context, "batch": batch, "output_len": output_len, "repeats": repeats,

@@ -46,6 +46,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.forward_timer import DecodeForwardTimer  # noqa: E402
 from otvllm.tracing.recording.profiler import short_name  # noqa: E402
 
 FAMILIES = ("GEMM", "attention", "norm", "rope", "KV store", "rope+store", "sampling", "other")
@@ -154,28 +155,15 @@ def summarise(times: dict, steps: int, work: dict, copy_bytes_s: float | None, n
 
 
 def unprofiled_forward_gpu_us(engine, steps: int) -> float:
-    """Median GPU time of the model's forward in `steps` engine steps, from CUDA events recorded
-    around each forward (not around the step: the step's host work, during which the GPU may wait,
-    stays out)."""
-    runner, events = engine.runner, []
-    forward = runner.forward
-
-    def timed(inputs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = forward(inputs)
-        end.record()
-        events.append((start, end))
-        return out
-
-    runner.forward = timed
+    """Median GPU time of the model's forward in `steps` engine steps (not of the steps: their
+    host work, during which the GPU may wait, stays out)."""
+    timer = DecodeForwardTimer(engine.runner)
     try:
         for _ in range(steps):
             engine.step()
     finally:
-        runner.forward = forward
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
+        timer.remove()
+    return statistics.median(timer.take_ms()) * 1e3
 
 
 def print_phase(title: str, summary: dict, cuda: bool, top: int) -> None:
