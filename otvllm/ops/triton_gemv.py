@@ -134,12 +134,13 @@ def _launch(x, weight, bias, y, config, silu_and_mul: bool = False, norm: tuple 
     prefetch_lines = triton.next_power_of_2(triton.cdiv(k, line)) if use_pdl else 0
     dot = m > FMA_TOKENS
     assert not dot or block_n >= 16, f"{m} rows go to tensor cores, whose tiles are at least 16 wide, not {block_n}"
+    block_m = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else unused, y,
         residual if residual is not None else unused, norm_weight if norm_weight is not None else unused,
         h if residual is not None else unused, m, n, x.stride(0), weight.stride(0), y.stride(0),
         residual.stride(0) if residual is not None else 0, h.stride(0) if residual is not None else 0, eps,
-        K=k, BLOCK_M=max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, RMS_NORM=norm is not None,
         HAS_RESIDUAL=residual is not None, USE_PDL=use_pdl, PREFETCH_LINE=line, PREFETCH_LINES=prefetch_lines,
         DOT=dot, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
