@@ -7,10 +7,11 @@ copies that they come from HBM, not L2 (a decode step reads ~0.9 GB of weights),
 weight-read rate against the device's copy rate. For the products that follow a norm (q/k/v,
 gate/up), the residual add + RMSNorm before them too, as a decode step runs it: the
 torch.compile'd norm then cuBLAS or the GEMV, against the GEMV that does the norm as it reads
-(``norm+cublas``, ``norm+triton``, ``triton_norm``). ``--sweep`` also times a grid of the Triton
-kernel's configurations (BLOCK_N, BLOCK_K, num_warps, num_stages) at 1, 8 and 16 tokens and reports the
-best per shape. ``--chain`` also times the four products of all 28 layers one after the other,
-each reading the one before's output, as a decode step runs them (on the H200 the Triton kernels
+(``norm+cublas``, ``norm+triton``, ``triton_norm``), and the down product with the SiLU-and-mul
+inside (``triton_silu``). ``--sweep`` also times a grid of the Triton kernel's configurations
+(BLOCK_N, BLOCK_K, num_warps, num_stages) at 1, 8 and 16 tokens, each product called as the step
+calls it, and reports the best per shape. ``--chain`` also times the four products of all 28
+layers one after the other, each reading the one before's output, as a decode step runs them (on the H200 the Triton kernels
 launch with PDL, each fetching its weights while the one before ends): cuBLAS with the norms and
 the SiLU-and-mul as kernels of their own, against the GEMV with them inside. A product can win
 alone and lose in the chain, or the other way round.
@@ -79,6 +80,20 @@ def chain_us(m: int, layers: list, kernels, triton: bool) -> float:
     return graph_time_us(step, 1) / len(layers)
 
 
+def step_call(name: str, m: int, k: int, dtype):
+    """The GEMV as a decode step calls it for this projection, taking (weight, config): with the
+    residual add + RMSNorm inside for q/k/v and gate/up, the SiLU-and-mul inside for down."""
+    if name in NORMED:
+        x, residual = torch.randn(2, m, k, device="cuda", dtype=dtype)
+        norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+        return lambda w, cfg: triton_gemv.gemv_rms_norm(x, residual, norm_weight, EPS, w, config=cfg)
+    if name == "down_proj":
+        gate_up = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+        return lambda w, cfg: triton_gemv.gemv(gate_up, w, silu_and_mul=True, config=cfg)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    return lambda w, cfg: triton_gemv.gemv(x, w, config=cfg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,2,4,8,16")
@@ -132,11 +147,18 @@ def main() -> None:
                     timed("norm+triton", normed(triton_gemv.gemv), expected)
                     timed("triton_norm", lambda x, w: triton_gemv.gemv_rms_norm(x, residual, norm_weight, EPS, w)[0],
                           expected)
+                if name == "down_proj":   # as the step calls it: x is [gate, up], the SiLU-and-mul inside
+                    gate_up = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+                    gate, up = gate_up.float().chunk(2, dim=-1)
+                    expected = (torch.nn.functional.silu(gate) * up).to(dtype).float() @ weights[0].float().T
+                    timed("triton_silu", lambda x, w: triton_gemv.gemv(gate_up, w, silu_and_mul=True), expected)
                 if args.sweep and m in (1, 8, 16):
+                    step_op = step_call(name, m, k, dtype)
                     best = None
-                    block_ns = (4, 8) if m <= triton_gemv.FMA_TOKENS else (16, 32, 64)
-                    for cfg in itertools.product(block_ns, (256, 512, 1024), (4, 8), (1, 3)):
-                        us = graph_time_us(lambda i: triton_gemv.gemv(x, weights[i % copies], config=cfg), copies)
+                    block_ns = (4, 8) if m <= triton_gemv.FMA_TOKENS else (16, 32)
+                    block_ks = (256, 512, 1024) if m <= triton_gemv.FMA_TOKENS else (64, 128, 256, 512)
+                    for cfg in itertools.product(block_ns, block_ks, (4, 8), (2, 3)):
+                        us = graph_time_us(lambda i: step_op(weights[i % copies], cfg), copies)
                         if best is None or us < best[0]:
                             best = (us, cfg)
                     point["triton_best"] = {"us": best[0], "gbps": weight_bytes / best[0] / 1e3,
