@@ -1057,6 +1057,85 @@ def test_a_dead_engine_process_is_reported_not_hung_on(synthetic_dir, cache_dir,
         server.stop()
 
 
+def _serve_with_fault(tmp_path, cache_dir, files: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+    """`otvllm serve`, traced to a file, with `files` (path: source) put first on its Python path;
+    returns the process (in its own session), its log and its trace file."""
+    inject = tmp_path / "inject"
+    for path, source in files.items():
+        (inject / path).parent.mkdir(parents=True, exist_ok=True)
+        (inject / path).write_text(source)
+    log, trace = str(tmp_path / "serve.log"), str(tmp_path / "trace.json")
+    env = dict(os.environ, OTVLLM_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "otvllm.cli", "serve", "--host", HOST, "--port",
+                                 str(free_port()), "--device", "cpu", "--trace-level", "step", "--trace-file", trace],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=str(tmp_path))
+    return proc, log, trace
+
+
+def _left_in_session(sid: int) -> list[int]:
+    """Live processes of session `sid` (a subprocess started with start_new_session has its pid)."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            left.append(int(pid))
+    return left
+
+
+def _span_names(trace_file: str) -> set[str]:
+    with open(trace_file) as f:
+        return {span["operationName"] for trace in json.load(f)["data"] for span in trace["spans"]}
+
+
+def test_a_broken_http_instrumentation_is_named_before_the_engine_starts(synthetic_dir, cache_dir, tmp_path):
+    """A traced server needs OpenTelemetry's FastAPI instrumentation; when it cannot be imported
+    (here its asgiref dependency fails), serve says so and exits 1 before loading any model."""
+    proc, log, trace = _serve_with_fault(tmp_path, cache_dir, {
+        "asgiref/__init__.py": "raise ModuleNotFoundError(\"No module named 'asgiref'\")\n"})
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with open(log) as f:
+        out = f.read()
+    assert "opentelemetry-instrumentation-fastapi" in out and "asgiref" in out and "Traceback" not in out, out
+    names = _span_names(trace)
+    assert "otvllm.run" in names and "engine.init" not in names, names
+
+
+def test_a_failure_after_the_engine_started_ends_the_engine_and_the_server(synthetic_dir, cache_dir, tmp_path):
+    """Whatever fails between the engine's start and serving (here the HTTP instrumentation,
+    made to raise), the server exits instead of waiting on its engine process, leaves no
+    process behind and writes the trace of its start-up."""
+    proc, log, trace = _serve_with_fault(tmp_path, cache_dir, {"sitecustomize.py": (
+        "from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor\n"
+        "def instrument_app(*args, **kwargs):\n"
+        "    raise RuntimeError('injected: the app cannot be instrumented')\n"
+        "FastAPIInstrumentor.instrument_app = staticmethod(instrument_app)\n")})
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with open(log) as f:
+        out = f.read()
+    assert "injected: the app cannot be instrumented" in out, out
+    deadline = time.monotonic() + 10
+    while _left_in_session(proc.pid):
+        assert time.monotonic() < deadline, f"left running after the server exited: {_left_in_session(proc.pid)}"
+        time.sleep(0.1)
+    assert {"otvllm.run", "engine.init", "model.load"} <= _span_names(trace)
+
+
 def test_the_engine_process_ends_with_the_server_even_when_the_server_is_killed(synthetic_dir, cache_dir,
                                                                                tmp_path_factory):
     server = _start([], cache_dir, tmp_path_factory, "killed-server")

@@ -23,19 +23,25 @@ def _export_sink():
     return sink if isinstance(sink, ProcessSink) else None
 
 
-def _trace_http(app, sink) -> None:
+def _http_instrumentor():
+    """OpenTelemetry's FastAPI instrumentation, imported before the engine starts, so that a
+    broken install is named at once, not after the model has loaded."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    return FastAPIInstrumentor
+
+
+def _trace_http(app, sink, instrumentor) -> None:
     """HTTP server spans from OpenTelemetry's FastAPI instrumentation (which continues a
     client's `traceparent`), made by an SDK of this process and exported with otvllm's spans
     by the export process."""
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     from opentelemetry.sdk.trace import TracerProvider
 
     from otvllm.tracing.export.forwarding import ForwardingProcessor
 
     provider = TracerProvider()
     provider.add_span_processor(ForwardingProcessor(sink))
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="health,metrics",
-                                       exclude_spans=["receive", "send"])
+    instrumentor.instrument_app(app, tracer_provider=provider, excluded_urls="health,metrics",
+                                exclude_spans=["receive", "send"])
 
 
 def _metrics(args, engine: EngineClient, name: str):
@@ -58,17 +64,28 @@ def serve(args, model: str, options: dict) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     sink = _export_sink() if args.trace_level != "off" else None
     try:
+        instrumentor = _http_instrumentor() if sink is not None else None
+    except ImportError as e:
+        print(f"otvllm: error: the HTTP server's spans need opentelemetry-instrumentation-fastapi, which "
+              f"cannot be imported ({e}); reinstall otvllm's dependencies, or serve with --trace-level off",
+              file=sys.stderr, flush=True)
+        return 1
+    try:
         engine = EngineClient(model, options, args.max_queue, args.stream_interval_ms / 1000, current_run_rid(), sink)
     except EngineFailed as e:
         print(f"otvllm: error: {e}", file=sys.stderr, flush=True)
         return 1
-    try:
-        app = build_app(engine, load_tokenizer(model), name, _metrics(args, engine, name))
+    metrics = None
+    try:   # whatever fails from here on, the engine process must not outlive this one
+        metrics = _metrics(args, engine, name)
+        app = build_app(engine, load_tokenizer(model), name, metrics)
+        if instrumentor is not None:
+            _trace_http(app, sink, instrumentor)
     except BaseException:
         engine.stop()
+        if metrics is not None:
+            metrics.shutdown()
         raise
-    if sink is not None:
-        _trace_http(app, sink)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout, lifespan="on")
     server = uvicorn.Server(config)
