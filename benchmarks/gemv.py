@@ -1,7 +1,7 @@
 """The few-token matrix products of a decode step on CUDA: cuBLAS (x @ W.T, and W @ x.T), cuBLASLt and
-a Triton GEMV (on the FMA units up to 4 tokens, on tensor cores past them).
+a Triton GEMV.
 
-For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-16 tokens, the time per
+For each weight of Qwen3-0.6B (qkv, o, gate_up, down, lm_head) and 1-8 tokens, the time per
 product replayed from a CUDA graph (as decode runs), with the weights rotated through enough
 copies that they come from HBM, not L2 (a decode step reads ~0.9 GB of weights), and the
 weight-read rate against the device's copy rate. For the products that follow a norm (q/k/v,
@@ -9,14 +9,14 @@ gate/up), the residual add + RMSNorm before them too, as a decode step runs it: 
 torch.compile'd norm then cuBLAS or the GEMV, against the GEMV that does the norm as it reads
 (``norm+cublas``, ``norm+triton``, ``triton_norm``), and the down product with the SiLU-and-mul
 inside (``triton_silu``). ``--sweep`` also times a grid of the Triton kernel's configurations
-(BLOCK_N, BLOCK_K, num_warps, num_stages) at 1, 8 and 16 tokens, each product called as the step
-calls it, and reports the best per shape. ``--chain`` also times the four products of all 28
-layers one after the other, each reading the one before's output, as a decode step runs them (on the H200 the Triton kernels
-launch with PDL, each fetching its weights while the one before ends): cuBLAS with the norms and
-the SiLU-and-mul as kernels of their own, against the GEMV with them inside. A product can win
-alone and lose in the chain, or the other way round.
+(BLOCK_N, BLOCK_K, num_warps, num_stages) at 1 and 8 tokens, each product called as the step calls
+it, and reports the best per shape. ``--chain`` also times the four products of all 28 layers one
+after the other, each reading the one before's output, as a decode step runs them (on the H200
+the Triton kernels launch with PDL, each fetching its weights while the one before ends): cuBLAS
+with the norms and the SiLU-and-mul as kernels of their own, against the GEMV with them inside. A
+product can win alone and lose in the chain, or the other way round.
 
-    python benchmarks/gemv.py [--tokens 1,2,4,8,16] [--sweep] [--chain] [--json OUT]
+    python benchmarks/gemv.py [--tokens 1,2,4,8] [--sweep] [--chain] [--json OUT]
 """
 
 import argparse
@@ -96,7 +96,7 @@ def step_call(name: str, m: int, k: int, dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,2,4,8,16")
+    parser.add_argument("--tokens", default="1,2,4,8")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="also time a grid of Triton tile configurations")
     parser.add_argument("--chain", action="store_true", help="also time 28 layers' products as a decode step runs them")
@@ -152,12 +152,10 @@ def main() -> None:
                     gate, up = gate_up.float().chunk(2, dim=-1)
                     expected = (torch.nn.functional.silu(gate) * up).to(dtype).float() @ weights[0].float().T
                     timed("triton_silu", lambda x, w: triton_gemv.gemv(gate_up, w, silu_and_mul=True), expected)
-                if args.sweep and m in (1, 8, 16):
+                if args.sweep and m in (1, triton_gemv.MAX_TOKENS):
                     step_op = step_call(name, m, k, dtype)
                     best = None
-                    block_ns = (4, 8) if m <= triton_gemv.FMA_TOKENS else (16, 32)
-                    block_ks = (256, 512, 1024) if m <= triton_gemv.FMA_TOKENS else (64, 128, 256, 512)
-                    for cfg in itertools.product(block_ns, block_ks, (4, 8), (2, 3)):
+                    for cfg in itertools.product((4, 8), (256, 512, 1024), (4, 8), (1, 3)):
                         us = graph_time_us(lambda i: step_op(weights[i % copies], cfg), copies)
                         if best is None or us < best[0]:
                             best = (us, cfg)

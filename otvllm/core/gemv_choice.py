@@ -19,8 +19,7 @@ from otvllm.ops.backend import triton_available
 # Products of up to this many tokens are timed. At 8, o_proj and down_proj alone were faster on the
 # GEMV (H200: 5.2 against 5.8 us, 6.1 against 7.4), yet a batch-8 decode step on them was slower:
 # time per output token 1.63 against 1.54 ms (benchmarks/latency.py, old and new code alternating);
-# with PDL (and an attention change since dropped) 1.66 against 1.55. The kernel's tensor-core
-# path (5-16 tokens) has not been measured in a step yet.
+# with PDL (and an attention change since dropped) 1.66 against 1.55.
 MAX_TOKENS = 4
 MARGIN = 0.95      # the GEMV must be 5% faster: a tie is not worth a second code path
 

@@ -7,13 +7,12 @@ for gate_up cuBLAS was as fast (benchmarks/gemv.py). So the engine times both at
 (core/gemv_choice.py) and uses this kernel only where it wins.
 
 Each program owns BLOCK_N weight rows and reads them across K in wide, coalesced strips,
-pipelined over NUM_STAGES loads. Up to FMA_TOKENS rows of x, products accumulate elementwise in
-float32 and are summed across K once at the end; reducing every strip instead was ~10% slower on
-the H200 for the K=2048 and 3072 weights, with the same strips. Past FMA_TOKENS rows the
-products would outrun the FMA units (each weight element is used once per row), so they go to
-tensor cores (`tl.dot`, x padded to 16 rows), the input rounded to the weights' dtype first. The
-engine's choice stops at 4 tokens (core/gemv_choice.py); the tensor-core path awaits measurement
-in a decode step (benchmarks/gemv.py times it alone).
+pipelined over NUM_STAGES loads. Products accumulate elementwise in float32 and are summed
+across K once at the end (no tensor cores); reducing every strip instead was ~10% slower on the
+H200 for the K=2048 and 3072 weights, with the same strips. A tensor-core path for 5-16 tokens
+(`tl.dot` over 16-row tiles) was tried and removed: alone it was near cuBLAS, but with the norm
+or the SiLU-and-mul inside, as a step calls it, it took 8.6-42 us against cuBLAS's 5-7.5 (H200,
+its best tiles).
 
 Launched with PDL (ops/pdl.py), each program first asks for its rows of the weight to be brought
 into L2, while the kernel before it finishes.
@@ -25,8 +24,7 @@ import triton.language as tl
 
 from otvllm.ops import pdl
 
-MAX_TOKENS = 16  # rows of x this kernel is meant for
-FMA_TOKENS = 4   # up to this many rows, products are summed on the FMA units; past it, on tensor cores
+MAX_TOKENS = 8   # rows of x this kernel is meant for; past it, tensor-core GEMMs win
 # float32 elements a program accumulates (BLOCK_M x BLOCK_N x BLOCK_K): 128 registers a thread at 4 warps
 ACCUMULATOR = 4 * 4 * 1024
 
@@ -37,8 +35,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
                  RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
-                 PREFETCH_LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr, DOT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 PREFETCH_LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH_LINES > 0:   # the weights are not the kernel before's: into L2 while it finishes
         cols = tl.minimum(tl.arange(0, PREFETCH_LINES) * PREFETCH_LINE, K - 1)
@@ -46,10 +43,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_
     pdl.wait_for_previous(USE_PDL)
     ms = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
-    if DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + ks
@@ -69,11 +63,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_
                          mask=x_ok & (tl.program_id(0) == 0))
             sum_sq += tl.sum(x * x, axis=1)
             x = x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-        if DOT:   # the input rounded to the weights' dtype, as tensor cores take it
-            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
-            acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
-    y = acc if DOT else tl.sum(acc, axis=2)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, axis=2)
     if RMS_NORM:
         y *= tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
@@ -83,12 +74,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, h_ptr, M, N, stride_
 
 
 def _config(m: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). On the FMA units (up to FMA_TOKENS rows): the
-    H200's best at 1-4 tokens for the Qwen3-0.6B weights where this kernel beats cuBLAS
-    (benchmarks/gemv.py --sweep), the strip narrowed so the accumulator stays in registers at
-    more tokens. On tensor cores: tiles of 16 rows, the least `tl.dot` takes (not yet tuned)."""
-    if m > FMA_TOKENS:
-        return 16, min(512, max(16, triton.next_power_of_2(k))), 4, 3
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the H200's best at 1-4 tokens for the Qwen3-0.6B
+    weights where this kernel beats cuBLAS (benchmarks/gemv.py --sweep), the strip narrowed so
+    the accumulator stays in registers at more tokens."""
     block_n = 4
     block_k = min(1024, triton.next_power_of_2(k), ACCUMULATOR // (block_n * triton.next_power_of_2(m)))
     return block_n, block_k, 4, 3
@@ -132,16 +120,12 @@ def _launch(x, weight, bias, y, config, silu_and_mul: bool = False, norm: tuple 
     use_pdl = pdl.enabled(x.device)
     line = 128 // weight.element_size()
     prefetch_lines = triton.next_power_of_2(triton.cdiv(k, line)) if use_pdl else 0
-    dot = m > FMA_TOKENS
-    assert not dot or block_n >= 16, f"{m} rows go to tensor cores, whose tiles are at least 16 wide, not {block_n}"
-    block_m = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else unused, y,
         residual if residual is not None else unused, norm_weight if norm_weight is not None else unused,
         h if residual is not None else unused, m, n, x.stride(0), weight.stride(0), y.stride(0),
         residual.stride(0) if residual is not None else 0, h.stride(0) if residual is not None else 0, eps,
-        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        K=k, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
         HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, RMS_NORM=norm is not None,
         HAS_RESIDUAL=residual is not None, USE_PDL=use_pdl, PREFETCH_LINE=line, PREFETCH_LINES=prefetch_lines,
-        DOT=dot, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=num_warps, launch_pdl=use_pdl)
