@@ -96,14 +96,17 @@ def test_profiled_steps_kernels_add_up_to_their_gpu_time(qwen3_0_6b, monkeypatch
         assert abs(envelope_ms - gpu_ms) <= 0.1 * gpu_ms, (envelope_ms, gpu_ms)   # every kernel of the window
         assert kernel_ms <= gpu_ms
         unprofiled_ms = reference[step_index(forward)]
-        # The GPU time also holds the idle gaps between kernels, which no kernel span covers: in a
-        # CUDA graph about a microsecond each (H200: a 64-row decode graph of ~330 kernels ran
-        # 1.73 ms of kernels in 1.97 ms), launched one by one at least as much (H200: an eager
-        # prefill ran 34.04 ms of kernels in 37.91). Those are allowed on top of the 10%.
-        gaps_ms = 1e-3 * a[S.PROFILE_KERNELS]
-        assert kernel_ms <= unprofiled_ms * 1.1 and kernel_ms >= 0.9 * unprofiled_ms - gaps_ms, (
-            f"step {step_index(forward)} ({a[S.PHASE]}, graph {a[S.CUDA_GRAPH]}): kernels {kernel_ms:.3f} ms, "
-            f"GPU time {unprofiled_ms:.3f} ms unprofiled, {gpu_ms:.3f} ms profiled")
+        figures = (f"step {step_index(forward)} ({a[S.PHASE]}, graph {a[S.CUDA_GRAPH]}): kernels {kernel_ms:.3f} ms, "
+                   f"GPU time {unprofiled_ms:.3f} ms unprofiled, {gpu_ms:.3f} ms profiled")
+        assert kernel_ms <= unprofiled_ms * 1.1, figures
+        if a[S.CUDA_GRAPH]:
+            # The GPU time also holds the idle gaps between kernels, which no kernel span covers:
+            # in a CUDA graph about a microsecond each (H200: a 64-row decode graph of ~330 kernels
+            # ran 1.73 ms of kernels in 1.97 ms), allowed on top of the 10%. An eager step's gaps
+            # are the host's launch time, which varies from run to run (H200: an eager prefill ran
+            # 34.04 ms of kernels in 37.91 ms), so there only the envelope above is checked.
+            gaps_ms = 1e-3 * a[S.PROFILE_KERNELS]
+            assert kernel_ms >= 0.9 * unprofiled_ms - gaps_ms, figures
         # No otvllm.kernel.grid/block: torch 2.11's Kineto events carry no launch metadata
         # (metadata_json() is empty for kernels on the H200 machine); tests/test_profiling.py
         # checks that the text torch's profiler gives elsewhere is read.
