@@ -1057,7 +1057,8 @@ def test_a_dead_engine_process_is_reported_not_hung_on(synthetic_dir, cache_dir,
         server.stop()
 
 
-def _serve_with_fault(tmp_path, cache_dir, files: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+def _serve_traced(tmp_path, cache_dir, files: dict[str, str], port: int | None = None
+                  ) -> tuple[subprocess.Popen, str, str]:
     """`otvllm serve`, traced to a file, with `files` (path: source) put first on its Python path;
     returns the process (in its own session), its log and its trace file."""
     inject = tmp_path / "inject"
@@ -1068,10 +1069,10 @@ def _serve_with_fault(tmp_path, cache_dir, files: dict[str, str]) -> tuple[subpr
     env = dict(os.environ, OTVLLM_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    command = [sys.executable, "-m", "otvllm.cli", "serve", "--host", HOST, "--port", str(port or free_port()),
+               "--device", "cpu", "--trace-level", "step", "--trace-file", trace]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "otvllm.cli", "serve", "--host", HOST, "--port",
-                                 str(free_port()), "--device", "cpu", "--trace-level", "step", "--trace-file", trace],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=str(tmp_path))
     return proc, log, trace
 
@@ -1098,7 +1099,7 @@ def _span_names(trace_file: str) -> set[str]:
 def test_a_broken_http_instrumentation_is_named_before_the_engine_starts(synthetic_dir, cache_dir, tmp_path):
     """A traced server needs OpenTelemetry's FastAPI instrumentation; when it cannot be imported
     (here its asgiref dependency fails), serve says so and exits 1 before loading any model."""
-    proc, log, trace = _serve_with_fault(tmp_path, cache_dir, {
+    proc, log, trace = _serve_traced(tmp_path, cache_dir, {
         "asgiref/__init__.py": "raise ModuleNotFoundError(\"No module named 'asgiref'\")\n"})
     try:
         assert proc.wait(timeout=60) == 1
@@ -1112,11 +1113,28 @@ def test_a_broken_http_instrumentation_is_named_before_the_engine_starts(synthet
     assert "otvllm.run" in names and "engine.init" not in names, names
 
 
+def test_a_port_in_use_is_named_before_the_engine_starts(synthetic_dir, cache_dir, tmp_path):
+    with socket.create_server((HOST, 0)) as taken:
+        port = taken.getsockname()[1]
+        proc, log, trace = _serve_traced(tmp_path, cache_dir, {}, port=port)
+        try:
+            assert proc.wait(timeout=60) == 1
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    with open(log) as f:
+        out = f.read()
+    assert f"otvllm: error: cannot listen on {HOST}:{port}" in out, out
+    assert "in use" in out and "Traceback" not in out, out
+    names = _span_names(trace)
+    assert "otvllm.run" in names and "engine.init" not in names, names
+
+
 def test_a_failure_after_the_engine_started_ends_the_engine_and_the_server(synthetic_dir, cache_dir, tmp_path):
     """Whatever fails between the engine's start and serving (here the HTTP instrumentation,
     made to raise), the server exits instead of waiting on its engine process, leaves no
     process behind and writes the trace of its start-up."""
-    proc, log, trace = _serve_with_fault(tmp_path, cache_dir, {"sitecustomize.py": (
+    proc, log, trace = _serve_traced(tmp_path, cache_dir, {"sitecustomize.py": (
         "from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor\n"
         "def instrument_app(*args, **kwargs):\n"
         "    raise RuntimeError('injected: the app cannot be instrumented')\n"

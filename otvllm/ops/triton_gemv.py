@@ -11,8 +11,8 @@ pipelined over NUM_STAGES loads. Products accumulate elementwise in float32 and 
 across K once at the end (no tensor cores); reducing every strip instead was ~10% slower on the
 H200 for the K=2048 and 3072 weights, with the same strips. A tensor-core path for 5-16 tokens
 (`tl.dot` over 16-row tiles) was tried and removed: alone it was near cuBLAS, but with the norm
-or the SiLU-and-mul inside, as a step calls it, it took 8.6-42 us against cuBLAS's 5-7.5 (H200,
-its best tiles).
+or the SiLU-and-mul inside, as a step calls it, it took 8.6-42 us at its best tiles where cuBLAS
+took 7.4-8.8, the norm kernel included (H200, 8 tokens).
 
 Launched with PDL (ops/pdl.py), each program first asks for its rows of the weight to be brought
 into L2, while the kernel before it finishes.

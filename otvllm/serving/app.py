@@ -225,17 +225,20 @@ def build_app(engine: EngineClient, tokenizer, model_name: str, metrics=None) ->
 
     # ---- /v1/completions ------------------------------------------------------------------------
 
+    def token_text(t: int) -> str:
+        """A token's text, or its id as text for a model without a tokenizer."""
+        return tokenizer.decode([t]) if tokenizer is not None else str(t)
+
     def completion_logprobs(ids: list[int], logprobs: list, n: int, offset: int) -> dict:
         """The legacy API's logprobs block; an entry of None (a prompt's first token) has none."""
-        tokens = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids]
+        tokens = [token_text(t) for t in ids]
         offsets = []
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens,
                 "token_logprobs": [entry.get(t) if entry is not None else None for t, entry in zip(ids, logprobs)],
-                "top_logprobs": [{(tokenizer.decode([k]) if tokenizer is not None else str(k)): v
-                                  for k, v in list(entry.items())[:n]} if entry is not None else None
+                "top_logprobs": [{token_text(k): v for k, v in list(entry.items())[:n]} if entry is not None else None
                                  for entry in logprobs],
                 "text_offset": offsets}
 

@@ -5,6 +5,7 @@ caller (the CLI)."""
 
 import os
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -21,6 +22,13 @@ def _export_sink():
 
     sink = current_sink()
     return sink if isinstance(sink, ProcessSink) else None
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engine starts, so that a port in use or an address
+    not of this machine is named at once, not after the model has loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
 
 
 def _http_instrumentor():
@@ -64,6 +72,12 @@ def serve(args, model: str, options: dict) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     sink = _export_sink() if args.trace_level != "off" else None
     try:
+        listening = _listening_socket(args.host, args.port)
+    except OSError as e:
+        print(f"otvllm: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr,
+              flush=True)
+        return 1
+    try:
         instrumentor = _http_instrumentor() if sink is not None else None
     except ImportError as e:
         print(f"otvllm: error: the HTTP server's spans need opentelemetry-instrumentation-fastapi, which "
@@ -103,7 +117,7 @@ def serve(args, model: str, options: dict) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _already_drained)
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         engine.stop()   # done already by the app's shutdown, unless the server never started
     if not server.started:
