@@ -1077,6 +1077,18 @@ def _serve_traced(tmp_path, cache_dir, files: dict[str, str], port: int | None =
     return proc, log, trace
 
 
+def _ended(proc: subprocess.Popen, log: str, timeout: float) -> tuple[int | None, str]:
+    """The exit code (None: still running after `timeout`, then killed with its session) and the log."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    with open(log) as f:
+        return code, f.read()
+
+
 def _left_in_session(sid: int) -> list[int]:
     """Live processes of session `sid` (a subprocess started with start_new_session has its pid)."""
     left = []
@@ -1101,13 +1113,8 @@ def test_a_broken_http_instrumentation_is_named_before_the_engine_starts(synthet
     (here its asgiref dependency fails), serve says so and exits 1 before loading any model."""
     proc, log, trace = _serve_traced(tmp_path, cache_dir, {
         "asgiref/__init__.py": "raise ModuleNotFoundError(\"No module named 'asgiref'\")\n"})
-    try:
-        assert proc.wait(timeout=60) == 1
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    with open(log) as f:
-        out = f.read()
+    code, out = _ended(proc, log, 60)
+    assert code == 1, out
     assert "opentelemetry-instrumentation-fastapi" in out and "asgiref" in out and "Traceback" not in out, out
     names = _span_names(trace)
     assert "otvllm.run" in names and "engine.init" not in names, names
@@ -1117,13 +1124,8 @@ def test_a_port_in_use_is_named_before_the_engine_starts(synthetic_dir, cache_di
     with socket.create_server((HOST, 0)) as taken:
         port = taken.getsockname()[1]
         proc, log, trace = _serve_traced(tmp_path, cache_dir, {}, port=port)
-        try:
-            assert proc.wait(timeout=60) == 1
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    with open(log) as f:
-        out = f.read()
+        code, out = _ended(proc, log, 60)
+    assert code == 1, out
     assert f"otvllm: error: cannot listen on {HOST}:{port}" in out, out
     assert "in use" in out and "Traceback" not in out, out
     names = _span_names(trace)
@@ -1139,13 +1141,8 @@ def test_a_failure_after_the_engine_started_ends_the_engine_and_the_server(synth
         "def instrument_app(*args, **kwargs):\n"
         "    raise RuntimeError('injected: the app cannot be instrumented')\n"
         "FastAPIInstrumentor.instrument_app = staticmethod(instrument_app)\n")})
-    try:
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    with open(log) as f:
-        out = f.read()
+    code, out = _ended(proc, log, 120)
+    assert code not in (0, None), out   # None: it hung on its engine
     assert "injected: the app cannot be instrumented" in out, out
     deadline = time.monotonic() + 10
     while _left_in_session(proc.pid):
