@@ -1103,6 +1103,13 @@ def _left_in_session(sid: int) -> list[int]:
     return left
 
 
+def _assert_session_ends(sid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _left_in_session(sid):
+        assert time.monotonic() < deadline, f"left running after the server exited: {_left_in_session(sid)}"
+        time.sleep(0.1)
+
+
 def _span_names(trace_file: str) -> set[str]:
     with open(trace_file) as f:
         return {span["operationName"] for trace in json.load(f)["data"] for span in trace["spans"]}
@@ -1144,11 +1151,37 @@ def test_a_failure_after_the_engine_started_ends_the_engine_and_the_server(synth
     code, out = _ended(proc, log, 120)
     assert code not in (0, None), out   # None: it hung on its engine
     assert "injected: the app cannot be instrumented" in out, out
-    deadline = time.monotonic() + 10
-    while _left_in_session(proc.pid):
-        assert time.monotonic() < deadline, f"left running after the server exited: {_left_in_session(proc.pid)}"
-        time.sleep(0.1)
+    _assert_session_ends(proc.pid, 10)
     assert {"otvllm.run", "engine.init", "model.load"} <= _span_names(trace)
+
+
+def test_ctrl_c_while_the_engine_loads_keeps_its_start_up_in_the_trace(synthetic_dir, cache_dir, tmp_path):
+    """Ctrl-C to the process group while the engine process loads the model (made to take a
+    minute here): the server exits 130 at once, leaves no process behind, and its trace shows
+    where start-up was: engine.init and model.load, ended by the interrupt."""
+    loading = tmp_path / "loading"
+    proc, log, trace = _serve_traced(tmp_path, cache_dir, {"sitecustomize.py": (
+        "import time\n"
+        "import otvllm.core.model_runner as model_runner\n"
+        "def load_model(self):\n"
+        f"    open({str(loading)!r}, 'w').close()\n"
+        "    time.sleep(60)\n"
+        "model_runner.ModelRunner.load_model = load_model\n")})
+    deadline = time.monotonic() + 60
+    while not loading.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the engine never began to load the model"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = _ended(proc, log, 40)
+    assert code == 130, out
+    assert "Traceback" not in out, out
+    _assert_session_ends(proc.pid, 10)
+    with open(trace) as f:
+        spans = {span["operationName"]: {t["key"]: t["value"] for t in span["tags"]}
+                 for t_ in json.load(f)["data"] for span in t_["spans"]}
+    for name in ("otvllm.run", "engine.init", "model.load"):
+        assert spans[name].get("error.type") == "KeyboardInterrupt", (name, spans.get(name))
+    assert "kv_cache.allocate" not in spans   # start-up ended at the model's load
 
 
 def test_the_engine_process_ends_with_the_server_even_when_the_server_is_killed(synthetic_dir, cache_dir,

@@ -7,6 +7,7 @@ sink (the export process), their updates to the event loop in one call per messa
 import asyncio
 import itertools
 import multiprocessing
+import os
 import threading
 import time
 
@@ -15,6 +16,7 @@ from otvllm.serving import engine_process
 from otvllm.serving.engine_process import RequestSpec, Update
 
 START_TIMEOUT_S = 3600.0   # loading a large model and capturing CUDA graphs takes a while
+ABORT_WAIT_S = 5.0         # for an interrupted start-up's last records, before the engine is killed
 
 
 class QueueFull(Exception):
@@ -81,8 +83,7 @@ class EngineClient:
         try:
             message = self._receive(START_TIMEOUT_S, "start")
         except BaseException:   # Ctrl-C while the model loads, or no answer: no engine left behind
-            self._process.kill()
-            self._process.join(5)
+            self._abort_start()
             raise
         if message[0] == "failed":
             _, kind, text, records = message
@@ -101,6 +102,20 @@ class EngineClient:
         self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="otvllm-engine-reader", daemon=True)
+
+    def _abort_start(self) -> None:
+        """Interrupt the engine's start-up, so that its open spans end (in ERROR) and reach the
+        trace with where it was; then make sure it is gone."""
+        try:
+            if self._process.is_alive():
+                os.kill(self._process.pid, engine_process.ABORT_START)
+                if self._conn.poll(ABORT_WAIT_S):
+                    self._trace(self._conn.recv()[-1])   # "failed" (or a "ready" sent just before)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._process.kill()
+            self._process.join(5)
 
     def _receive(self, timeout: float, what: str):
         deadline = time.monotonic() + timeout

@@ -10,6 +10,8 @@ engine. Ctrl-C and SIGTERM are the front end's to handle: it drains, then says "
 Messages from the front end: ("add", [RequestSpec]), ("abort", [(rid, reason)]), ("stop",).
 To it: ("ready", RequestLimits, records), ("failed", error type, message, records) at start-up;
 then ("news", [Update], stats, records) and, once, ("ended", error type or None, message, records).
+While the engine starts, the front end's ABORT_START signal interrupts it (KeyboardInterrupt):
+its start-up spans end and go with "failed".
 """
 
 import signal
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from otvllm.core.sequence import PENDING_TOKEN
 from otvllm.sampling_params import SamplingParams
 
+ABORT_START = signal.SIGUSR1   # from the front end, interrupted while this process starts
 IDLE_WAIT_S = 0.5
 STATS_INTERVAL_S = 0.1    # a message with nothing but the gauges goes at most this often
 RECORDS_LIMIT = 100_000   # trace records held between messages; more are dropped and counted
@@ -116,13 +119,19 @@ def main(conn, model: str, options: dict, run_rid: int | None, traced: bool, str
         records = PipeSink()
         set_sink(records)
     with joined_run(run_rid):
-        try:
+        try:   # (before this, ABORT_START's default ends the process: it has nothing to tell yet)
+            signal.signal(ABORT_START, _interrupt_start)
             llm = LLM(model, **options)
-        except Exception as e:
+            signal.signal(ABORT_START, signal.SIG_IGN)
+        except BaseException as e:   # KeyboardInterrupt too: the front end's ABORT_START
             conn.send(("failed", type(e).__name__, str(e), records.take()))
             return
     conn.send(("ready", llm.engine.limits, records.take()))
     _Loop(llm.engine, conn, records, stream_interval_s).run()
+
+
+def _interrupt_start(signum, frame) -> None:
+    raise KeyboardInterrupt("start-up interrupted by the front end")
 
 
 class _Loop:
