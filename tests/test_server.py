@@ -1184,6 +1184,29 @@ def test_ctrl_c_while_the_engine_loads_keeps_its_start_up_in_the_trace(synthetic
     assert "kv_cache.allocate" not in spans   # start-up ended at the model's load
 
 
+def test_an_engine_process_killed_while_it_starts_leaves_its_start_up_in_the_trace(synthetic_dir, cache_dir,
+                                                                                 tmp_path):
+    """The engine process dies (SIGKILL, as the kernel's OOM killer does) while it loads the
+    model: the server says so and exits 1, and the trace keeps what start-up had done, its
+    phases as they ended and engine.init ended by the export side as interrupted."""
+    proc, log, trace = _serve_traced(tmp_path, cache_dir, {"sitecustomize.py": (
+        "import os, signal\n"
+        "import otvllm.core.model_runner as model_runner\n"
+        "def load_model(self):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "model_runner.ModelRunner.load_model = load_model\n")})
+    code, out = _ended(proc, log, 60)
+    assert code == 1, out
+    assert "otvllm: error: the engine process exited with -9 during start" in out, out
+    _assert_session_ends(proc.pid, 10)
+    with open(trace) as f:
+        spans = {span["operationName"]: {t["key"]: t["value"] for t in span["tags"]}
+                 for t_ in json.load(f)["data"] for span in t_["spans"]}
+    assert {"config.load", "tokenizer.load"} <= spans.keys(), sorted(spans)
+    assert spans["engine.init"].get("otvllm.interrupted") is True, spans["engine.init"]
+    assert "model.load" not in spans   # it never ended
+
+
 def test_the_engine_process_ends_with_the_server_even_when_the_server_is_killed(synthetic_dir, cache_dir,
                                                                                tmp_path_factory):
     server = _start([], cache_dir, tmp_path_factory, "killed-server")

@@ -81,7 +81,7 @@ class EngineClient:
         self._process.start()
         child.close()
         try:
-            message = self._receive(START_TIMEOUT_S, "start")
+            message = self._await_start()
         except BaseException:   # Ctrl-C while the model loads, or no answer: no engine left behind
             self._abort_start()
             raise
@@ -103,14 +103,28 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="otvllm-engine-reader", daemon=True)
 
+    def _await_start(self) -> tuple:
+        """The engine's "ready" or "failed"; the start-up's records that come before go to the
+        trace as they come."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            message = self._receive(deadline - time.monotonic(), "start")
+            if message[0] != "records":
+                return message
+            self._trace(message[1])
+
     def _abort_start(self) -> None:
         """Interrupt the engine's start-up, so that its open spans end (in ERROR) and reach the
         trace with where it was; then make sure it is gone."""
         try:
             if self._process.is_alive():
                 os.kill(self._process.pid, engine_process.ABORT_START)
-                if self._conn.poll(ABORT_WAIT_S):
-                    self._trace(self._conn.recv()[-1])   # "failed" (or a "ready" sent just before)
+                deadline = time.monotonic() + ABORT_WAIT_S
+                while self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    message = self._conn.recv()
+                    self._trace(message[-1])   # every message's records come last
+                    if message[0] != "records":   # "failed" (or a "ready" sent just before)
+                        break
         except (EOFError, OSError):
             pass
         finally:
@@ -124,7 +138,11 @@ class EngineClient:
                 raise EngineFailed(f"the engine process exited with {self._process.exitcode} during {what}")
             if time.monotonic() > deadline:
                 raise EngineFailed(f"the engine process did not {what} within {timeout:.0f} s")
-        return self._conn.recv()
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):   # it died: its end of the pipe closed
+            self._process.join(5)
+            raise EngineFailed(f"the engine process exited with {self._process.exitcode} during {what}") from None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver the engine's news to requests on `loop` from now on."""

@@ -8,10 +8,10 @@ gauges and the trace records made since the last message. Only this process touc
 engine. Ctrl-C and SIGTERM are the front end's to handle: it drains, then says "stop".
 
 Messages from the front end: ("add", [RequestSpec]), ("abort", [(rid, reason)]), ("stop",).
-To it: ("ready", RequestLimits, records), ("failed", error type, message, records) at start-up;
-then ("news", [Update], stats, records) and, once, ("ended", error type or None, message, records).
-While the engine starts, the front end's ABORT_START signal interrupts it (KeyboardInterrupt):
-its start-up spans end and go with "failed".
+To it: ("records", records) while the engine starts, then ("ready", RequestLimits, records) or
+("failed", error type, message, records); then ("news", [Update], stats, records) and, once,
+("ended", error type or None, message, records). While the engine starts, the front end's
+ABORT_START signal interrupts it (KeyboardInterrupt): its start-up spans end and go with "failed".
 """
 
 import signal
@@ -58,11 +58,15 @@ class Update:
 
 class PipeSink:
     """The engine process's trace sink: records wait here and leave with the next message; the
-    front end hands them to its export process."""
+    front end hands them to its export process. While the engine starts (`live`), each leaves
+    at once in a message of its own, so that a start-up that crashes or hangs still shows how
+    far it got (start-up makes a few dozen)."""
 
     active = True
 
-    def __init__(self):
+    def __init__(self, conn):
+        self.conn = conn
+        self.live = True
         self.records: list = []
         self.dropped = 0
 
@@ -71,6 +75,11 @@ class PipeSink:
             self.dropped += 1
             return False
         self.records.append((kind, payload))
+        if self.live:
+            try:
+                self.conn.send(("records", self.take()))
+            except OSError:   # the front end is gone; start-up will find out
+                self.live = False
         return True
 
     def pump(self) -> None:
@@ -90,6 +99,7 @@ class PipeSink:
 
 class _NoRecords:
     pending = False
+    live = False
 
     def take(self) -> list:
         return []
@@ -116,7 +126,7 @@ def main(conn, model: str, options: dict, run_rid: int | None, traced: bool, str
     records = _NoRecords()
     if traced:
         restart_rids()
-        records = PipeSink()
+        records = PipeSink(conn)
         set_sink(records)
     with joined_run(run_rid):
         try:   # (before this, ABORT_START's default ends the process: it has nothing to tell yet)
@@ -126,6 +136,8 @@ def main(conn, model: str, options: dict, run_rid: int | None, traced: bool, str
         except BaseException as e:   # KeyboardInterrupt too: the front end's ABORT_START
             conn.send(("failed", type(e).__name__, str(e), records.take()))
             return
+        finally:
+            records.live = False
     conn.send(("ready", llm.engine.limits, records.take()))
     _Loop(llm.engine, conn, records, stream_interval_s).run()
 
