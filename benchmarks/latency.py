@@ -194,7 +194,7 @@ def child(args) -> dict:
                               eager_prefill=name == EAGER_PREFILL)
     results = [measure(system, b, args.child_context, args.output_len, args.repeats) for b in args.batches]
     # which projections start-up put on the Triton GEMV, at which token counts: it times them each run
-    gemv = getattr(getattr(getattr(system, "engine", None), "runner", None), "gemv_choice", None)
+    gemv = system.engine.runner.gemv_choice if isinstance(system, OtvllmSystem) else None
     return {"attention_backend": system.backend, "results": results, **({"gemv_choice": gemv} if gemv else {})}
 
 
